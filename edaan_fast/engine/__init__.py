@@ -1,0 +1,1 @@
+"""edaan_fast.engine."""
