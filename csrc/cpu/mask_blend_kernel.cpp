@@ -3,7 +3,8 @@
 // Planar (NCHW) inputs are walked in blocks of pixels: for each block every channel plane is
 // streamed once with unit stride (the compiler vectorises these loops), and the mask gradient
 // of the block is accumulated over the channels in a float buffer -- one pass over memory for
-// the forward and one for the backward.
+// the forward and one for the backward. channels_last inputs with a broadcast mask are walked
+// pixel by pixel with the header's per-pixel functions.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,8 +20,80 @@ namespace {
 
 using namespace mask_blend_math;
 
-constexpr int64_t kBlock = 2048;             // pixels per planar block
-constexpr int64_t kElementGrain = 1 << 15;   // elements per elementwise task
+// Row loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time, so the
+// float16/bfloat16 conversions vectorise too.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define EDAAN_FAST_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define EDAAN_FAST_CPU_CLONES
+#endif
+
+constexpr int64_t kBlock = 2048;            // pixels per block
+constexpr int64_t kElementGrain = 1 << 15;  // elements per parallel task
+
+// y[p] = forward(f[p], b[p], m[p]) for one channel row of a block (f == nullptr: fg = 0).
+template <typename scalar_t, bool kHasFg>
+EDAAN_FAST_CPU_CLONES void forward_row(const scalar_t* __restrict__ f,
+                                       const scalar_t* __restrict__ b,
+                                       const scalar_t* __restrict__ m, scalar_t* __restrict__ y,
+                                       int64_t len) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t p = 0; p < len; ++p) {
+    const acc_t fv = kHasFg ? static_cast<acc_t>(f[p]) : acc_t(0);
+    y[p] = static_cast<scalar_t>(
+        forward<acc_t>(fv, static_cast<acc_t>(b[p]), static_cast<acc_t>(m[p])));
+  }
+}
+
+// One channel row of a block, backward: writes the fg/bg gradients, adds the mask gradient
+// into acc (summed over the channels of the block by the caller's loop).
+template <typename scalar_t, bool kHasFg>
+EDAAN_FAST_CPU_CLONES void backward_row(
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ f, const scalar_t* __restrict__ b,
+    const scalar_t* __restrict__ m, scalar_t* __restrict__ gf, scalar_t* __restrict__ gb,
+    at::opmath_type<scalar_t>* __restrict__ acc, int64_t len) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t p = 0; p < len; ++p) {
+    const acc_t fv = kHasFg ? static_cast<acc_t>(f[p]) : acc_t(0);
+    acc_t g_fg, g_bg, g_m;
+    backward<acc_t>(static_cast<acc_t>(g[p]), fv, static_cast<acc_t>(b[p]),
+                    static_cast<acc_t>(m[p]), g_fg, g_bg, g_m);
+    if constexpr (kHasFg) gf[p] = static_cast<scalar_t>(g_fg);
+    gb[p] = static_cast<scalar_t>(g_bg);
+    acc[p] += g_m;
+  }
+}
+
+template <typename scalar_t>
+EDAAN_FAST_CPU_CLONES void store_row(const at::opmath_type<scalar_t>* __restrict__ acc,
+                                     scalar_t* __restrict__ out, int64_t len) {
+  for (int64_t p = 0; p < len; ++p) out[p] = static_cast<scalar_t>(acc[p]);
+}
+
+// The planar walk: n images of c channel planes of hw values sharing an [n, hw] mask. A full
+// [N, C, H, W] mask in the inputs' own layout is the same walk with n = 1, c = 1, hw = numel.
+struct PlanarWalk {
+  int64_t n, c, hw;
+};
+
+PlanarWalk planar_walk(const BlendInputs& in) {
+  if (in.layout == BlendLayout::kElementwise) return {1, 1, in.bg.numel()};
+  return {in.n, in.c, in.hw};
+}
+
+template <typename F>
+void for_each_block(const PlanarWalk& w, const F& body) {
+  const int64_t blocks = (w.hw + kBlock - 1) / kBlock;
+  const int64_t grain = std::max<int64_t>(1, kElementGrain / (kBlock * w.c));
+  at::parallel_for(0, w.n * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks;
+      const int64_t p0 = (t % blocks) * kBlock;
+      body(n, p0, std::min(kBlock, w.hw - p0));
+    }
+  });
+}
 
 template <typename scalar_t, bool kHasFg>
 void forward_cpu(const BlendInputs& in, at::Tensor& out) {
@@ -29,60 +102,26 @@ void forward_cpu(const BlendInputs& in, at::Tensor& out) {
   const scalar_t* bg = in.bg.const_data_ptr<scalar_t>();
   const scalar_t* mk = in.mask.const_data_ptr<scalar_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  const int64_t C = in.c, HW = in.hw;
 
-  switch (in.layout) {
-    case BlendLayout::kElementwise: {
-      at::parallel_for(0, out.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const acc_t f = kHasFg ? static_cast<acc_t>(fg[i]) : acc_t(0);
-          o[i] = static_cast<scalar_t>(
-              forward<acc_t>(f, static_cast<acc_t>(bg[i]), static_cast<acc_t>(mk[i])));
-        }
-      });
-      break;
-    }
-    case BlendLayout::kPlanar: {
-      const int64_t blocks = (HW + kBlock - 1) / kBlock;
-      const int64_t grain = std::max<int64_t>(1, kElementGrain / (kBlock * C));
-      at::parallel_for(0, in.n * blocks, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t n = t / blocks;
-          const int64_t p0 = (t % blocks) * kBlock;
-          const int64_t len = std::min(kBlock, HW - p0);
-          const scalar_t* m = mk + n * HW + p0;
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t base = (n * C + c) * HW + p0;
-            const scalar_t* b = bg + base;
-            scalar_t* y = o + base;
-            if constexpr (kHasFg) {
-              const scalar_t* f = fg + base;
-              for (int64_t p = 0; p < len; ++p) {
-                y[p] = static_cast<scalar_t>(forward<acc_t>(
-                    static_cast<acc_t>(f[p]), static_cast<acc_t>(b[p]), static_cast<acc_t>(m[p])));
-              }
-            } else {
-              for (int64_t p = 0; p < len; ++p) {
-                y[p] = static_cast<scalar_t>(forward<acc_t>(
-                    acc_t(0), static_cast<acc_t>(b[p]), static_cast<acc_t>(m[p])));
-              }
-            }
-          }
-        }
-      });
-      break;
-    }
-    case BlendLayout::kInterleaved: {
-      const int64_t grain = std::max<int64_t>(1, kElementGrain / C);
-      at::parallel_for(0, in.n * HW, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t px = begin; px < end; ++px) {
-          forward_pixel<scalar_t, acc_t, kHasFg>(kHasFg ? fg + px * C : nullptr, bg + px * C,
-                                                 mk[px], o + px * C, C, 1);
-        }
-      });
-      break;
-    }
+  if (in.layout == BlendLayout::kInterleaved) {
+    const int64_t C = in.c;
+    at::parallel_for(0, in.n * in.hw, std::max<int64_t>(1, kElementGrain / C),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t px = begin; px < end; ++px) {
+                         forward_pixel<scalar_t, acc_t, kHasFg>(
+                             kHasFg ? fg + px * C : nullptr, bg + px * C, mk[px], o + px * C, C, 1);
+                       }
+                     });
+    return;
   }
+  const PlanarWalk w = planar_walk(in);
+  for_each_block(w, [&](int64_t n, int64_t p0, int64_t len) {
+    const scalar_t* m = mk + n * w.hw + p0;
+    for (int64_t c = 0; c < w.c; ++c) {
+      const int64_t base = (n * w.c + c) * w.hw + p0;
+      forward_row<scalar_t, kHasFg>(kHasFg ? fg + base : nullptr, bg + base, m, o + base, len);
+    }
+  });
 }
 
 template <typename scalar_t, bool kHasFg>
@@ -96,80 +135,32 @@ void backward_cpu(const BlendInputs& in, const at::Tensor& grad, at::Tensor& gra
   scalar_t* gf = kHasFg ? grad_fg.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gb = grad_bg.mutable_data_ptr<scalar_t>();
   scalar_t* gm = grad_mask.mutable_data_ptr<scalar_t>();
-  const int64_t C = in.c, HW = in.hw;
 
-  switch (in.layout) {
-    case BlendLayout::kElementwise: {
-      at::parallel_for(0, grad_bg.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const acc_t f = kHasFg ? static_cast<acc_t>(fg[i]) : acc_t(0);
-          acc_t g_fg, g_bg, g_m;
-          backward<acc_t>(static_cast<acc_t>(g[i]), f, static_cast<acc_t>(bg[i]),
-                          static_cast<acc_t>(mk[i]), g_fg, g_bg, g_m);
-          if constexpr (kHasFg) gf[i] = static_cast<scalar_t>(g_fg);
-          gb[i] = static_cast<scalar_t>(g_bg);
-          gm[i] = static_cast<scalar_t>(g_m);
-        }
-      });
-      break;
-    }
-    case BlendLayout::kPlanar: {
-      const int64_t blocks = (HW + kBlock - 1) / kBlock;
-      const int64_t grain = std::max<int64_t>(1, kElementGrain / (kBlock * C));
-      at::parallel_for(0, in.n * blocks, grain, [&](int64_t begin, int64_t end) {
-        acc_t acc[kBlock];
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t n = t / blocks;
-          const int64_t p0 = (t % blocks) * kBlock;
-          const int64_t len = std::min(kBlock, HW - p0);
-          const scalar_t* m = mk + n * HW + p0;
-          std::fill(acc, acc + len, acc_t(0));
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t base = (n * C + c) * HW + p0;
-            const scalar_t* gr = g + base;
-            const scalar_t* b = bg + base;
-            scalar_t* gbp = gb + base;
-            if constexpr (kHasFg) {
-              const scalar_t* f = fg + base;
-              scalar_t* gfp = gf + base;
-              for (int64_t p = 0; p < len; ++p) {
-                acc_t g_fg, g_bg, g_m;
-                backward<acc_t>(static_cast<acc_t>(gr[p]), static_cast<acc_t>(f[p]),
-                                static_cast<acc_t>(b[p]), static_cast<acc_t>(m[p]), g_fg, g_bg,
-                                g_m);
-                gfp[p] = static_cast<scalar_t>(g_fg);
-                gbp[p] = static_cast<scalar_t>(g_bg);
-                acc[p] += g_m;
-              }
-            } else {
-              for (int64_t p = 0; p < len; ++p) {
-                acc_t g_fg, g_bg, g_m;
-                backward<acc_t>(static_cast<acc_t>(gr[p]), acc_t(0), static_cast<acc_t>(b[p]),
-                                static_cast<acc_t>(m[p]), g_fg, g_bg, g_m);
-                gbp[p] = static_cast<scalar_t>(g_bg);
-                acc[p] += g_m;
-              }
-            }
-          }
-          scalar_t* gmp = gm + n * HW + p0;
-          for (int64_t p = 0; p < len; ++p) gmp[p] = static_cast<scalar_t>(acc[p]);
-        }
-      });
-      break;
-    }
-    case BlendLayout::kInterleaved: {
-      const int64_t grain = std::max<int64_t>(1, kElementGrain / C);
-      at::parallel_for(0, in.n * HW, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t px = begin; px < end; ++px) {
-          const int64_t o = px * C;
-          gm[px] = static_cast<scalar_t>(backward_pixel<scalar_t, acc_t, kHasFg>(
-              g + o, kHasFg ? fg + o : nullptr, bg + o, mk[px], kHasFg ? gf + o : nullptr,
-              gb + o, C, 1));
-        }
-      });
-      break;
-    }
+  if (in.layout == BlendLayout::kInterleaved) {
+    const int64_t C = in.c;
+    at::parallel_for(0, in.n * in.hw, std::max<int64_t>(1, kElementGrain / C),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t px = begin; px < end; ++px) {
+                         const int64_t o = px * C;
+                         gm[px] = static_cast<scalar_t>(backward_pixel<scalar_t, acc_t, kHasFg>(
+                             g + o, kHasFg ? fg + o : nullptr, bg + o, mk[px],
+                             kHasFg ? gf + o : nullptr, gb + o, C, 1));
+                       }
+                     });
+    return;
   }
+  const PlanarWalk w = planar_walk(in);
+  for_each_block(w, [&](int64_t n, int64_t p0, int64_t len) {
+    acc_t acc[kBlock];
+    std::fill(acc, acc + len, acc_t(0));
+    const scalar_t* m = mk + n * w.hw + p0;
+    for (int64_t c = 0; c < w.c; ++c) {
+      const int64_t base = (n * w.c + c) * w.hw + p0;
+      backward_row<scalar_t, kHasFg>(g + base, kHasFg ? fg + base : nullptr, bg + base, m,
+                                     kHasFg ? gf + base : nullptr, gb + base, acc, len);
+    }
+    store_row<scalar_t>(acc, gm + n * w.hw + p0, len);
+  });
 }
 
 template <bool kHasFg>

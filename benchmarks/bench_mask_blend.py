@@ -1,0 +1,84 @@
+"""mask_blend: fused vs eager ``mask*fg + (1-mask)*bg`` vs ``torch.lerp``, with ``copy_`` as the
+bandwidth ceiling. Forward and forward+backward, N in {16, 64} at 256x128, float32/bfloat16.
+
+    python -m pytest benchmarks/bench_mask_blend.py --benchmark-only
+
+Bandwidth counts the bytes each op must move at least: forward reads fg, bg and the mask and
+writes out; the backward reads grad, fg, bg and the mask and writes the three gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.conftest import QUICK
+from edaan_fast.ops import mask_blend, reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = [4] if QUICK else [16, 64]
+DTYPES = [torch.float32, torch.bfloat16]
+H, W, C = 256, 128, 3
+
+IMPLS = {
+    "fused": mask_blend,
+    "eager": reference.mask_blend,
+    "lerp": lambda fg, bg, m: torch.lerp(bg, fg, m),
+}
+
+
+def _inputs(n, dtype, requires_grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    fg = torch.randn(n, C, H, W, generator=g).to(DEVICE, dtype)
+    bg = torch.randn(n, C, H, W, generator=g).to(DEVICE, dtype)
+    mask = torch.rand(n, 1, H, W, generator=g).to(DEVICE, dtype)
+    for t in (fg, bg, mask):
+        t.requires_grad_(requires_grad)
+    return fg, bg, mask
+
+
+def _bytes(n, dtype, backward):
+    full, plane = n * C * H * W * dtype.itemsize, n * H * W * dtype.itemsize
+    fwd = 3 * full + plane
+    return fwd + (5 * full + 2 * plane if backward else 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("impl", list(IMPLS) + ["copy"])
+def test_forward(benchmark, measure, impl, n, dtype):
+    fg, bg, mask = _inputs(n, dtype, False)
+    group = f"forward N={n} {str(dtype).split('.')[-1]}"
+    if impl == "copy":
+        dst = torch.empty_like(fg)
+        measure(benchmark, group, impl, lambda: dst.copy_(fg), device=DEVICE,
+                bytes_moved=2 * fg.numel() * dtype.itemsize)
+        return
+    fn = IMPLS[impl]
+    out = measure(benchmark, group, impl, lambda: fn(fg, bg, mask), device=DEVICE,
+                  bytes_moved=_bytes(n, dtype, False), baseline=impl == "eager")
+    torch.testing.assert_close(out.float(), reference.mask_blend(fg, bg, mask).float(),
+                               atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("impl", list(IMPLS) + ["copy"])
+def test_forward_backward(benchmark, measure, impl, n, dtype):
+    group = f"forward+backward N={n} {str(dtype).split('.')[-1]}"
+    if impl == "copy":
+        fg, _, _ = _inputs(n, dtype, False)
+        dst = torch.empty_like(fg)
+        measure(benchmark, group, impl, lambda: dst.copy_(fg), device=DEVICE,
+                bytes_moved=2 * fg.numel() * dtype.itemsize)
+        return
+    fg, bg, mask = _inputs(n, dtype, True)
+    grad = torch.randn_like(fg)
+    fn = IMPLS[impl]
+
+    def step():
+        return torch.autograd.grad(fn(fg, bg, mask), (fg, bg, mask), grad)
+
+    grads = measure(benchmark, group, impl, step, device=DEVICE,
+                    bytes_moved=_bytes(n, dtype, True), baseline=impl == "eager")
+    assert grads[2].shape == mask.shape
