@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
-from .base import DatasetError
+from .base import read_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,12 +56,9 @@ def build_transform(cfg: AugmentConfig) -> v2.Compose:
 
 
 def decode_file(path: str) -> torch.Tensor:
-    """Read and decode an image file to uint8 RGB ``[3, h, w]``; errors name the file."""
-    try:
-        data = read_file(path)
-    except (RuntimeError, OSError) as exc:
-        raise DatasetError(f"cannot read image file {path} ({exc})") from exc
-    try:
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError as exc:
-        raise DatasetError(f"corrupt or unreadable image: {path} ({exc})") from exc
+    """Decode an image file (Pillow, libjpeg-turbo) to uint8 RGB ``[3, h, w]``.
+
+    A missing or corrupt file raises :class:`~edaan_fast.data.DatasetError` naming the path.
+    (Pillow rather than ``torchvision.io``, whose decoders are deprecated since 0.29.)
+    """
+    return torch.from_numpy(np.array(read_image(path))).permute(2, 0, 1)
