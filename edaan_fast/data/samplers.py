@@ -82,9 +82,13 @@ class PKSampler(_EpochBatchSampler):
 
     Per epoch, each identity's images are shuffled and cut into groups of ``K`` (an identity
     with fewer than ``K`` images contributes one group drawn with replacement; a remainder
-    shorter than ``K`` is dropped). Batches are then formed by repeatedly picking ``P``
-    distinct identities at random among those with groups left, until fewer than ``P`` remain.
-    The global plan is identical on every rank; rank ``r`` keeps batches ``r, r + W, ...``.
+    shorter than ``K`` is dropped), giving ``G`` groups in all. The epoch has exactly
+    ``G // P`` batches, each made of ``P`` distinct identities picked at random with
+    probability proportional to their groups left (so large identities do not pile up at the
+    end). If fewer than ``P`` identities still have groups before the epoch is full, every
+    identity is dealt a fresh set of groups and the filling goes on; only then can an image
+    occur twice in an epoch. The global plan is identical on every rank; rank ``r`` keeps
+    batches ``r, r + W, ...``, so every rank has ``G // P // W`` batches, every epoch.
 
     Args:
         records_pids: the pid of every record (``[r.pid for r in dataset.train]``) or the
@@ -113,25 +117,39 @@ class PKSampler(_EpochBatchSampler):
             raise ValueError(f"PKSampler: {len(self.pids)} identities give fewer than "
                              f"world_size={world_size} batches of P={P} x K={K}")
 
-    def _global_batches(self, rng: np.random.Generator) -> list[list[int]]:
-        groups: dict[int, list[list[int]]] = {}
+    def _groups(self, rng: np.random.Generator) -> dict[int, list[list[int]]]:
+        groups = {}
         for pid in self.pids:
             idx = np.asarray(self.index_of[pid])
             if len(idx) < self.K:
                 groups[pid] = [rng.choice(idx, self.K, replace=True).tolist()]
             else:
                 idx = rng.permutation(idx)
-                n = len(idx) // self.K
-                groups[pid] = [idx[j * self.K:(j + 1) * self.K].tolist() for j in range(n)]
+                groups[pid] = [idx[j * self.K:(j + 1) * self.K].tolist()
+                               for j in range(len(idx) // self.K)]
+        return groups
+
+    @property
+    def _batches_per_epoch(self) -> int:
+        groups = sum(max(1, len(self.index_of[p]) // self.K) for p in self.pids)
+        return groups // self.P
+
+    def _global_batches(self, rng: np.random.Generator) -> list[list[int]]:
+        groups = self._groups(rng)
         batches = []
-        available = [p for p in self.pids if groups[p]]
-        while len(available) >= self.P:
-            chosen = rng.choice(len(available), self.P, replace=False)
+        while len(batches) < self._batches_per_epoch:
+            available = [p for p in self.pids if groups[p]]
+            if len(available) < self.P:
+                fresh = self._groups(rng)
+                for p in self.pids:
+                    groups[p] = fresh[p] + groups[p]  # leftovers are used first (popped last)
+                continue
+            weights = np.array([len(groups[p]) for p in available], dtype=np.float64)
+            chosen = rng.choice(len(available), self.P, replace=False, p=weights / weights.sum())
             batch = []
             for c in chosen:
                 batch.extend(groups[available[c]].pop())
             batches.append(batch)
-            available = [p for p in available if groups[p]]
         return batches
 
 
