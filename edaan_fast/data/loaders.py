@@ -123,6 +123,7 @@ class ReIDLoader:
             self._loader = DataLoader(
                 ImageDataset(self.records, build_transform(cfg)), batch_sampler=sampler,
                 num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
+                persistent_workers=num_workers > 0,
                 generator=torch.Generator().manual_seed(seed),
             )
         else:
@@ -265,16 +266,20 @@ class _DaliBackend:
 
 
 def _to_torch(tensor_list, device: str) -> torch.Tensor:
+    """Copy a DALI TensorList (uniform shape) into a new torch tensor: one memcpy."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
+    from nvidia.dali.types import DALIDataType
 
-    dense = tensor_list.as_tensor()
-    dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}
+    shape = [len(tensor_list), *tensor_list[0].shape()]
+    dtype = {DALIDataType.FLOAT: torch.float32,
+             DALIDataType.INT64: torch.int64}[tensor_list[0].dtype]
     if device == "gpu":
-        out = torch.empty(dense.shape(), dtype=torch.float32, device="cuda")
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream())
-        return out
-    arr = np.array(dense, copy=True)
-    return torch.from_numpy(arr.astype(arr.dtype, copy=False)).to(dtype.get(arr.dtype, None))
+        out = torch.empty(shape, dtype=dtype, device="cuda")
+        feed_ndarray(tensor_list.as_tensor(), out, cuda_stream=torch.cuda.current_stream())
+    else:
+        out = torch.empty(shape, dtype=dtype)
+        feed_ndarray(tensor_list.as_tensor(), out)
+    return out
 
 
 def _make_pipeline(source, cfg: AugmentConfig, device: str, batch_size: int, num_threads: int,
