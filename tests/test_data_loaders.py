@@ -4,15 +4,34 @@ sampler order and resume, the optional-dependency message."""
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from edaan_fast.data import (Batch, PKSampler, SequentialBatchSampler, SyntheticPreset,
-                             build_dataset, build_loader)
+from edaan_fast.data import (
+    Batch,
+    PKSampler,
+    SequentialBatchSampler,
+    SyntheticPreset,
+    build_dataset,
+    build_loader,
+)
 from edaan_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-from test_data_readers import market_mini
+
+def market_mini() -> Path | None:
+    """The real Market-1501 subset (``../shared/data`` or ``$EDAAN_FAST_SHARED_DATA``)."""
+    candidates = []
+    if os.environ.get("EDAAN_FAST_SHARED_DATA"):
+        env = Path(os.environ["EDAAN_FAST_SHARED_DATA"])
+        candidates += [env / "market1501-mini", env]
+    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "data"
+                      / "market1501-mini")
+    return next((c for c in candidates
+                 if (c / "Market-1501-v15.09.15" / "bounding_box_train").is_dir()), None)
+
 
 MICRO = SyntheticPreset("loadertest", 32, 16, num_train_ids=12, num_test_ids=4, num_cams=2,
                         images_per_cam=2, num_distractors=0)
@@ -121,7 +140,7 @@ def test_eval_torch_and_dali_agree_on_real_images():
 
 
 def test_dali_missing_says_how_to_install(records, monkeypatch):
-    import edaan_fast.data.loaders as loaders
+    from edaan_fast.data import loaders
 
     monkeypatch.setattr(loaders, "dali_available", lambda: False)
     with pytest.raises(ImportError, match=r'pip install "edaan_fast\[dali\]"'):

@@ -50,7 +50,7 @@ def test_pk_ddp_shards_disjoint_equal_length(world_size):
               for r in range(world_size)]
     lengths = {len(s) for s in shards}
     assert len(lengths) == 1 and lengths.pop() > 0
-    used = [set(i for b in s for i in b) for s in shards]
+    used = [{i for b in s for i in b} for s in shards]
     for a in range(world_size):
         for b in range(a + 1, world_size):
             assert not used[a] & used[b]

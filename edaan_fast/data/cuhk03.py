@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .base import DatasetError, ReIDDataset, Record, find_root, relabel
+from .base import DatasetError, Record, ReIDDataset, find_root, relabel
 
 logger = logging.getLogger(__name__)
 

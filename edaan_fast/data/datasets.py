@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from .base import DatasetError, ReIDDataset, Record, find_root, list_images, relabel
+from .base import DatasetError, Record, ReIDDataset, find_root, list_images, relabel
 
 logger = logging.getLogger(__name__)
 

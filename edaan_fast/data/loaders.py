@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -61,11 +61,11 @@ class Batch:
     def __len__(self) -> int:
         return int(self.pids.shape[0])
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
+    def to(self, device, non_blocking: bool = False) -> Batch:
         return Batch(*(getattr(self, k).to(device, non_blocking=non_blocking)
                        for k in self.keys()))
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         return Batch(*(getattr(self, k).pin_memory() for k in self.keys()))
 
 
@@ -284,9 +284,7 @@ def _to_torch(tensor_list, device: str) -> torch.Tensor:
 
 def _make_pipeline(source, cfg: AugmentConfig, device: str, batch_size: int, num_threads: int,
                    device_id, seed: int):
-    import nvidia.dali.fn as fn
-    import nvidia.dali.types as types
-    from nvidia.dali import pipeline_def
+    from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   seed=seed, prefetch_queue_depth=2, exec_dynamic=True)

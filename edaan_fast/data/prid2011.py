@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetError, ReIDDataset, Record, find_root, list_images, relabel
+from .base import DatasetError, Record, ReIDDataset, find_root, list_images, relabel
 
 logger = logging.getLogger(__name__)
 
