@@ -113,6 +113,8 @@ class PKSampler(_EpochBatchSampler):
                              f"{len(self.pids)} identities")
         self.P, self.K = P, K
         self.batch_size = P * K
+        groups = sum(max(1, len(self.index_of[p]) // K) for p in self.pids)
+        self._batches_per_epoch = groups // P
         if len(self) == 0:
             raise ValueError(f"PKSampler: {len(self.pids)} identities give fewer than "
                              f"world_size={world_size} batches of P={P} x K={K}")
@@ -128,11 +130,6 @@ class PKSampler(_EpochBatchSampler):
                 groups[pid] = [idx[j * self.K:(j + 1) * self.K].tolist()
                                for j in range(len(idx) // self.K)]
         return groups
-
-    @property
-    def _batches_per_epoch(self) -> int:
-        groups = sum(max(1, len(self.index_of[p]) // self.K) for p in self.pids)
-        return groups // self.P
 
     def _global_batches(self, rng: np.random.Generator) -> list[list[int]]:
         groups = self._groups(rng)
