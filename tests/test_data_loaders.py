@@ -163,3 +163,31 @@ def test_torch_eval_is_deterministic(records):
     b = [b.images for b in build_loader(records, train=False, sampler=sampler,
                                         num_workers=2, image_size=(40, 20))]
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
+
+
+def _shift(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``out[y, x] = img[y + dy, x + dx]``, black (normalised zero) outside."""
+    out = BLACK[:, None, None].expand_as(img).clone()
+    h, w = img.shape[1:]
+    ys, yd = max(dy, 0), max(-dy, 0)
+    xs, xd = max(dx, 0), max(-dx, 0)
+    out[:, yd:h - ys, xd:w - xs] = img[:, ys:h - yd, xs:w - xd]
+    return out
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_train_crop_is_a_padded_shift_of_the_eval_image(records, loader):
+    """Both backends: train (no flip) == eval image shifted by (dy, dx) in [-pad, pad]."""
+    pad, recs = 4, records[:12]
+    sampler = SequentialBatchSampler(len(recs), len(recs))
+    kw = {"loader": loader, "sampler": sampler, "num_workers": 1, "image_size": (32, 16),
+          "pad": pad}
+    train = next(iter(build_loader(recs, train=True, flip_p=0.0, **kw))).images
+    ref = next(iter(build_loader(recs, train=False, **kw))).images
+    shifts = []
+    for t, r in zip(train, ref):
+        match = [(dy, dx) for dy in range(-pad, pad + 1) for dx in range(-pad, pad + 1)
+                 if torch.allclose(t, _shift(r, dy, dx), atol=1e-5)]
+        assert match, "train image is not a padded shift of the eval image"
+        shifts.append(match[0])
+    assert len(set(shifts)) > 3  # and the shift is random

@@ -178,8 +178,9 @@ class ReIDLoader:
 class _DaliSource:
     """``fn.external_source`` callable: the next batch of the sampler as encoded bytes."""
 
-    def __init__(self, records: Sequence[Record]):
+    def __init__(self, records: Sequence[Record], with_slots: bool):
         self.records = records
+        self.with_slots = with_slots
         self.batches: Iterator[list[int]] | None = None
         self.in_flight: deque[list[int]] = deque()
 
@@ -197,7 +198,10 @@ class _DaliSource:
                 raise DatasetError(f"cannot read image file {path} ({exc})") from exc
         pids = np.array([self.records[i].pid for i in indices], dtype=np.int64)
         camids = np.array([self.records[i].camid for i in indices], dtype=np.int64)
-        return files, pids, camids, np.asarray(indices, dtype=np.int64)
+        out = (files, pids, camids, np.asarray(indices, dtype=np.int64))
+        if self.with_slots:  # each sample's place in its batch, for fn.multi_paste
+            out += (np.arange(len(indices), dtype=np.int32).reshape(-1, 1),)
+        return out
 
 
 class _DaliBackend:
@@ -218,7 +222,7 @@ class _DaliBackend:
         self._builds = 0
 
     def _build(self):
-        self.source = _DaliSource(self.records)
+        self.source = _DaliSource(self.records, with_slots=self.cfg.train and self.cfg.pad > 0)
         device_id = torch.cuda.current_device() if self.device == "gpu" else None
         self.pipe = _make_pipeline(self.source, self.cfg, self.device,
                                    batch_size=self.sampler.batch_size,
@@ -285,13 +289,15 @@ def _to_torch(tensor_list, device: str) -> torch.Tensor:
 def _make_pipeline(source, cfg: AugmentConfig, device: str, batch_size: int, num_threads: int,
                    device_id, seed: int):
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   seed=seed, prefetch_queue_depth=2, exec_dynamic=True)
     def reid_pipeline():
-        jpegs, pids, camids, index = fn.external_source(
-            source=source, num_outputs=4, batch=True, no_copy=False,
-            dtype=[types.UINT8, types.INT64, types.INT64, types.INT64])
+        n_out = 5 if source.with_slots else 4
+        jpegs, pids, camids, index, *slots = fn.external_source(
+            source=source, num_outputs=n_out, batch=True, no_copy=False,
+            dtype=[types.UINT8, types.INT64, types.INT64, types.INT64, types.INT32][:n_out])
         images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu",
                                    output_type=types.RGB)
         images = fn.resize(images, resize_x=cfg.width, resize_y=cfg.height,
@@ -301,12 +307,22 @@ def _make_pipeline(source, cfg: AugmentConfig, device: str, batch_size: int, num
             if cfg.flip_p > 0:
                 mirror = fn.random.coin_flip(probability=cfg.flip_p)
             if cfg.pad > 0:
-                # pad + random crop == a window shifted by up to +-pad, filled with black
-                shift = fn.random.uniform(values=[float(v) for v in range(-cfg.pad, cfg.pad + 1)],
-                                          shape=[2])
-                images = fn.slice(images, shift, np.array([cfg.height, cfg.width], np.float32),
-                                  axes=[0, 1], normalized_anchor=False, normalized_shape=False,
-                                  out_of_bounds_policy="pad", fill_values=0)
+                # zero-pad + random crop == the image shifted by (dy, dx) in [-pad, pad] onto a
+                # black canvas: out[y, x] = img[y + dy, x + dx]. One multi_paste of each sample
+                # onto a zeroed canvas does it in one pass (measured faster than fn.slice with
+                # out_of_bounds_policy="pad", same pixels).
+                shift = fn.cast(fn.random.uniform(
+                    values=[float(v) for v in range(-cfg.pad, cfg.pad + 1)], shape=[2]),
+                    dtype=types.INT32)
+                src_start = dmath.max(shift, 0)
+                dst_start = dmath.max(-shift, 0)
+                extent = (src_start + dst_start) * -1 + np.array([cfg.height, cfg.width],
+                                                                 np.int32)
+                images = fn.multi_paste(
+                    images, in_ids=slots[0], output_size=[cfg.height, cfg.width],
+                    in_anchors=fn.reshape(src_start, shape=[1, 2]),
+                    out_anchors=fn.reshape(dst_start, shape=[1, 2]),
+                    shapes=fn.reshape(extent, shape=[1, 2]))
         images = fn.crop_mirror_normalize(
             images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
             mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std])
