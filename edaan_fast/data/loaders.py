@@ -117,8 +117,9 @@ class ReIDLoader:
         self.seed = seed
         self._active: tuple[int, int] | None = None  # (epoch, position) at iteration start
         self._delivered = 0
-        self._pipe = None
-        self._pipe_clean = True
+        if backend == "dali" and not isinstance(getattr(sampler, "batch_size", None), int):
+            raise ValueError("the DALI loader needs a batch sampler with an int `batch_size` "
+                             f"attribute (the largest batch it yields); got {sampler!r}")
         if backend == "torch":
             self._loader = DataLoader(
                 ImageDataset(self.records, build_transform(cfg)), batch_sampler=sampler,
