@@ -64,13 +64,7 @@ batch_hard_mining_cpu(const at::Tensor& dist_in, const at::Tensor& labels_in) {
       for (int64_t i = begin; i < end; ++i) {
         Pick<acc_t> pos, neg, sec;
         mine_anchor<acc_t>(row, y, B, i, true, pos, neg, sec);
-        op[i] = pos.j;
-        on[i] = neg.j;
-        om[i] = sec.j;
-        oap[i] = pos.j >= 0 ? D[i * B + pos.j] : scalar_t(0);
-        oan[i] = neg.j >= 0 ? D[i * B + neg.j] : scalar_t(0);
-        omn[i] = sec.j >= 0 ? D[neg.j * B + sec.j] : scalar_t(0);
-        ov[i] = (pos.j >= 0 && neg.j >= 0) ? (sec.j >= 0 ? kQuartetTerm : kTripletTerm) : kNoTerm;
+        write_mining<scalar_t, acc_t>(D, B, i, pos, neg, sec, oap, oan, omn, op, on, om, ov);
       }
     });
   });
@@ -88,38 +82,15 @@ void loss_forward_rows(const at::Tensor& gram, const at::Tensor& diag, const at:
   const acc_t* dg = diag.const_data_ptr<acc_t>();
   const int64_t* y = labels.const_data_ptr<int64_t>();
   const GramRow<acc_t, kMetric> row{G, dg, B};
-  acc_t* ot = terms.mutable_data_ptr<acc_t>();
-  int8_t* ol = level.mutable_data_ptr<int8_t>();
-  int64_t* oi = idx.mutable_data_ptr<int64_t>();
-  acc_t* od = pair_dist.mutable_data_ptr<acc_t>();
-  acc_t* oc = coef.mutable_data_ptr<acc_t>();
+  const LossOutputs<acc_t> out{terms.mutable_data_ptr<acc_t>(), level.mutable_data_ptr<int8_t>(),
+                               idx.mutable_data_ptr<int64_t>(), pair_dist.mutable_data_ptr<acc_t>(),
+                               coef.mutable_data_ptr<acc_t>()};
   const bool want_m = kind == LossKind::kQuartet;
   at::parallel_for(0, B, anchor_grain(B), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       Pick<acc_t> pos, neg, sec;
       mine_anchor<acc_t>(row, y, B, i, want_m, pos, neg, sec);
-      const AnchorTerm<acc_t> t = anchor_term<acc_t>(kind, margin, pos.j >= 0, neg.j >= 0,
-                                                     sec.j >= 0, pos.v, neg.v, sec.v);
-      ot[i] = t.loss;
-      ol[i] = t.level;
-      oi[3 * i + 0] = pos.j;
-      oi[3 * i + 1] = neg.j;
-      oi[3 * i + 2] = t.level == kQuartetTerm ? sec.j : -1;
-      od[3 * i + 0] = pos.j >= 0 ? pos.v : acc_t(0);
-      od[3 * i + 1] = neg.j >= 0 ? neg.v : acc_t(0);
-      od[3 * i + 2] = t.level == kQuartetTerm ? sec.v : acc_t(0);
-      if (kMetric == Metric::kEuclidean) {
-        // The same Gram entries (same orientation) the distances were computed from.
-        oc[3 * i + 0] = t.level ? euclidean_pair_coef(t.ga, euclidean_d2(dg[i], dg[pos.j], G[i * B + pos.j]), pos.v) : acc_t(0);
-        oc[3 * i + 1] = t.level ? euclidean_pair_coef(t.gb, euclidean_d2(dg[i], dg[neg.j], G[i * B + neg.j]), neg.v) : acc_t(0);
-        oc[3 * i + 2] = t.level == kQuartetTerm
-                            ? euclidean_pair_coef(t.gc, euclidean_d2(dg[neg.j], dg[sec.j], G[neg.j * B + sec.j]), sec.v)
-                            : acc_t(0);
-      } else {
-        oc[3 * i + 0] = t.ga;
-        oc[3 * i + 1] = t.gb;
-        oc[3 * i + 2] = t.gc;
-      }
+      write_anchor<acc_t, kMetric>(row, kind, margin, i, pos, neg, sec, out);
     }
   });
 }
@@ -187,7 +158,7 @@ at::Tensor metric_loss_backward_rows(acc_t g, const at::Tensor& x, const at::Ten
         const acc_t* xr = X + r * Dim;
         for (int64_t d = 0; d < Dim; ++d) sq += xr[d] * xr[d];
         inv[r] = inv_norm_from_sq(sq);
-        norm_ok[r] = ::sqrt(sq) >= static_cast<acc_t>(kNormEps);
+        norm_ok[r] = std::sqrt(sq) >= static_cast<acc_t>(kNormEps);
       }
     });
   }
@@ -195,14 +166,10 @@ at::Tensor metric_loss_backward_rows(acc_t g, const at::Tensor& x, const at::Ten
   // Pair contributions, bucketed by target row (counting sort).
   std::vector<acc_t> alpha(B, acc_t(0));
   std::vector<int64_t> start(B + 1, 0);
-  auto pair_of = [&](int64_t a, int k, int64_t& u, int64_t& v) {
-    u = k == 2 ? I[3 * a + 2] : a;
-    v = k == 0 ? I[3 * a + 0] : I[3 * a + 1];
-  };
   for (int64_t a = 0; a < B; ++a) {
     for (int k = 0; k < 3; ++k) {
       int64_t u, v;
-      pair_of(a, k, u, v);
+      pair_rows(I, a, k, u, v);
       if (u < 0 || v < 0 || C[3 * a + k] == acc_t(0)) continue;
       ++start[u + 1];
       ++start[v + 1];
@@ -214,7 +181,7 @@ at::Tensor metric_loss_backward_rows(acc_t g, const at::Tensor& x, const at::Ten
   for (int64_t a = 0; a < B; ++a) {
     for (int k = 0; k < 3; ++k) {
       int64_t u, v;
-      pair_of(a, k, u, v);
+      pair_rows(I, a, k, u, v);
       const acc_t c = C[3 * a + k];
       if (u < 0 || v < 0 || c == acc_t(0)) continue;
       const acc_t w = g * c, D = PD[3 * a + k];

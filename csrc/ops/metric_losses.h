@@ -60,13 +60,13 @@ C10_HOST_DEVICE inline acc_t euclidean_d2(acc_t sq_i, acc_t sq_j, acc_t g_ij) {
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t euclidean_from_d2(acc_t d2) {
   const acc_t eps = static_cast<acc_t>(kEuclideanClamp);
-  return ::sqrt(d2 < eps ? eps : d2);
+  return std::sqrt(d2 < eps ? eps : d2);
 }
 
 // 1 / max(|x|, 1e-12) from |x|^2 = G_ii.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t inv_norm_from_sq(acc_t sq) {
-  const acc_t norm = ::sqrt(sq);
+  const acc_t norm = std::sqrt(sq);
   const acc_t eps = static_cast<acc_t>(kNormEps);
   return acc_t(1) / (norm < eps ? eps : norm);
 }
@@ -201,8 +201,8 @@ C10_HOST_DEVICE inline AnchorTerm<acc_t> anchor_term(LossKind kind, acc_t margin
       t.loss = z;
       t.ga = acc_t(1);
     } else {
-      const acc_t e = ::exp(z);
-      t.loss = ::log1p(e);
+      const acc_t e = std::exp(z);
+      t.loss = std::log1p(e);
       t.ga = e / (e + acc_t(1));
     }
     t.gb = -t.ga;
@@ -240,6 +240,76 @@ C10_HOST_DEVICE inline void pair_grad(Metric metric, acc_t coef, acc_t D, acc_t 
     beta = -coef * inv_o * inv_r;
     alpha = norm_r_ok ? coef * (acc_t(1) - D) * inv_r * inv_r : acc_t(0);
   }
+}
+
+// ---- per-anchor outputs, shared by both backends ----------------------------------------------
+
+// batch_hard_mining's outputs for anchor i (distances copied exactly from `dist`).
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline void write_mining(const scalar_t* dist, int64_t B, int64_t i,
+                                         const Pick<acc_t>& pos, const Pick<acc_t>& neg,
+                                         const Pick<acc_t>& sec, scalar_t* d_ap, scalar_t* d_an,
+                                         scalar_t* d_mn, int64_t* p, int64_t* n, int64_t* m,
+                                         int8_t* valid) {
+  p[i] = pos.j;
+  n[i] = neg.j;
+  m[i] = sec.j;
+  d_ap[i] = pos.j >= 0 ? dist[i * B + pos.j] : scalar_t(0);
+  d_an[i] = neg.j >= 0 ? dist[i * B + neg.j] : scalar_t(0);
+  d_mn[i] = sec.j >= 0 ? dist[neg.j * B + sec.j] : scalar_t(0);
+  valid[i] = (pos.j >= 0 && neg.j >= 0) ? (sec.j >= 0 ? kQuartetTerm : kTripletTerm) : kNoTerm;
+}
+
+// Where the loss forward writes: per anchor the term and its level; per anchor and pair
+// k = 0 (i,p), 1 (i,n), 2 (m,n) the indices (p, n, m; -1 if unused), the distance and the
+// coefficient the backward uses (euclidean: dL_i/dD / D, or 0 below the clamp; cosine:
+// dL_i/dD), both still to be divided by the number of anchors with a term.
+template <typename acc_t>
+struct LossOutputs {
+  acc_t* terms;
+  int8_t* level;
+  int64_t* idx;
+  acc_t* pair_dist;
+  acc_t* coef;
+};
+
+template <typename acc_t, Metric kMetric>
+C10_HOST_DEVICE inline acc_t pair_coef(const GramRow<acc_t, kMetric>& row, acc_t dL_dD,
+                                       int64_t r, int64_t j, acc_t D) {
+  if (kMetric == Metric::kEuclidean) {
+    // The same Gram entry, in the same orientation, the distance was computed from.
+    return euclidean_pair_coef(
+        dL_dD, euclidean_d2(row.diag[r], row.diag[j], row.gram[r * row.B + j]), D);
+  }
+  return dL_dD;
+}
+
+template <typename acc_t, Metric kMetric>
+C10_HOST_DEVICE inline void write_anchor(const GramRow<acc_t, kMetric>& row, LossKind kind,
+                                         acc_t margin, int64_t i, const Pick<acc_t>& pos,
+                                         const Pick<acc_t>& neg, const Pick<acc_t>& sec,
+                                         const LossOutputs<acc_t>& out) {
+  const AnchorTerm<acc_t> t =
+      anchor_term<acc_t>(kind, margin, pos.j >= 0, neg.j >= 0, sec.j >= 0, pos.v, neg.v, sec.v);
+  const bool has_t = t.level != kNoTerm, has_q = t.level == kQuartetTerm;
+  out.terms[i] = t.loss;
+  out.level[i] = t.level;
+  out.idx[3 * i + 0] = pos.j;
+  out.idx[3 * i + 1] = neg.j;
+  out.idx[3 * i + 2] = has_q ? sec.j : -1;
+  out.pair_dist[3 * i + 0] = pos.j >= 0 ? pos.v : acc_t(0);
+  out.pair_dist[3 * i + 1] = neg.j >= 0 ? neg.v : acc_t(0);
+  out.pair_dist[3 * i + 2] = has_q ? sec.v : acc_t(0);
+  out.coef[3 * i + 0] = has_t ? pair_coef(row, t.ga, i, pos.j, pos.v) : acc_t(0);
+  out.coef[3 * i + 1] = has_t ? pair_coef(row, t.gb, i, neg.j, neg.v) : acc_t(0);
+  out.coef[3 * i + 2] = has_q ? pair_coef(row, t.gc, neg.j, sec.j, sec.v) : acc_t(0);
+}
+
+// The backward's pair k of anchor a: (u, v) = (a, p), (a, n) or (m, n).
+C10_HOST_DEVICE inline void pair_rows(const int64_t* idx, int64_t a, int k, int64_t& u,
+                                      int64_t& v) {
+  u = k == 2 ? idx[3 * a + 2] : a;
+  v = k == 0 ? idx[3 * a + 0] : idx[3 * a + 1];
 }
 
 }  // namespace metric_loss_math
