@@ -2,11 +2,13 @@
 //
 // Backend files (csrc/cpu, csrc/cuda) hold only TORCH_LIBRARY_IMPL blocks; ops whose name
 // starts with "_" exist to serve a backward.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
 #include <sstream>
 #include <string>
+#include <tuple>
 
 #ifdef EDAAN_FAST_PYTHON_MODULE
 #include <Python.h>
@@ -32,6 +34,30 @@ std::string build_info() {
   return os.str();
 }
 
+// triplet_loss / quartet_loss: thin composites over _metric_loss_forward, which carries the
+// autograd (edaan_fast/ops/metric_losses.py) and saves the picked pairs for the backward.
+using MetricLossForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, double, c10::string_view, c10::string_view);
+
+at::Tensor call_metric_loss_forward(const at::Tensor& emb, const at::Tensor& labels, double margin,
+                                    c10::string_view metric, c10::string_view loss) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("edaan_fast::_metric_loss_forward", "")
+                             .typed<MetricLossForward>();
+  return std::get<0>(op.call(emb, labels, margin, metric, loss));
+}
+
+at::Tensor triplet_loss(const at::Tensor& emb, const at::Tensor& labels, double margin,
+                        c10::string_view metric, bool soft_margin) {
+  return call_metric_loss_forward(emb, labels, margin, metric,
+                                  soft_margin ? "soft_triplet" : "triplet");
+}
+
+at::Tensor quartet_loss(const at::Tensor& emb, const at::Tensor& labels, double margin,
+                        c10::string_view metric) {
+  return call_metric_loss_forward(emb, labels, margin, metric, "quartet");
+}
+
 TORCH_LIBRARY(edaan_fast, m) {
   m.def("_build_info() -> str", &build_info);
 
@@ -43,6 +69,30 @@ TORCH_LIBRARY(edaan_fast, m) {
   // The discriminator's background-only input: (1 - mask) * x.
   m.def("mask_background(Tensor x, Tensor mask) -> Tensor");
   m.def("_mask_background_backward(Tensor grad, Tensor x, Tensor mask) -> (Tensor, Tensor)");
+
+  // EDAAN eq. (6)/(7): batch-hard mining and the triplet / quartet losses.
+  // batch_hard_mining: per anchor the hardest positive p, hardest negative n and second
+  // negative m (closest to n from a third identity), their distances (dist's dtype; 0 where the
+  // index is -1) and valid (int8: 0 no term, 1 triplet term, 2 quartet term).
+  m.def(
+      "batch_hard_mining(Tensor dist, Tensor labels) -> (Tensor d_ap, Tensor d_an, Tensor d_mn, "
+      "Tensor p, Tensor n, Tensor m, Tensor valid)");
+  m.def(
+      "triplet_loss(Tensor emb, Tensor labels, float margin=0.3, str metric=\"euclidean\", "
+      "bool soft_margin=False) -> Tensor",
+      &triplet_loss);
+  m.def(
+      "quartet_loss(Tensor emb, Tensor labels, float margin=0.3, str metric=\"euclidean\") "
+      "-> Tensor",
+      &quartet_loss);
+  // loss in {"triplet", "soft_triplet", "quartet"}; returns the loss and, for the backward, the
+  // picked pairs idx [B, 3] = (p, n, m), their distances [B, 3] and dL/dD coefficients [B, 3].
+  m.def(
+      "_metric_loss_forward(Tensor emb, Tensor labels, float margin, str metric, str loss) "
+      "-> (Tensor loss, Tensor idx, Tensor pair_dist, Tensor coef)");
+  m.def(
+      "_metric_loss_backward(Tensor grad, Tensor emb, Tensor idx, Tensor pair_dist, "
+      "Tensor coef, str metric) -> Tensor");
 }
 
 }  // namespace edaan_fast

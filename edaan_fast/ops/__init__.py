@@ -14,13 +14,17 @@ from ._library import (
     use_reference_ops,
 )
 from .mask_blend import mask_background, mask_blend
+from .metric_losses import batch_hard_mining, quartet_loss, triplet_loss
 
 __all__ = [
     "OpsNotAvailableError",
+    "batch_hard_mining",
     "build_info",
     "has_ops",
     "mask_background",
     "mask_blend",
+    "quartet_loss",
     "set_reference_ops",
+    "triplet_loss",
     "use_reference_ops",
 ]

@@ -18,3 +18,110 @@ def mask_blend(fg: torch.Tensor, bg: torch.Tensor, mask: torch.Tensor) -> torch.
 def mask_background(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The discriminator's background-only input: ``(1 - mask) * x``."""
     return (1 - mask) * x
+
+
+# --- batch-hard mining and the triplet / quartet losses (EDAAN eq. 6/7) ------------------------
+
+
+def _masked_pick(values: torch.Tensor, mask: torch.Tensor, largest: bool):
+    """Per row, the index of the max (largest) or min of ``values`` where ``mask``; ties: the
+    lowest index; NaN wins (as torch.amax/amin propagate it), the first NaN. -1 if none."""
+    B = values.shape[1]
+    if values.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=values.device)
+    fill = float("-inf") if largest else float("inf")
+    masked = torch.where(mask, values, torch.full_like(values, fill))
+    best = masked.amax(dim=1) if largest else masked.amin(dim=1)
+    hit = mask & ((values == best[:, None]) | (values.isnan() & best.isnan()[:, None]))
+    cols = torch.arange(B, device=values.device).expand_as(values)
+    idx = torch.where(hit, cols, torch.full_like(cols, B)).amin(dim=1)
+    return torch.where(mask.any(dim=1), idx, torch.full_like(idx, -1))
+
+
+def _gather_or_zero(dist: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    ok = (rows >= 0) & (cols >= 0)
+    picked = dist[rows.clamp_min(0), cols.clamp_min(0)]
+    return torch.where(ok, picked, torch.zeros_like(picked))
+
+
+def _mine_indices(dist: torch.Tensor, labels: torch.Tensor):
+    """p, n, m (int64, -1 where absent) of batch-hard mining over ``dist`` (no gradient)."""
+    B = dist.shape[0]
+    d = dist.detach()
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(B, dtype=torch.bool, device=dist.device)
+    p = _masked_pick(d, same & ~eye, largest=True)
+    n = _masked_pick(d, ~same, largest=False)
+    n0 = n.clamp_min(0)
+    third = ~same & (labels[None, :] != labels[n0][:, None]) & (n >= 0)[:, None]
+    m = _masked_pick(d[n0], third, largest=False)
+    return p, n, m
+
+
+def batch_hard_mining(dist: torch.Tensor, labels: torch.Tensor):
+    """Batch-hard mining over a distance matrix: ``(d_ap, d_an, d_mn, p, n, m, valid)``.
+
+    ``p = argmax_{j != i, y_j = y_i} dist[i, j]``, ``n = argmin_{y_j != y_i} dist[i, j]``,
+    ``m = argmin_{y_k not in {y_i, y_n}} dist[n, k]``; lowest index on ties; -1 and distance 0
+    where absent; ``valid`` int8: 0 no term, 1 triplet (p and n), 2 quartet (p, n and m).
+    """
+    p, n, m = _mine_indices(dist, labels)
+    arange = torch.arange(dist.shape[0], device=dist.device)
+    d_ap = _gather_or_zero(dist, arange, p)
+    d_an = _gather_or_zero(dist, arange, n)
+    d_mn = _gather_or_zero(dist, n, m)
+    has_t = (p >= 0) & (n >= 0)
+    valid = (has_t.to(torch.int8) + (has_t & (m >= 0)).to(torch.int8)).to(torch.int8)
+    return d_ap, d_an, d_mn, p, n, m, valid
+
+
+def pairwise_distance(emb: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
+    """``[B, B]`` distances of the fused losses, with plain autograd-tracked ops.
+
+    euclidean: ``sqrt(clamp_min(G_ii + G_jj - 2 G_ij, 1e-12))`` with ``G = emb emb^T`` (the
+    clamp passes no gradient at zero distance, so all-equal embeddings give zero, finite
+    gradients); cosine: ``1 - normalize(emb) normalize(emb)^T``.
+    """
+    if metric == "euclidean":
+        gram = emb @ emb.t()
+        sq = gram.diagonal()
+        d2 = sq[:, None] + sq[None, :] - 2 * gram
+        return d2.clamp(min=1e-12).sqrt()
+    if metric == "cosine":
+        xn = torch.nn.functional.normalize(emb, p=2, dim=1, eps=1e-12)
+        return 1 - xn @ xn.t()
+    raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+
+
+def _metric_loss(emb, labels, margin, metric, kind):
+    acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
+    x = emb.to(acc)
+    dist = pairwise_distance(x, metric)
+    p, n, m = _mine_indices(dist, labels)
+    arange = torch.arange(x.shape[0], device=x.device)
+    a = _gather_or_zero(dist, arange, p)
+    b = _gather_or_zero(dist, arange, n)
+    has_t = (p >= 0) & (n >= 0)
+    if kind == "soft_triplet":
+        terms = torch.nn.functional.softplus(a - b)
+    else:
+        terms = torch.relu(a - b + margin)
+    if kind == "quartet":
+        c = _gather_or_zero(dist, n, m)
+        has_q = has_t & (m >= 0)
+        terms = torch.where(has_q, torch.relu(a - b + a - c + margin), terms)
+    terms = torch.where(has_t, terms, torch.zeros_like(terms))
+    count = has_t.sum().clamp_min(1).to(acc)
+    return terms.sum() / count
+
+
+def triplet_loss(emb, labels, margin=0.3, metric="euclidean", soft_margin=False):
+    """Batch-hard triplet loss (EDAAN eq. 6), mean over anchors with a positive and a negative;
+    0 when there is none. float32 result (float64 for float64 ``emb``)."""
+    return _metric_loss(emb, labels, margin, metric, "soft_triplet" if soft_margin else "triplet")
+
+
+def quartet_loss(emb, labels, margin=0.3, metric="euclidean"):
+    """Batch-hard quartet loss (EDAAN eq. 7); anchors with no third identity use the triplet
+    term; mean over anchors with a positive and a negative, 0 when there is none."""
+    return _metric_loss(emb, labels, margin, metric, "quartet")

@@ -1,0 +1,385 @@
+"""batch_hard_mining / triplet_loss / quartet_loss against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edaan_fast.losses import CrossEntropyLabelSmooth, QuartetLoss, TripletLoss
+from edaan_fast.ops import (
+    batch_hard_mining,
+    quartet_loss,
+    reference,
+    triplet_loss,
+    use_reference_ops,
+)
+
+from tests.conftest import FLOAT_DTYPES, TOL, requires_cuda, requires_ops
+
+pytestmark = requires_ops
+
+OPS = torch.ops.edaan_fast
+KINDS = ["triplet", "soft_triplet", "quartet"]
+METRICS = ["euclidean", "cosine"]
+
+
+def _labels(B: int, ids: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, max(ids, 1), (B,), generator=gen)
+
+
+def _fused(emb, labels, kind, metric, margin=0.3):
+    if kind == "quartet":
+        return quartet_loss(emb, labels, margin, metric)
+    return triplet_loss(emb, labels, margin, metric, kind == "soft_triplet")
+
+
+def _ref(emb, labels, kind, metric, margin=0.3):
+    if kind == "quartet":
+        return reference.quartet_loss(emb, labels, margin, metric)
+    return reference.triplet_loss(emb, labels, margin, metric, kind == "soft_triplet")
+
+
+def _ref_indices(emb64, labels, metric, kind):
+    """(p, n, m) as the fused forward saves them (m only where the quartet term is used)."""
+    p, n, m = reference._mine_indices(reference.pairwise_distance(emb64, metric), labels)
+    has_q = (p >= 0) & (n >= 0) & (m >= 0) & (kind == "quartet")
+    return torch.stack([p, n, torch.where(has_q, m, torch.full_like(m, -1))], dim=1)
+
+
+def _check_against_reference(emb, labels, kind, metric, tol, check_idx=True):
+    emb = emb.detach().requires_grad_(True)
+    loss = _fused(emb, labels, kind, metric)
+    (grad,) = torch.autograd.grad(loss, emb)
+    emb64 = emb.detach().cpu().double().requires_grad_(True)
+    loss_ref = _ref(emb64, labels.cpu(), kind, metric)
+    (grad_ref,) = torch.autograd.grad(loss_ref, emb64)
+    acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
+    assert loss.dtype == acc and loss.dim() == 0
+    assert grad.dtype == emb.dtype and grad.shape == emb.shape
+    torch.testing.assert_close(loss.cpu().double(), loss_ref, **tol)
+    torch.testing.assert_close(grad.cpu().double(), grad_ref, **tol)
+    if check_idx:
+        _, idx, _, _ = OPS._metric_loss_forward(emb.detach(), labels, 0.3, metric, kind)
+        assert torch.equal(idx.cpu(), _ref_indices(emb64.detach(), labels.cpu(), metric, kind))
+
+
+# ---- batch_hard_mining -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B", [0, 1, 2, 8, 64, 256])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_mining_matches_reference(device, dtype, B, gen):
+    labels = _labels(B, max(B // 4, 1), gen).to(device)
+    for ties in (False, True):
+        if ties:  # integer distances: many exact ties, resolved to the lowest index
+            dist = torch.randint(0, 4, (B, B), generator=gen).to(dtype)
+        else:
+            dist = torch.rand(B, B, generator=gen).to(dtype)
+        dist = dist.to(device)
+        out = batch_hard_mining(dist, labels)
+        ref = reference.batch_hard_mining(dist.cpu().double(), labels.cpu())
+        assert [t.dtype for t in out] == [dtype] * 3 + [torch.int64] * 3 + [torch.int8]
+        for got, want in zip(out, ref):
+            assert got.shape == (B,)
+            assert torch.equal(got.cpu().to(want.dtype), want)
+
+
+def test_mining_semantics_by_hand():
+    # Anchor 0 (id 0): positives 1 (d 2), 2 (d 2) -> the tie goes to 1; negatives 3 (id 1, d 1),
+    # 4 (id 2, d 1) -> 3; second negative: closest to 3 among ids not in {0, 1}: 4 or 5 (id 2,
+    # both d 5 from 3) -> 4.
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    dist = torch.full((6, 6), 9.0)
+    dist.fill_diagonal_(0)
+    dist[0, 1] = dist[0, 2] = 2
+    dist[0, 3] = dist[0, 4] = 1
+    dist[3, 4] = dist[3, 5] = 5
+    d_ap, d_an, d_mn, p, n, m, valid = batch_hard_mining(dist, labels)
+    assert (p[0].item(), n[0].item(), m[0].item(), valid[0].item()) == (1, 3, 4, 2)
+    assert (d_ap[0].item(), d_an[0].item(), d_mn[0].item()) == (2.0, 1.0, 5.0)
+    # Anchor 3 (id 1) has no positive: no term, but n and m are still reported.
+    assert p[3].item() == -1 and valid[3].item() == 0 and d_ap[3].item() == 0
+
+
+def test_mining_nan_wins_like_torch_max():
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    dist = torch.rand(5, 5)
+    dist[0, 2] = float("nan")
+    dist[0, 4] = float("nan")
+    out = batch_hard_mining(dist, labels)
+    ref = reference.batch_hard_mining(dist, labels)
+    assert out[3][0].item() == 2 and out[4][0].item() == 4
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+
+
+# ---- losses against the reference --------------------------------------------------------------
+
+# (B, D): every B with a small D; the big dims on a few batch sizes only.
+SHAPES = [(1, 3), (2, 3), (8, 3), (64, 3), (256, 3), (8, 128), (64, 128), (256, 128), (64, 2048)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("B,D", SHAPES)
+def test_loss_matches_reference_float64(device, B, D, metric, kind, gen):
+    emb = torch.randn(B, D, generator=gen, dtype=torch.float64).to(device)
+    labels = _labels(B, max(B // 4, 2), gen).to(device)
+    _check_against_reference(emb, labels, kind, metric, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_loss_matches_reference_low_precision(device, dtype, metric, kind, gen):
+    for B, D in [(8, 3), (64, 128)]:
+        emb = torch.randn(B, D, generator=gen).to(dtype).to(device)
+        labels = _labels(B, B // 4, gen).to(device)
+        # The op computes in float32 on the rounded input: compare with the float64 reference
+        # on the same rounded values, at the float32 tolerance (plus the grad's output rounding).
+        tol = TOL[torch.float32] if dtype == torch.float32 else TOL[dtype]
+        _check_against_reference(emb, labels, kind, metric, tol)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_loss_large(device, metric, gen):
+    B, D = 256, 2048
+    emb = torch.randn(B, D, generator=gen).to(device)
+    labels = (torch.arange(B) // 4).to(device)  # P x K = 64 x 4, as a PK sampler gives
+    _check_against_reference(emb, labels, "quartet", metric, dict(atol=1e-5, rtol=1e-4))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ties_integer_embeddings(device, kind, gen):
+    # Integer-valued embeddings with repeated rows: exact, tied distances; every backend must
+    # pick the lowest index, as the reference does.
+    base = torch.randint(-2, 3, (12, 6), generator=gen)
+    emb = base[torch.randint(0, 12, (64,), generator=gen)].to(torch.float32).to(device)
+    labels = _labels(64, 6, gen).to(device)
+    for dtype in (torch.float32, torch.float64):
+        _check_against_reference(emb.to(dtype), labels, kind, "euclidean", TOL[dtype])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_all_equal_embeddings_no_nan(device, metric, kind, gen):
+    emb = torch.randn(1, 16, generator=gen, dtype=torch.float64).expand(8, 16).contiguous()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3], device=device)
+    emb = emb.to(device).requires_grad_(True)
+    loss = _fused(emb, labels, kind, metric)
+    (grad,) = torch.autograd.grad(loss, emb)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    if metric == "euclidean":  # exact zero distances: exact ties and a zero gradient
+        _check_against_reference(emb, labels, kind, metric, TOL[torch.float64])
+        assert torch.equal(grad, torch.zeros_like(grad))
+        if kind != "soft_triplet":
+            assert loss.item() == pytest.approx(0.3, abs=1e-5)  # 0 - 0 + margin
+
+
+# ---- edge cases ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "labels",
+    [[], [7], [3, 3, 3, 3, 3], [0, 1, 2, 3, 4]],
+    ids=["empty", "one", "one_identity", "singletons"],
+)
+def test_no_valid_anchor_gives_zero(device, kind, labels, gen):
+    labels = torch.tensor(labels, dtype=torch.int64, device=device)
+    emb = torch.randn(len(labels), 5, generator=gen).to(device).requires_grad_(True)
+    loss = _fused(emb, labels, kind, "euclidean")
+    (grad,) = torch.autograd.grad(loss, emb)
+    assert loss.item() == 0.0
+    assert torch.equal(grad, torch.zeros_like(grad))
+    valid = batch_hard_mining(torch.cdist(emb.detach(), emb.detach()), labels)[6]
+    assert (valid == 0).all()
+
+
+def test_two_identities_quartet_falls_back_to_triplet(device, gen):
+    emb = torch.randn(10, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
+    labels = torch.tensor([0, 1] * 5, device=device)
+    q = quartet_loss(emb, labels)
+    t = triplet_loss(emb, labels)
+    torch.testing.assert_close(q, t, rtol=0, atol=0)
+    out = batch_hard_mining(reference.pairwise_distance(emb.detach()), labels)
+    assert (out[5] == -1).all() and (out[6] == 1).all()
+    _check_against_reference(emb, labels, "quartet", "euclidean", TOL[torch.float64])
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_finite_embeddings_propagate(device, kind, bad, gen):
+    emb = torch.randn(8, 4, generator=gen).to(device)
+    emb[3, 1] = float(bad)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3], device=device)
+    emb.requires_grad_(True)
+    loss = _fused(emb, labels, kind, "euclidean")
+    ref = _ref(emb.detach().cpu().double(), labels.cpu(), kind, "euclidean")
+    assert torch.isnan(loss) and torch.isnan(ref)
+    (grad,) = torch.autograd.grad(loss, emb)
+    assert not torch.isfinite(grad).all()
+
+
+# ---- input checks --------------------------------------------------------------------------------
+
+
+def test_errors():
+    emb = torch.randn(4, 3)
+    labels = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(RuntimeError, match=r"quartet_loss.*|_metric_loss_forward: labels must be int64 \[4\].*Int"):
+        quartet_loss(emb, labels.int())
+    with pytest.raises(RuntimeError, match=r"_metric_loss_forward: labels must be int64 \[4\].*\[3\]"):
+        triplet_loss(emb, labels[:3])
+    with pytest.raises(RuntimeError, match=r"_metric_loss_forward: emb must be a 2-D \[B, D\] tensor, got 1-D"):
+        triplet_loss(emb[0], labels[:1])
+    with pytest.raises(RuntimeError, match=r"_metric_loss_forward: emb must be floating point.*Long"):
+        triplet_loss(emb.long(), labels)
+    with pytest.raises(RuntimeError, match=r"_metric_loss_forward: margin must be finite, got inf"):
+        triplet_loss(emb, labels, margin=float("inf"))
+    with pytest.raises(RuntimeError, match=r"_metric_loss_forward: metric must be \"euclidean\" or \"cosine\", got \"l1\""):
+        OPS.triplet_loss(emb, labels, 0.3, "l1")
+    with pytest.raises(ValueError, match=r"quartet_loss: metric must be one of"):
+        quartet_loss(emb, labels, metric="l1")
+    with pytest.raises(RuntimeError, match=r"_metric_loss_forward: loss must be \"triplet\""):
+        OPS._metric_loss_forward(emb, labels, 0.3, "euclidean", "pair")
+    with pytest.raises(RuntimeError, match=r"batch_hard_mining: dist must be a square 2-D \[B, B\] tensor, got \[4, 3\]"):
+        batch_hard_mining(emb, labels)
+    with pytest.raises(RuntimeError, match=r"batch_hard_mining: dist must be floating point.*Long"):
+        batch_hard_mining(torch.zeros(4, 4, dtype=torch.long), labels)
+    with pytest.raises(RuntimeError, match=r"batch_hard_mining: labels must be int64 \[4\].*Float"):
+        batch_hard_mining(torch.rand(4, 4), labels.float())
+    idx = torch.zeros(4, 3, dtype=torch.long)
+    pd = torch.zeros(4, 3)
+    with pytest.raises(RuntimeError, match=r"_metric_loss_backward: idx must be int64 \[4, 3\]"):
+        OPS._metric_loss_backward(torch.ones(()), emb, idx[:2], pd, pd, "euclidean")
+    with pytest.raises(RuntimeError, match=r"_metric_loss_backward: pair_dist and coef must be floating \[4, 3\]"):
+        OPS._metric_loss_backward(torch.ones(()), emb, idx, pd[:, :2], pd, "euclidean")
+    with pytest.raises(RuntimeError, match=r"_metric_loss_backward: grad must hold one value"):
+        OPS._metric_loss_backward(torch.ones(2), emb, idx, pd, pd, "euclidean")
+
+
+@requires_cuda
+def test_errors_device_mismatch():
+    with pytest.raises(RuntimeError, match=r"labels must be on the device of emb"):
+        triplet_loss(torch.randn(4, 3, device="cuda"), torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(RuntimeError, match=r"labels must be on the device of dist"):
+        batch_hard_mining(torch.rand(4, 4, device="cuda"), torch.tensor([0, 0, 1, 1]))
+
+
+# ---- autograd, opcheck, compile ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_gradcheck(device, metric, kind, gen):
+    emb = torch.randn(10, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3, 4], device=device)
+    assert torch.autograd.gradcheck(lambda e: _fused(e, labels, kind, metric), (emb,))
+
+
+def test_backward_has_no_gemm(gen):
+    # The backward is a sparse scatter over the selected pairs: no mm/addmm, unlike autograd
+    # through the [B, B] distance matrix.
+    emb = torch.randn(32, 16, generator=gen, requires_grad=True)
+    labels = torch.arange(32) // 4
+    loss = quartet_loss(emb, labels)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    names = {e.name for e in prof.events()}
+    assert "edaan_fast::_metric_loss_backward" in names
+    assert not names & {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"}
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_opcheck(device, metric, gen):
+    emb = torch.randn(12, 6, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
+    labels = (torch.arange(12) // 3).to(device)
+    dist = reference.pairwise_distance(emb.detach(), metric)
+    torch.library.opcheck(OPS.batch_hard_mining.default, (dist, labels))
+    torch.library.opcheck(OPS.triplet_loss.default, (emb, labels, 0.3, metric, False))
+    torch.library.opcheck(OPS.triplet_loss.default, (emb, labels, 0.3, metric, True))
+    torch.library.opcheck(OPS.quartet_loss.default, (emb, labels, 0.2, metric))
+    torch.library.opcheck(OPS._metric_loss_forward.default, (emb, labels, 0.3, metric, "quartet"))
+    _, idx, pd, coef = OPS._metric_loss_forward(emb.detach(), labels, 0.3, metric, "quartet")
+    torch.library.opcheck(
+        OPS._metric_loss_backward.default,
+        (torch.ones((), dtype=torch.float64, device=device), emb.detach(), idx, pd, coef, metric),
+    )
+
+
+def test_compile_fullgraph(device, gen):
+    emb = torch.randn(16, 8, generator=gen).to(device)
+    labels = (torch.arange(16) // 4).to(device)
+
+    def fn(e, y):
+        d = torch.cdist(e, e)
+        mined = batch_hard_mining(d, y)
+        return quartet_loss(e, y) + triplet_loss(e, y, 0.2, "cosine", True), mined[3]
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    e1 = emb.clone().requires_grad_(True)
+    e2 = emb.clone().requires_grad_(True)
+    l1, p1 = fn(e1, labels)
+    l2, p2 = compiled(e2, labels)
+    l1.backward()
+    l2.backward()
+    torch.testing.assert_close(l2, l1)
+    assert torch.equal(p1, p2)
+    torch.testing.assert_close(e2.grad, e1.grad)
+
+
+# ---- backends, modules, reference switch ---------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_cuda_same_indices(metric, kind, gen):
+    for emb in (
+        torch.randn(256, 128, generator=gen),
+        torch.randint(-2, 3, (16, 6), generator=gen)[torch.randint(0, 16, (128,), generator=gen)].float(),
+    ):
+        labels = _labels(emb.shape[0], emb.shape[0] // 4, gen)
+        if metric == "cosine" and emb.shape[0] == 128:
+            continue  # cosine of integer rows is not exact: no exact ties to compare
+        cpu = OPS._metric_loss_forward(emb, labels, 0.3, metric, kind)
+        gpu = OPS._metric_loss_forward(emb.cuda(), labels.cuda(), 0.3, metric, kind)
+        assert torch.equal(cpu[1], gpu[1].cpu())
+        torch.testing.assert_close(gpu[0].cpu(), cpu[0], **TOL[torch.float32])
+    dist = torch.randint(0, 4, (100, 100), generator=gen).float()
+    labels = _labels(100, 20, gen)
+    for a, b in zip(batch_hard_mining(dist, labels), batch_hard_mining(dist.cuda(), labels.cuda())):
+        assert torch.equal(a, b.cpu())
+
+
+def test_loss_modules(gen):
+    emb = torch.randn(16, 8, generator=gen)
+    labels = torch.arange(16) // 4
+    assert torch.equal(QuartetLoss(0.25)(emb, labels), quartet_loss(emb, labels, 0.25))
+    assert torch.equal(
+        TripletLoss(0.2, "cosine", soft_margin=True)(emb, labels),
+        triplet_loss(emb, labels, 0.2, "cosine", True),
+    )
+    assert "margin=0.25" in repr(QuartetLoss(0.25))
+    logits = torch.randn(16, 5, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 5, (16,), generator=gen)
+    torch.testing.assert_close(CrossEntropyLabelSmooth(5, 0.0)(logits, targets), F.cross_entropy(logits, targets))
+    torch.testing.assert_close(
+        CrossEntropyLabelSmooth(5, 0.1)(logits, targets),
+        F.cross_entropy(logits, targets, label_smoothing=0.1),
+    )
+    with pytest.raises(ValueError, match="logits must be"):
+        CrossEntropyLabelSmooth(4)(logits, targets)
+
+
+def test_reference_switch(gen):
+    emb = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+    labels = torch.arange(8) // 2
+    with use_reference_ops():
+        r = quartet_loss(emb, labels)
+        mined = batch_hard_mining(torch.cdist(emb, emb), labels)
+    assert torch.equal(r, reference.quartet_loss(emb, labels))
+    assert mined[6].dtype == torch.int8
+    torch.testing.assert_close(quartet_loss(emb, labels), r, **TOL[torch.float64])
