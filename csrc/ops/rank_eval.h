@@ -38,22 +38,22 @@ namespace rank_math {
 // (da, ia) < (db, ib) in the stable order on (distance, index).
 template <typename acc_t>
 C10_HOST_DEVICE inline bool key_less(acc_t da, int64_t ia, acc_t db, int64_t ib) {
-  return da < db || (da == db && ia < ib);
+  return static_cast<bool>(static_cast<int>(da < db) |
+                           (static_cast<int>(da == db) & static_cast<int>(ia < ib)));
 }
 
 // The number of sorted positives whose key is <= (d, idx): the item precedes positives
-// [result, P). Plain binary search (upper bound); P is small.
+// [result, P). Binary search (upper bound) written with selects instead of branches: the
+// outcome of each step is unpredictable, and P is small.
 template <typename acc_t>
 C10_HOST_DEVICE inline int64_t positives_not_after(const acc_t* pos_d, const int64_t* pos_g,
                                                    int64_t P, acc_t d, int64_t idx) {
-  int64_t lo = 0, hi = P;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (key_less<acc_t>(d, idx, pos_d[mid], pos_g[mid])) {
-      hi = mid;
-    } else {
-      lo = mid + 1;
-    }
+  int64_t lo = 0, n = P;
+  while (n > 0) {
+    const int64_t half = n >> 1;
+    const bool right = !key_less<acc_t>(d, idx, pos_d[lo + half], pos_g[lo + half]);
+    lo = right ? lo + half + 1 : lo;
+    n = right ? n - half - 1 : half;
   }
   return lo;
 }
@@ -70,7 +70,59 @@ C10_HOST_DEVICE inline int64_t item_bin(const acc_t* pos_d, const int64_t* pos_g
   return positives_not_after<acc_t>(pos_d, pos_g, P, d, gidx);
 }
 
+// Sorts one query's positives in place by (distance, index): insertion sort, stable and fast
+// for the handful of positives a query has (a NaN distance sorts last; the count step then
+// flags the query).
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline void sort_positives(scalar_t* pos_d, int64_t* pos_g, int64_t P) {
+  for (int64_t i = 1; i < P; ++i) {
+    const scalar_t d = pos_d[i];
+    const int64_t g = pos_g[i];
+    const acc_t da = static_cast<acc_t>(d);
+    int64_t j = i;
+    while (j > 0 && (key_less<acc_t>(da, g, static_cast<acc_t>(pos_d[j - 1]), pos_g[j - 1]) ||
+                     (static_cast<acc_t>(pos_d[j - 1]) != static_cast<acc_t>(pos_d[j - 1]) &&
+                      da == da))) {
+      pos_d[j] = pos_d[j - 1];
+      pos_g[j] = pos_g[j - 1];
+      --j;
+    }
+    pos_d[j] = d;
+    pos_g[j] = g;
+  }
+}
+
 }  // namespace rank_math
+
+// The input check of _rank_sort_positives (both backends).
+inline void check_rank_sort_inputs(const at::Tensor& pos_offsets, const at::Tensor& pos_dist,
+                                   const at::Tensor& pos_gidx) {
+  constexpr const char* op = "_rank_sort_positives";
+  TORCH_CHECK(pos_offsets.dim() == 1 && pos_offsets.size(0) >= 1 &&
+                  pos_offsets.scalar_type() == at::kLong,
+              op, ": pos_offsets must be int64 [num_query + 1], got ", pos_offsets.scalar_type(),
+              " ", shape_str(pos_offsets.sizes()));
+  TORCH_CHECK(pos_dist.dim() == 1 && at::isFloatingType(pos_dist.scalar_type()), op,
+              ": pos_dist must be a 1-D floating point tensor, got ", pos_dist.scalar_type(), " ",
+              shape_str(pos_dist.sizes()));
+  TORCH_CHECK(pos_gidx.dim() == 1 && pos_gidx.size(0) == pos_dist.size(0) &&
+                  pos_gidx.scalar_type() == at::kLong,
+              op, ": pos_gidx must be int64 [", pos_dist.size(0), "] like pos_dist, got ",
+              pos_gidx.scalar_type(), " ", shape_str(pos_gidx.sizes()));
+  TORCH_CHECK(pos_dist.device() == pos_offsets.device() && pos_gidx.device() == pos_offsets.device(),
+              op, ": every input must be on the device of pos_offsets (", pos_offsets.device(),
+              "), got pos_dist on ", pos_dist.device(), " and pos_gidx on ", pos_gidx.device());
+}
+
+// pos_offsets must run from 0 to `total` without decreasing (checked where it is on the host).
+inline void check_rank_offsets(const char* op, const int64_t* o, int64_t num_q, int64_t total) {
+  TORCH_CHECK(o[0] == 0 && o[num_q] == total, op, ": pos_offsets must run from 0 to ", total,
+              " (the number of positives), got ", o[0], " .. ", o[num_q]);
+  for (int64_t q = 0; q < num_q; ++q) {
+    TORCH_CHECK(o[q + 1] >= o[q], op, ": pos_offsets must be non-decreasing, got ", o[q],
+                " then ", o[q + 1], " at query ", q);
+  }
+}
 
 // The one input check of _rank_count_preceding (both backends).
 inline void check_rank_count_inputs(const at::Tensor& dist, const at::Tensor& q_pids,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .rank_eval import NAN_FLAG, rank_count_preceding
+from .rank_eval import rank_count_preceding, rank_sort_positives
 
 __all__ = [
     "RankMetrics",
@@ -87,13 +87,48 @@ def _as_tensor(x: Any, name: str, device: torch.device | None = None) -> torch.T
     return t
 
 
-def _as_ids(x: Any, name: str, n: int, what: str, device: torch.device) -> torch.Tensor:
-    t = _as_tensor(x, name, device)
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"rank_metrics: {name} must be 1-D with {n} entries ({what}), got shape {tuple(t.shape)}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise ValueError(f"rank_metrics: {name} must hold integer ids, got dtype {t.dtype}")
-    return t.to(torch.int64).contiguous()
+def _as_ids(x: Any, name: str, n: int, what: str) -> np.ndarray:
+    """Integer ids as a host int64 numpy array (the bookkeeping runs on the host: it is small,
+    and single-threaded numpy does not contend for the cores the kernels use)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ValueError(f"rank_metrics: {name} must be 1-D with {n} entries ({what}), got shape {a.shape}")
+    if not (np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"rank_metrics: {name} must hold integer ids, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+@dataclass
+class _Ids:
+    q_pids: np.ndarray
+    g_pids: np.ndarray
+    q_camids: np.ndarray
+    g_camids: np.ndarray
+    q_pids_dev: torch.Tensor
+    g_pids_dev: torch.Tensor
+    g_offset: int
+    num_g: int  # global gallery size
+
+
+def _ids(q_pids, g_pids, q_camids, g_camids, num_q, num_local, dev, group, g_offset, rows, cols) -> _Ids:
+    q_pids = _as_ids(q_pids, "q_pids", num_q, f"one per {rows} row")
+    q_camids = _as_ids(q_camids, "q_camids", num_q, f"one per {rows} row")
+    g_pids = _as_ids(g_pids, "g_pids", num_local, f"one per {cols}")
+    g_camids = _as_ids(g_camids, "g_camids", num_local, f"one per {cols}")
+    if group is None:
+        if g_offset not in (None, 0):
+            raise ValueError("rank_metrics: g_offset is only meaningful with a process group")
+        g_offset, num_g = 0, num_local
+    else:
+        g_offset, num_g = _dist_shard_layout(num_local, group, g_offset, dev)
+    if num_g == 0:
+        raise ValueError("rank_metrics: the gallery is empty")
+    return _Ids(
+        q_pids, g_pids, q_camids, g_camids,
+        torch.from_numpy(q_pids).to(dev), torch.from_numpy(g_pids).to(dev), g_offset, num_g,
+    )
 
 
 def _as_distmat(distmat: Any) -> torch.Tensor:
@@ -112,51 +147,69 @@ def _as_distmat(distmat: Any) -> torch.Tensor:
 # --- the three phases -------------------------------------------------------------------------
 
 
-def _positives(q_pids, g_pids, q_camids, g_camids, g_offset: int):
-    """(query index, global gallery index) of every positive, grouped by query, gallery index
-    ascending: same pid, another camera. Costs O(G log G + Q log G + positives), no Q x G mask."""
-    g_sorted, perm = torch.sort(g_pids, stable=True)
-    lo = torch.searchsorted(g_sorted, q_pids, side="left")
-    hi = torch.searchsorted(g_sorted, q_pids, side="right")
-    n = hi - lo
-    num_q = q_pids.shape[0]
-    qi = torch.repeat_interleave(torch.arange(num_q, device=q_pids.device), n)
-    starts = torch.cumsum(n, 0) - n
-    within = torch.arange(qi.shape[0], device=q_pids.device) - starts[qi]
-    gl = perm[lo[qi] + within]  # local column, ascending within a query (stable sort)
-    keep = g_camids[gl] != q_camids[qi]
+def _positives(ids: _Ids) -> tuple[np.ndarray, np.ndarray]:
+    """(query index, local gallery column) of every positive -- same pid, another camera --
+    grouped by query, gallery index ascending. O(G log G + Q log G + positives) on the host;
+    no Q x G mask."""
+    perm = np.argsort(ids.g_pids, kind="stable")
+    g_sorted = ids.g_pids[perm]
+    lo = np.searchsorted(g_sorted, ids.q_pids, side="left")
+    n = np.searchsorted(g_sorted, ids.q_pids, side="right") - lo
+    qi = np.repeat(np.arange(ids.q_pids.shape[0], dtype=np.int64), n)
+    within = np.arange(qi.shape[0], dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+    gl = perm[np.repeat(lo, n) + within]  # ascending within a query (stable argsort)
+    keep = ids.g_camids[gl] != ids.q_camids[qi]
     return qi[keep], gl[keep]
 
 
-def _sort_positives(qi, gi, pd, num_q):
-    """Orders the positives by (query, distance, global index) and builds the CSR offsets."""
-    order = torch.sort(gi, stable=True).indices
-    order = order[torch.sort(pd[order], stable=True).indices]
-    order = order[torch.sort(qi[order], stable=True).indices]
-    qi, gi, pd = qi[order], gi[order], pd[order]
-    offsets = torch.zeros(num_q + 1, dtype=torch.int64, device=qi.device)
-    offsets[1:] = torch.cumsum(torch.bincount(qi, minlength=num_q), 0)
-    return qi, gi, pd, offsets
+def _gather(d: torch.Tensor, qi: np.ndarray, gl: np.ndarray) -> torch.Tensor:
+    """d[qi, gl]; on the host through numpy (single-threaded: a small gather is not worth
+    waking a thread pool, which on a loaded machine costs more than the gather)."""
+    if d.device.type == "cpu" and d.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(d.numpy()[qi, gl])
+    return d[torch.from_numpy(qi).to(d.device), torch.from_numpy(gl).to(d.device)]
 
 
-def _check_positive_dists(pd: torch.Tensor, qi: torch.Tensor) -> None:
-    bad = torch.isnan(pd)
-    if bool(bad.any()):
-        q = int(qi[bad][0])
+@dataclass
+class _Positives:
+    qi: np.ndarray  # [P_total] query of each positive (host)
+    offsets: np.ndarray  # [Q + 1] CSR (host)
+    offsets_dev: torch.Tensor
+    dist: torch.Tensor  # [P_total] sorted per query by (distance, global index)
+    gidx: torch.Tensor  # [P_total] global gallery index
+
+
+def _positive_set(ids: _Ids, qi: np.ndarray, gl: np.ndarray, pd: torch.Tensor, group) -> _Positives:
+    """Phase (a): every positive of every query (from all processes), sorted per query."""
+    dev = pd.device
+    num_q = ids.q_pids.shape[0]
+    gi = torch.from_numpy(gl + ids.g_offset).to(dev)
+    if group is not None:
+        qi_t, gi, pd = _gather_positives(torch.from_numpy(qi).to(dev), gi, pd, group)
+        qi = qi_t.cpu().numpy()
+        order = np.argsort(qi, kind="stable")
+        qi = qi[order]
+        order_t = torch.from_numpy(order).to(dev)
+        gi, pd = gi[order_t], pd[order_t]
+    # A NaN among the positives sorts last and makes the count step flag the query.
+    offsets = np.zeros(num_q + 1, dtype=np.int64)
+    np.cumsum(np.bincount(qi, minlength=num_q), out=offsets[1:])
+    offsets_dev = torch.from_numpy(offsets).to(dev)
+    pd, gi = rank_sort_positives(offsets_dev, pd, gi)
+    return _Positives(qi, offsets, offsets_dev, pd, gi)
+
+
+def _finalize(counts: torch.Tensor, pos: _Positives, num_g: int, max_rank: int) -> RankMetrics:
+    """Phase (c): ranks -> CMC, AP, INP (float64, on the host)."""
+    counts = counts.cpu().numpy()
+    qi, offsets = pos.qi, pos.offsets
+    num_q = offsets.shape[0] - 1
+    if (counts < 0).any():
+        q = int(qi[counts < 0][0])
         raise ValueError(f"rank_metrics: the distances of query {q} contain NaN")
-
-
-def _finalize(counts, qi, offsets, num_q, num_g, max_rank) -> RankMetrics:
-    """Ranks -> CMC, AP, INP (float64 on the host)."""
-    counts = counts.cpu()
-    if bool((counts < 0).any()):
-        q = int(qi.cpu()[counts < 0][0])
-        raise ValueError(f"rank_metrics: the distances of query {q} contain NaN")
-    qi = qi.cpu()
-    offsets = offsets.cpu()
-    k = torch.arange(qi.shape[0], dtype=torch.int64) - offsets[qi]  # 0-based index among positives
+    k = np.arange(qi.shape[0], dtype=np.int64) - offsets[qi]  # 0-based index among positives
     ranks = counts + k
-    num_pos = (offsets[1:] - offsets[:-1]).to(torch.float64)
+    num_pos = np.diff(offsets)
     valid = num_pos > 0
     num_valid = int(valid.sum())
     if num_valid == 0:
@@ -164,22 +217,17 @@ def _finalize(counts, qi, offsets, num_q, num_g, max_rank) -> RankMetrics:
             "rank_metrics: no query has a positive in the gallery (a gallery item with the query's "
             "pid from another camera); check that the query and gallery ids/cameras belong together"
         )
-    terms = (k + 1).to(torch.float64) / (ranks + 1).to(torch.float64)
-    ap = torch.zeros(num_q, dtype=torch.float64).index_add_(0, qi, terms)
-    ap = torch.where(valid, ap / num_pos.clamp_min(1), torch.full_like(ap, float("nan")))
+    terms = (k + 1).astype(np.float64) / (ranks + 1).astype(np.float64)
+    ap = np.bincount(qi, weights=terms, minlength=num_q)
+    ap = np.where(valid, ap / np.maximum(num_pos, 1), np.nan)
     first = ranks[offsets[:-1][valid]]
     last = ranks[offsets[1:][valid] - 1]
-    inp = num_pos[valid] / (last + 1).to(torch.float64)
+    inp = num_pos[valid] / (last + 1.0)
     max_rank = min(max_rank, num_g)
-    hits = torch.bincount(first.clamp_max(max_rank), minlength=max_rank + 1)[:max_rank]
-    cmc = torch.cumsum(hits, 0).numpy().astype(np.float32) / np.float32(num_valid)
-    return RankMetrics(
-        cmc=cmc,
-        mAP=float(ap[valid].mean()),
-        mINP=float(inp.mean()),
-        ap_per_query=ap.numpy(),
-        valid=valid.numpy(),
-    )
+    hits = np.bincount(np.minimum(first, max_rank), minlength=max_rank + 1)[:max_rank]
+    cmc = np.cumsum(hits).astype(np.float32) / np.float32(num_valid)
+    return RankMetrics(cmc=cmc, mAP=float(ap[valid].mean()), mINP=float(inp.mean()),
+                       ap_per_query=ap, valid=valid)
 
 
 # --- distributed helpers ----------------------------------------------------------------------
@@ -261,36 +309,21 @@ def rank_metrics(
             positive, or no query with a positive.
     """
     d = _as_distmat(distmat)
-    dev = d.device
-    num_q, num_local = d.shape
-    q_pids = _as_ids(q_pids, "q_pids", num_q, "one per distmat row", dev)
-    q_camids = _as_ids(q_camids, "q_camids", num_q, "one per distmat row", dev)
-    g_pids = _as_ids(g_pids, "g_pids", num_local, "one per distmat column", dev)
-    g_camids = _as_ids(g_camids, "g_camids", num_local, "one per distmat column", dev)
-    if group is None:
-        if g_offset not in (None, 0):
-            raise ValueError("rank_metrics: g_offset is only meaningful with a process group")
-        g_offset, num_g = 0, num_local
-    else:
-        g_offset, num_g = _dist_shard_layout(num_local, group, g_offset, dev)
-    if num_g == 0:
-        raise ValueError("rank_metrics: the gallery is empty")
     if max_rank < 1:
         raise ValueError(f"rank_metrics: max_rank must be >= 1, got {max_rank}")
-
-    qi, gl = _positives(q_pids, g_pids, q_camids, g_camids, g_offset)
-    pd = d[qi, gl]
-    gi = gl + g_offset
-    if group is not None:
-        qi, gi, pd = _gather_positives(qi, gi, pd, group)
-    _check_positive_dists(pd, qi)
-    qi, gi, pd, offsets = _sort_positives(qi, gi, pd, num_q)
-    counts = rank_count_preceding(d, q_pids, g_pids, offsets, pd, gi, g_offset)
+    num_q, num_local = d.shape
+    ids = _ids(q_pids, g_pids, q_camids, g_camids, num_q, num_local, d.device, group, g_offset,
+               "distmat", "distmat column")
+    qi, gl = _positives(ids)
+    pd = _gather(d, qi, gl)
+    pos = _positive_set(ids, qi, gl, pd, group)
+    counts = rank_count_preceding(d, ids.q_pids_dev, ids.g_pids_dev, pos.offsets_dev, pos.dist,
+                                  pos.gidx, ids.g_offset)
     if group is not None:
         import torch.distributed as dist
 
         dist.all_reduce(counts, group=group)
-    return _finalize(counts, qi, offsets, num_q, num_g, max_rank)
+    return _finalize(counts, pos, ids.num_g, max_rank)
 
 
 def evaluate_rank(
@@ -414,39 +447,28 @@ def rank_metrics_from_features(
     """
     if chunk < 1 or query_chunk < 1:
         raise ValueError(f"rank_metrics_from_features: chunk and query_chunk must be >= 1, got {chunk}, {query_chunk}")
+    if max_rank < 1:
+        raise ValueError(f"rank_metrics_from_features: max_rank must be >= 1, got {max_rank}")
     qf, gf, qn, gn = _prepare_features(qf, gf, metric)
     dev = qf.device
     num_q, num_local = qf.shape[0], gf.shape[0]
-    q_pids = _as_ids(q_pids, "q_pids", num_q, "one per qf row", dev)
-    q_camids = _as_ids(q_camids, "q_camids", num_q, "one per qf row", dev)
-    g_pids = _as_ids(g_pids, "g_pids", num_local, "one per gf row", dev)
-    g_camids = _as_ids(g_camids, "g_camids", num_local, "one per gf row", dev)
-    if group is None:
-        if g_offset not in (None, 0):
-            raise ValueError("rank_metrics_from_features: g_offset is only meaningful with a process group")
-        g_offset, num_g = 0, num_local
-    else:
-        g_offset, num_g = _dist_shard_layout(num_local, group, g_offset, dev)
-    if num_g == 0:
-        raise ValueError("rank_metrics_from_features: the gallery is empty")
+    ids = _ids(q_pids, g_pids, q_camids, g_camids, num_q, num_local, dev, group, g_offset,
+               "qf", "gf row")
+    qi, gl = _positives(ids)
+    qi_t, gl_t = torch.from_numpy(qi).to(dev), torch.from_numpy(gl).to(dev)
+    pd = _pair_distance(qf[qi_t], gf[gl_t], None if qn is None else qn[qi_t],
+                        None if gn is None else gn[gl_t])
+    pos = _positive_set(ids, qi, gl, pd, group)
 
-    qi, gl = _positives(q_pids, g_pids, q_camids, g_camids, g_offset)
-    pd = _pair_distance(qf[qi], gf[gl], None if qn is None else qn[qi], None if gn is None else gn[gl])
-    gi = gl + g_offset
-    if group is not None:
-        qi, gi, pd = _gather_positives(qi, gi, pd, group)
-    _check_positive_dists(pd, qi)
-    qi, gi, pd, offsets = _sort_positives(qi, gi, pd, num_q)
-
-    counts = torch.zeros_like(gi)
-    offs_host = offsets.cpu()
+    counts = torch.zeros_like(pos.gidx)
+    offs = pos.offsets
     buf = torch.empty(min(query_chunk, num_q) * min(chunk, num_local), dtype=qf.dtype, device=dev)
     for q0 in range(0, num_q, query_chunk):
         q1 = min(q0 + query_chunk, num_q)
-        p0, p1 = int(offs_host[q0]), int(offs_host[q1])
+        p0, p1 = int(offs[q0]), int(offs[q1])
         if p1 == p0:
             continue  # no query of this block has a positive
-        q_off = offsets[q0 : q1 + 1] - offsets[q0]
+        q_off = pos.offsets_dev[q0 : q1 + 1] - p0
         qn_b = None if qn is None else qn[q0:q1]
         part = counts[p0:p1]
         for g0 in range(0, num_local, chunk):
@@ -454,10 +476,11 @@ def rank_metrics_from_features(
             t = buf[: (q1 - q0) * (g1 - g0)].view(q1 - q0, g1 - g0)
             _distance_tile(qf[q0:q1], gf[g0:g1], qn_b, None if gn is None else gn[g0:g1], out=t)
             part += rank_count_preceding(
-                t, q_pids[q0:q1], g_pids[g0:g1], q_off, pd[p0:p1], gi[p0:p1], g_offset + g0
+                t, ids.q_pids_dev[q0:q1], ids.g_pids_dev[g0:g1], q_off, pos.dist[p0:p1],
+                pos.gidx[p0:p1], ids.g_offset + g0,
             )
     if group is not None:
         import torch.distributed as dist
 
         dist.all_reduce(counts, group=group)
-    return _finalize(counts, qi, offsets, num_q, num_g, max_rank)
+    return _finalize(counts, pos, ids.num_g, max_rank)

@@ -19,9 +19,28 @@ import torch
 
 from . import _library
 
-__all__ = ["rank_count_preceding"]
+__all__ = ["rank_count_preceding", "rank_sort_positives"]
 
 NAN_FLAG = -(1 << 62)  # csrc/ops/rank_eval.h kRankNanFlag
+
+
+def rank_sort_positives(
+    pos_offsets: torch.Tensor, pos_dist: torch.Tensor, pos_gidx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorts each query's positives by (distance, global gallery index).
+
+    Args:
+        pos_offsets: int64 ``[Q + 1]``; query q's positives are ``pos_offsets[q]:pos_offsets[q+1]``.
+        pos_dist: ``[P_total]`` float distances; pos_gidx: int64 ``[P_total]`` global indices.
+
+    Returns:
+        ``(pos_dist, pos_gidx)`` sorted within each query's segment (new tensors). Insertion
+        sort per query: meant for the few positives of a re-ID query.
+    """
+    _library.require_ops("rank_sort_positives")
+    _library.require_cuda_kernels("rank_sort_positives", pos_dist)
+    d, g = torch.ops.edaan_fast._rank_sort_positives.default(pos_offsets, pos_dist, pos_gidx)
+    return d, g
 
 
 def rank_count_preceding(
@@ -60,6 +79,15 @@ def rank_count_preceding(
 
 
 def _register() -> None:
+    @torch.library.register_fake("edaan_fast::_rank_sort_positives")
+    def _(pos_offsets, pos_dist, pos_gidx):
+        torch._check(
+            pos_dist.dim() == 1 and pos_gidx.shape == pos_dist.shape,
+            lambda: f"_rank_sort_positives: pos_gidx must be int64 {list(pos_dist.shape)} like "
+            f"pos_dist, got {list(pos_gidx.shape)}",
+        )
+        return torch.empty_like(pos_dist), torch.empty_like(pos_gidx)
+
     @torch.library.register_fake("edaan_fast::_rank_count_preceding")
     def _(dist, q_pids, g_pids, pos_offsets, pos_dist, pos_gidx, g_offset):
         op = "_rank_count_preceding"
