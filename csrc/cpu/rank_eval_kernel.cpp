@@ -101,7 +101,7 @@ void count_rows(const at::Tensor& dist, const int64_t* q_pids, const int64_t* g_
           const int64_t j = j0 + __builtin_ctz(mask);
           mask &= mask - 1;
           const acc_t d = static_cast<acc_t>(row[j]);
-          const int64_t b = item_bin<acc_t>(pd.data(), pg, P, d, g_offset + j, g_pids[j], qp);
+          const int64_t b = item_bin<acc_t, acc_t>(pd.data(), pg, P, d, g_offset + j, g_pids[j], qp);
           if (b < 0) {
             nan = true;
           } else {
@@ -112,7 +112,7 @@ void count_rows(const at::Tensor& dist, const int64_t* q_pids, const int64_t* g_
       for (int64_t j = j0; j < G; ++j) {
         const acc_t d = static_cast<acc_t>(row[j]);
         if (d > dmax) continue;
-        const int64_t b = item_bin<acc_t>(pd.data(), pg, P, d, g_offset + j, g_pids[j], qp);
+        const int64_t b = item_bin<acc_t, acc_t>(pd.data(), pg, P, d, g_offset + j, g_pids[j], qp);
         if (b < 0) {
           nan = true;
         } else {

@@ -45,13 +45,15 @@ C10_HOST_DEVICE inline bool key_less(acc_t da, int64_t ia, acc_t db, int64_t ib)
 // The number of sorted positives whose key is <= (d, idx): the item precedes positives
 // [result, P). Binary search (upper bound) written with selects instead of branches: the
 // outcome of each step is unpredictable, and P is small.
-template <typename acc_t>
-C10_HOST_DEVICE inline int64_t positives_not_after(const acc_t* pos_d, const int64_t* pos_g,
+// pos_t: how the positives' distances are stored (acc_t, or the tensor's scalar_t).
+template <typename acc_t, typename pos_t>
+C10_HOST_DEVICE inline int64_t positives_not_after(const pos_t* pos_d, const int64_t* pos_g,
                                                    int64_t P, acc_t d, int64_t idx) {
   int64_t lo = 0, n = P;
   while (n > 0) {
     const int64_t half = n >> 1;
-    const bool right = !key_less<acc_t>(d, idx, pos_d[lo + half], pos_g[lo + half]);
+    const bool right =
+        !key_less<acc_t>(d, idx, static_cast<acc_t>(pos_d[lo + half]), pos_g[lo + half]);
     lo = right ? lo + half + 1 : lo;
     n = right ? n - half - 1 : half;
   }
@@ -62,12 +64,12 @@ C10_HOST_DEVICE inline int64_t positives_not_after(const acc_t* pos_d, const int
 // positive" test (d > dmax) -- the caller does that test first because it is the common case.
 // Returns the bin to bump in [0, P), P when the item precedes no positive or is not counted
 // (same pid: junk or positive), or -1 for a NaN distance.
-template <typename acc_t>
-C10_HOST_DEVICE inline int64_t item_bin(const acc_t* pos_d, const int64_t* pos_g, int64_t P,
+template <typename acc_t, typename pos_t>
+C10_HOST_DEVICE inline int64_t item_bin(const pos_t* pos_d, const int64_t* pos_g, int64_t P,
                                         acc_t d, int64_t gidx, int64_t g_pid, int64_t q_pid) {
   if (d != d) return -1;
   if (g_pid == q_pid) return P;
-  return positives_not_after<acc_t>(pos_d, pos_g, P, d, gidx);
+  return positives_not_after<acc_t, pos_t>(pos_d, pos_g, P, d, gidx);
 }
 
 // Sorts one query's positives in place by (distance, index): insertion sort, stable and fast
