@@ -93,6 +93,19 @@ TORCH_LIBRARY(edaan_fast, m) {
   m.def(
       "_metric_loss_backward(Tensor grad, Tensor emb, Tensor idx, Tensor pair_dist, "
       "Tensor coef, str metric) -> Tensor");
+
+  // Sort-free ranking evaluation (evaluate_rank / rank_metrics): for one block of gallery
+  // columns (a tile or a process's shard, first column = global index g_offset), the number
+  // of valid negatives preceding each positive in the stable order on (distance, index).
+  // Positives come sorted per query in CSR form (pos_offsets [Q+1]); counts add over blocks.
+  // Phase (a): sorts each query's positives (CSR) by (distance, global index).
+  m.def(
+      "_rank_sort_positives(Tensor pos_offsets, Tensor pos_dist, Tensor pos_gidx) "
+      "-> (Tensor, Tensor)");
+  // Phase (b), once per block of columns; phase (c), CMC/AP/INP from the ranks, is in Python.
+  m.def(
+      "_rank_count_preceding(Tensor dist, Tensor q_pids, Tensor g_pids, Tensor pos_offsets, "
+      "Tensor pos_dist, Tensor pos_gidx, int g_offset) -> Tensor");
 }
 
 }  // namespace edaan_fast

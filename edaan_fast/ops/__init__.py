@@ -28,3 +28,19 @@ __all__ = [
     "triplet_loss",
     "use_reference_ops",
 ]
+
+from .evaluation import (  # noqa: E402
+    RankMetrics,
+    evaluate_rank,
+    pairwise_distance,
+    rank_metrics,
+    rank_metrics_from_features,
+)
+
+__all__ += [
+    "RankMetrics",
+    "evaluate_rank",
+    "pairwise_distance",
+    "rank_metrics",
+    "rank_metrics_from_features",
+]
