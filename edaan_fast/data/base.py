@@ -1,0 +1,169 @@
+"""Core data types shared by every reader: :class:`Record`, :class:`ReIDDataset`,
+:class:`DatasetError`, and the image helpers that report a bad file by its path."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class DatasetError(ValueError):
+    """A data set is missing, laid out differently than expected, or holds a bad file.
+
+    The message always names the offending path and what was expected there.
+    """
+
+
+class Record(NamedTuple):
+    """One image of a re-ID split.
+
+    Attributes:
+        path: absolute path of the image file.
+        pid: person identity. Training splits are relabelled to ``0..n-1``; query and
+            gallery keep the data set's own ids (``0`` = Market-style distractor).
+        camid: 0-based camera index.
+    """
+
+    path: str
+    pid: int
+    camid: int
+
+
+def _count(records: Sequence[Record]) -> tuple[int, int, int]:
+    return (
+        len({r.pid for r in records}),
+        len(records),
+        len({r.camid for r in records}),
+    )
+
+
+@dataclass
+class ReIDDataset:
+    """A re-ID data set: a labelled training split plus a query/gallery test split.
+
+    Attributes:
+        name: registry name (``"market1501"``, ...).
+        root: the folder the records were read from.
+        train: training records, pids relabelled to ``0..num_train_pids-1``.
+        query: query records (original pids).
+        gallery: gallery records (original pids; may hold distractors).
+        info: free-form extras of the reader (protocol, split id, direction, ...).
+    """
+
+    name: str
+    root: Path
+    train: list[Record]
+    query: list[Record]
+    gallery: list[Record]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_train_pids(self) -> int:
+        return len({r.pid for r in self.train})
+
+    @property
+    def num_train_cams(self) -> int:
+        return len({r.camid for r in self.train})
+
+    @property
+    def num_query_pids(self) -> int:
+        return len({r.pid for r in self.query})
+
+    @property
+    def num_gallery_pids(self) -> int:
+        return len({r.pid for r in self.gallery})
+
+    def verify(self, splits: Iterable[str] = ("train", "query", "gallery")) -> None:
+        """Decode every image of ``splits``; raise :class:`DatasetError` listing the bad ones."""
+        bad = []
+        for split in splits:
+            for rec in getattr(self, split):
+                try:
+                    read_image(rec.path)
+                except DatasetError as exc:
+                    bad.append(str(exc))
+        if bad:
+            head = "\n  ".join(bad[:20])
+            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+            raise DatasetError(
+                f"{self.name}: {len(bad)} unreadable image(s) under {self.root}:\n  {head}{more}"
+            )
+
+    def __repr__(self) -> str:
+        rows = [("train", *_count(self.train)), ("query", *_count(self.query)),
+                ("gallery", *_count(self.gallery))]
+        extra = ", ".join(f"{k}={v}" for k, v in self.info.items())
+        lines = [f"ReIDDataset({self.name!r}, root={str(self.root)!r}"
+                 + (f", {extra}" if extra else "") + ")",
+                 "  subset   | # ids | # images | # cameras"]
+        lines += [f"  {n:<8} | {p:5d} | {i:8d} | {c:9d}" for n, p, i, c in rows]
+        return "\n".join(lines)
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB; a missing or undecodable file raises :class:`DatasetError`."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as exc:
+        raise DatasetError(f"image file not found: {path}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"corrupt or unreadable image: {path} ({exc})") from exc
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read an 8-bit single-channel mask as float32 ``[H, W]`` in ``[0, 1]``."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except FileNotFoundError as exc:
+        raise DatasetError(f"mask file not found: {path}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"corrupt or unreadable mask: {path} ({exc})") from exc
+
+
+def relabel(records: Sequence[Record]) -> list[Record]:
+    """Map the pids of ``records`` to ``0..n-1`` in sorted order of the original pids."""
+    mapping = {pid: i for i, pid in enumerate(sorted({r.pid for r in records}))}
+    return [Record(r.path, mapping[r.pid], r.camid) for r in records]
+
+
+def find_root(root: str | Path, candidates: Sequence[str], required: Sequence[str],
+              layout: str) -> Path:
+    """Return the first of ``root/<candidate>`` that holds every entry of ``required``.
+
+    Raises :class:`DatasetError` naming the folders tried and the expected ``layout``.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DatasetError(f"data set root does not exist: {root}\nexpected layout:\n{layout}")
+    tried = []
+    for cand in candidates:
+        base = root / cand if cand else root
+        tried.append(str(base))
+        if all((base / req).exists() for req in required):
+            return base.resolve()
+    present = sorted(p.name for p in root.iterdir())[:20]
+    raise DatasetError(
+        f"no data set found under {root}: none of [{', '.join(tried)}] contains "
+        f"{', '.join(required)}; found entries {present}\nexpected layout:\n{layout}"
+    )
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files (``.jpg``/``.jpeg``/``.png``) of ``folder``, sorted; others are skipped."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    skipped = len(files) - len(images)
+    if skipped:
+        logger.debug("%s: skipped %d non-image file(s)", folder, skipped)
+    return images

@@ -1,0 +1,64 @@
+"""The re-ID augmentations, defined once and implemented twice (torch and DALI).
+
+Train: resize to ``(H, W)`` (bilinear) -> random horizontal flip (p = 0.5) -> zero-pad 10
+pixels on every side and random-crop ``(H, W)`` (i.e. a random shift of up to +-10 pixels with
+black fill) -> scale to [0, 1] -> normalise with the ImageNet mean/std.
+Eval: resize -> scale -> normalise.
+
+This is the torchreid / fast-reid recipe, and what the EDAAN paper's re-ID module trains on at
+256 x 128. :mod:`edaan_fast.data.loaders` builds the DALI twin of the same steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from .base import read_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation settings shared by the torch and DALI pipelines."""
+
+    height: int = 256
+    width: int = 128
+    train: bool = True
+    flip_p: float = 0.5
+    pad: int = 10
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"image size must be positive, got {(self.height, self.width)}")
+        if not 0.0 <= self.flip_p <= 1.0 or self.pad < 0:
+            raise ValueError(f"need 0 <= flip_p <= 1 and pad >= 0, got {self.flip_p}, {self.pad}")
+
+
+def build_transform(cfg: AugmentConfig) -> v2.Compose:
+    """torchvision v2 transform: uint8 ``[3, h, w]`` tensor -> float32 ``[3, H, W]``."""
+    steps: list = [v2.Resize((cfg.height, cfg.width),
+                             interpolation=v2.InterpolationMode.BILINEAR, antialias=True)]
+    if cfg.train:
+        if cfg.flip_p > 0:
+            steps.append(v2.RandomHorizontalFlip(cfg.flip_p))
+        if cfg.pad > 0:
+            steps += [v2.Pad(cfg.pad, fill=0), v2.RandomCrop((cfg.height, cfg.width))]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+    return v2.Compose(steps)
+
+
+def decode_file(path: str) -> torch.Tensor:
+    """Decode an image file (Pillow, libjpeg-turbo) to uint8 RGB ``[3, h, w]``.
+
+    A missing or corrupt file raises :class:`~edaan_fast.data.DatasetError` naming the path.
+    (Pillow rather than ``torchvision.io``, whose decoders are deprecated since 0.29.)
+    """
+    return torch.from_numpy(np.array(read_image(path))).permute(2, 0, 1)
