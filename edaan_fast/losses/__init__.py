@@ -1,5 +1,24 @@
-"""edaan_fast.losses."""
+"""EDAAN's objective (eq. 3-9): adversarial, cycle, attention-consistency, metric and ID terms."""
 
+from .adversarial import discriminator_input, lsgan_discriminator_loss, lsgan_generator_loss
+from .attention import attention_consistency_loss
+from .cycle import cycle_loss
+from .identity import id_loss
 from .metric import CrossEntropyLabelSmooth, QuartetLoss, TripletLoss
+from .objective import DiscriminatorLosses, EDAANObjective, GeneratorLosses, LossWeights
 
-__all__ = ["CrossEntropyLabelSmooth", "QuartetLoss", "TripletLoss"]
+__all__ = [
+    "CrossEntropyLabelSmooth",
+    "DiscriminatorLosses",
+    "EDAANObjective",
+    "GeneratorLosses",
+    "LossWeights",
+    "QuartetLoss",
+    "TripletLoss",
+    "attention_consistency_loss",
+    "cycle_loss",
+    "discriminator_input",
+    "id_loss",
+    "lsgan_discriminator_loss",
+    "lsgan_generator_loss",
+]

@@ -1,0 +1,64 @@
+"""The attention network ``A_d`` of EDAAN (paper §III-A, eq. 1, 2 and 5).
+
+Paper symbols -> code: ``A_S`` = ``EDAAN.attention_S`` and ``A_T`` = ``EDAAN.attention_T``,
+each an :class:`AttentionNet`. ``A_S(x_S)`` is the *foreground* map of eq. (1): a per-pixel
+score in ``[0, 1]``, high on the person, whom the translation preserves; ``1 - A_S(x_S)`` is the
+background map, where the translated image ``G_S(E_S(x_S))`` is pasted in.
+
+Architecture (the paper's Fig. 3 is not in the text; this follows the attention network of
+Mejjati et al., "Unsupervised Attention-guided Image-to-Image Translation", NeurIPS 2018):
+
+====================  ===================================================================
+7x7 conv, stride 2    ``attn_widths[0]`` (32) channels, instance norm, ReLU  -> H/2 x W/2
+3x3 conv, stride 2    ``attn_widths[1]`` (64) channels, instance norm, ReLU  -> H/4 x W/4
+residual block        ``attn_widths[1]`` channels (CycleGAN ResNet block)
+upsample x2 + 3x3     nearest-neighbour upsampling (no checkerboard of transposed convs),
+                      ``attn_widths[1]`` channels, instance norm, ReLU      -> H/2 x W/2
+upsample x2 + 3x3     ``attn_widths[0]`` channels, instance norm, ReLU      -> H x W
+7x7 conv              1 channel, with bias (no norm), then sigmoid
+====================  ===================================================================
+
+Convention: in Mejjati et al. the mask marks the region that is *translated* (the object);
+in EDAAN it marks what is *kept* (the person, eq. (1): ``A * x + (1 - A) * G(E(x))``). The
+network is the same; only the meaning of its output differs, which the blend of
+:meth:`EDAAN.translate_s2t` fixes. Reflection padding everywhere, as in the generator.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import ResidualBlock, conv_norm_relu
+
+__all__ = ["AttentionNet"]
+
+
+class AttentionNet(nn.Module):
+    """``A_d``: image ``[N, C, H, W]`` -> foreground mask ``[N, 1, H, W]`` in ``[0, 1]``.
+
+    H and W must be multiples of 4 (two stride-2 stages, then two x2 upsamplings).
+    """
+
+    def __init__(self, in_channels: int = 3, widths: tuple[int, int] = (32, 64)):
+        super().__init__()
+        w1, w2 = widths
+        self.down = nn.Sequential(
+            conv_norm_relu(in_channels, w1, 7, stride=2),
+            conv_norm_relu(w1, w2, 3, stride=2),
+            ResidualBlock(w2),
+        )
+        self.up = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            conv_norm_relu(w2, w2, 3),
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            conv_norm_relu(w2, w1, 3),
+        )
+        self.head = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(w1, 1, 7))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-sigmoid score map ``[N, 1, H, W]``."""
+        return self.head(self.up(self.down(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))

@@ -1,0 +1,135 @@
+"""Typed configuration of the EDAAN networks, with the named presets ``paper`` and ``tiny``.
+
+The paper (§III, §IV-B) fixes the re-ID head (128-d classifier bottleneck, dropout 0.5, 128-d
+embedding) but not the layer widths of its Fig. 3, and no code of the authors is public. The
+``paper`` preset therefore follows the conventions EDAAN builds on: CycleGAN's ResNet-9
+generator (64 -> 128 -> 256, reflection padding, instance norm), its 70x70 PatchGAN
+(64/128/256/512), and the attention network of Mejjati et al. (NeurIPS 2018, 32/64 channels).
+The ``tiny`` preset keeps every structural choice and shrinks widths, depths and the input
+(64x32) so that a 2-core CPU trains it in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+__all__ = ["ModelConfig", "MODEL_PRESETS", "model_config"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Widths, depths and switches of :class:`edaan_fast.models.EDAAN`.
+
+    Attributes:
+        image_size: ``(H, W)`` of the inputs; both must be divisible by
+            ``2 ** gen_downsamplings`` and by 4 (the attention net's two stride-2 stages).
+            Non-square person crops (256x128) are the normal case.
+        in_channels: image channels (3).
+        gen_width: channels of the generator's first 7x7 conv (CycleGAN ``ngf`` = 64).
+        gen_downsamplings: stride-2 3x3 convs in the encoder, each doubling the width
+            (2: 64 -> 128 -> 256, as CycleGAN).
+        gen_res_blocks: residual blocks at the bottleneck in total (CycleGAN: 9 for 256 px).
+        encoder_res_blocks: how many of them belong to the encoder ``E_d`` (the rest open the
+            decoder ``G_d``). ``None`` = the first half, rounded up (5 of 9): the split is "at the
+            bottleneck", so the re-ID module (which shares ``E_S``) sees features that the
+            translation also has to go through, and ``G_d`` still holds residual capacity of its
+            own for the translation.
+        attn_widths: channels of the attention net's two stride-2 stages (Mejjati: 32, 64).
+        disc_width: channels of the PatchGAN's first conv (64).
+        disc_layers: stride-2 4x4 convs of the PatchGAN after the first (3 -> 70x70 field,
+            64/128/256/512).
+        num_ids: identities of the source training split (size of the classifier's output).
+        reid_bottleneck: width of the classifier's hidden FC (paper §IV-B: 128).
+        embedding_dim: width of the metric-loss embedding FC (paper §IV-B: 128).
+        dropout: classifier dropout (paper §IV-B: 0.5).
+        no_attention: drop the attention nets; the translation is the plain generator output
+            (the paper's "w/o attention" rows and the CycleGAN baseline).
+        cycle_through_attention: reconstruct through the full attention-guided mappings,
+            ``x_STS = F(G(x_S))`` (default; Mejjati et al., and the form in which eq. (5)'s maps
+            ``A_T(G(x_S))`` come for free), instead of eq. (4)'s literal generator-only chain
+            ``G_T(E_T(G_S(E_S(x_S))))``.
+        pixel_mean, pixel_std: the normalisation of the input images (the loaders use the
+            ImageNet statistics). The generator's ``tanh`` output in ``[-1, 1]`` is mapped into
+            the same normalised space, so the blend of eq. (1) mixes like with like.
+    """
+
+    image_size: tuple[int, int] = (256, 128)
+    in_channels: int = 3
+    gen_width: int = 64
+    gen_downsamplings: int = 2
+    gen_res_blocks: int = 9
+    encoder_res_blocks: int | None = None
+    attn_widths: tuple[int, int] = (32, 64)
+    disc_width: int = 64
+    disc_layers: int = 3
+    num_ids: int = 751
+    reid_bottleneck: int = 128
+    embedding_dim: int = 128
+    dropout: float = 0.5
+    no_attention: bool = False
+    cycle_through_attention: bool = True
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
+    pixel_std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        h, w = self.image_size
+        step = max(2 ** self.gen_downsamplings, 4)
+        if h < step or w < step or h % step or w % step:
+            raise ValueError(
+                f"ModelConfig: image_size {self.image_size} must be positive multiples of {step} "
+                f"(2**gen_downsamplings={2 ** self.gen_downsamplings} and the attention net's 4)"
+            )
+        if self.gen_res_blocks < 0 or self.gen_downsamplings < 0:
+            raise ValueError("ModelConfig: gen_res_blocks and gen_downsamplings must be >= 0, got "
+                             f"{self.gen_res_blocks}, {self.gen_downsamplings}")
+        if not 0 <= self.encoder_blocks <= self.gen_res_blocks:
+            raise ValueError(f"ModelConfig: encoder_res_blocks must be in [0, gen_res_blocks="
+                             f"{self.gen_res_blocks}], got {self.encoder_res_blocks}")
+        if self.num_ids < 1:
+            raise ValueError(f"ModelConfig: num_ids must be >= 1, got {self.num_ids}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig: dropout must be in [0, 1), got {self.dropout}")
+        if len(self.pixel_mean) != self.in_channels or len(self.pixel_std) != self.in_channels:
+            raise ValueError(f"ModelConfig: pixel_mean/pixel_std need {self.in_channels} values, "
+                             f"got {self.pixel_mean}, {self.pixel_std}")
+
+    @property
+    def encoder_blocks(self) -> int:
+        """Residual blocks in the encoder (``encoder_res_blocks`` resolved)."""
+        if self.encoder_res_blocks is None:
+            return (self.gen_res_blocks + 1) // 2
+        return self.encoder_res_blocks
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the encoder output (the re-ID feature): ``gen_width * 2**downsamplings``."""
+        return self.gen_width * 2 ** self.gen_downsamplings
+
+    def replace(self, **overrides) -> "ModelConfig":
+        """A copy with ``overrides`` applied (validated again)."""
+        return dataclasses.replace(self, **overrides)
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "paper": ModelConfig(),
+    "tiny": ModelConfig(image_size=(64, 32), gen_width=16, gen_res_blocks=2, attn_widths=(8, 16),
+                        disc_width=16, num_ids=60, reid_bottleneck=64, embedding_dim=64),
+}
+
+
+def model_config(preset: str = "paper", **overrides) -> ModelConfig:
+    """The named preset (``paper`` or ``tiny``) with ``overrides`` applied.
+
+    Raises:
+        ValueError: for an unknown preset, listing the choices.
+    """
+    try:
+        base = MODEL_PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown model preset {preset!r}; choices: "
+                         f"{', '.join(sorted(MODEL_PRESETS))}") from None
+    return base.replace(**overrides) if overrides else base
