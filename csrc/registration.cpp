@@ -43,6 +43,14 @@ TORCH_LIBRARY(edaan_fast, m) {
   // The discriminator's background-only input: (1 - mask) * x.
   m.def("mask_background(Tensor x, Tensor mask) -> Tensor");
   m.def("_mask_background_backward(Tensor grad, Tensor x, Tensor mask) -> (Tensor, Tensor)");
+
+  // Sort-free ranking evaluation (evaluate_rank / rank_metrics): for one block of gallery
+  // columns (a tile or a process's shard, first column = global index g_offset), the number
+  // of valid negatives preceding each positive in the stable order on (distance, index).
+  // Positives come sorted per query in CSR form (pos_offsets [Q+1]); counts add over blocks.
+  m.def(
+      "_rank_count_preceding(Tensor dist, Tensor q_pids, Tensor g_pids, Tensor pos_offsets, "
+      "Tensor pos_dist, Tensor pos_gidx, int g_offset) -> Tensor");
 }
 
 }  // namespace edaan_fast

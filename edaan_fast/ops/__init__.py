@@ -24,3 +24,19 @@ __all__ = [
     "set_reference_ops",
     "use_reference_ops",
 ]
+
+from .evaluation import (  # noqa: E402
+    RankMetrics,
+    evaluate_rank,
+    pairwise_distance,
+    rank_metrics,
+    rank_metrics_from_features,
+)
+
+__all__ += [
+    "RankMetrics",
+    "evaluate_rank",
+    "pairwise_distance",
+    "rank_metrics",
+    "rank_metrics_from_features",
+]

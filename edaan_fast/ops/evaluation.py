@@ -1,0 +1,463 @@
+"""Re-ID ranking evaluation (CMC, mAP, mINP) without sorting the distance matrix.
+
+Entry points:
+
+* :func:`evaluate_rank` -- drop-in for ``torchreid.metrics.evaluate_rank``: same arguments,
+  same ``(cmc, mAP)`` return (cmc a float32 numpy array, mAP a float).
+* :func:`rank_metrics` -- :class:`RankMetrics` with mINP, per-query AP and the valid-query
+  mask; optionally over a gallery sharded across ``torch.distributed`` processes.
+* :func:`rank_metrics_from_features` -- from query/gallery features, computing the distances
+  tile by tile and never holding the whole ``Q x G`` matrix.
+
+Protocol (Market-1501 / DukeMTMC-reID, torchreid's ``eval_market1501``): for each query the
+gallery items with the query's pid *and* camera are dropped (junk); a query with no remaining
+positive is skipped; ranking is a stable order on (distance, gallery index), so equal distances
+rank the lower gallery index first.
+
+Algorithm (no sort): a positive's rank is the number of valid gallery items that precede it.
+Per query, the positives (known from the pids and cameras; usually 10-20) are gathered and
+sorted; one pass over the gallery counts the negatives preceding each positive
+(``torch.ops.edaan_fast._rank_count_preceding``: a compare against the farthest positive, a
+binary search for the rare closer ones). From the ranks ``r_1 < ... < r_P``:
+``AP = (1/P) sum_k k / (r_k + 1)``, the CMC hit is at ``r_1``, ``INP = P / (r_P + 1)``.
+O(G log P) per query instead of O(G log G), parallel over queries, additive over gallery
+blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .rank_eval import NAN_FLAG, rank_count_preceding
+
+__all__ = [
+    "RankMetrics",
+    "evaluate_rank",
+    "pairwise_distance",
+    "rank_metrics",
+    "rank_metrics_from_features",
+]
+
+logger = logging.getLogger(__name__)
+
+_METRICS = ("euclidean", "cosine")
+
+
+@dataclass
+class RankMetrics:
+    """Result of :func:`rank_metrics`.
+
+    Attributes:
+        cmc: float32 numpy ``[min(max_rank, num_gallery)]``; ``cmc[r]`` = fraction of the valid
+            queries whose first positive is at rank <= r (torchreid's definition and length).
+        mAP: mean average precision over the valid queries.
+        mINP: mean inverse negative penalty (``P / (r_P + 1)``, fast-reid's mINP).
+        ap_per_query: float64 numpy ``[Q]``, NaN for a query without a positive.
+        valid: bool numpy ``[Q]``: the query has at least one positive after dropping junk.
+    """
+
+    cmc: np.ndarray
+    mAP: float
+    mINP: float
+    ap_per_query: np.ndarray
+    valid: np.ndarray
+
+
+# --- input handling ---------------------------------------------------------------------------
+
+
+def _as_tensor(x: Any, name: str, device: torch.device | None = None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"rank_metrics: {name} must be a numpy array or tensor, got {type(x)}") from exc
+    if device is not None and t.device != device:
+        t = t.to(device)
+    return t
+
+
+def _as_ids(x: Any, name: str, n: int, what: str, device: torch.device) -> torch.Tensor:
+    t = _as_tensor(x, name, device)
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"rank_metrics: {name} must be 1-D with {n} entries ({what}), got shape {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"rank_metrics: {name} must hold integer ids, got dtype {t.dtype}")
+    return t.to(torch.int64).contiguous()
+
+
+def _as_distmat(distmat: Any) -> torch.Tensor:
+    d = _as_tensor(distmat, "distmat")
+    if d.dim() != 2:
+        raise ValueError(
+            f"rank_metrics: distmat must be 2-D [num_query, num_gallery], got shape {tuple(d.shape)}"
+        )
+    if not d.dtype.is_floating_point:
+        d = d.to(torch.float64)
+    if d.stride(-1) != 1 and d.shape[1] > 1:
+        d = d.contiguous()
+    return d
+
+
+# --- the three phases -------------------------------------------------------------------------
+
+
+def _positives(q_pids, g_pids, q_camids, g_camids, g_offset: int):
+    """(query index, global gallery index) of every positive, grouped by query, gallery index
+    ascending: same pid, another camera. Costs O(G log G + Q log G + positives), no Q x G mask."""
+    g_sorted, perm = torch.sort(g_pids, stable=True)
+    lo = torch.searchsorted(g_sorted, q_pids, side="left")
+    hi = torch.searchsorted(g_sorted, q_pids, side="right")
+    n = hi - lo
+    num_q = q_pids.shape[0]
+    qi = torch.repeat_interleave(torch.arange(num_q, device=q_pids.device), n)
+    starts = torch.cumsum(n, 0) - n
+    within = torch.arange(qi.shape[0], device=q_pids.device) - starts[qi]
+    gl = perm[lo[qi] + within]  # local column, ascending within a query (stable sort)
+    keep = g_camids[gl] != q_camids[qi]
+    return qi[keep], gl[keep]
+
+
+def _sort_positives(qi, gi, pd, num_q):
+    """Orders the positives by (query, distance, global index) and builds the CSR offsets."""
+    order = torch.sort(gi, stable=True).indices
+    order = order[torch.sort(pd[order], stable=True).indices]
+    order = order[torch.sort(qi[order], stable=True).indices]
+    qi, gi, pd = qi[order], gi[order], pd[order]
+    offsets = torch.zeros(num_q + 1, dtype=torch.int64, device=qi.device)
+    offsets[1:] = torch.cumsum(torch.bincount(qi, minlength=num_q), 0)
+    return qi, gi, pd, offsets
+
+
+def _check_positive_dists(pd: torch.Tensor, qi: torch.Tensor) -> None:
+    bad = torch.isnan(pd)
+    if bool(bad.any()):
+        q = int(qi[bad][0])
+        raise ValueError(f"rank_metrics: the distances of query {q} contain NaN")
+
+
+def _finalize(counts, qi, offsets, num_q, num_g, max_rank) -> RankMetrics:
+    """Ranks -> CMC, AP, INP (float64 on the host)."""
+    counts = counts.cpu()
+    if bool((counts < 0).any()):
+        q = int(qi.cpu()[counts < 0][0])
+        raise ValueError(f"rank_metrics: the distances of query {q} contain NaN")
+    qi = qi.cpu()
+    offsets = offsets.cpu()
+    k = torch.arange(qi.shape[0], dtype=torch.int64) - offsets[qi]  # 0-based index among positives
+    ranks = counts + k
+    num_pos = (offsets[1:] - offsets[:-1]).to(torch.float64)
+    valid = num_pos > 0
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        raise ValueError(
+            "rank_metrics: no query has a positive in the gallery (a gallery item with the query's "
+            "pid from another camera); check that the query and gallery ids/cameras belong together"
+        )
+    terms = (k + 1).to(torch.float64) / (ranks + 1).to(torch.float64)
+    ap = torch.zeros(num_q, dtype=torch.float64).index_add_(0, qi, terms)
+    ap = torch.where(valid, ap / num_pos.clamp_min(1), torch.full_like(ap, float("nan")))
+    first = ranks[offsets[:-1][valid]]
+    last = ranks[offsets[1:][valid] - 1]
+    inp = num_pos[valid] / (last + 1).to(torch.float64)
+    max_rank = min(max_rank, num_g)
+    hits = torch.bincount(first.clamp_max(max_rank), minlength=max_rank + 1)[:max_rank]
+    cmc = torch.cumsum(hits, 0).numpy().astype(np.float32) / np.float32(num_valid)
+    return RankMetrics(
+        cmc=cmc,
+        mAP=float(ap[valid].mean()),
+        mINP=float(inp.mean()),
+        ap_per_query=ap.numpy(),
+        valid=valid.numpy(),
+    )
+
+
+# --- distributed helpers ----------------------------------------------------------------------
+
+
+def _dist_shard_layout(num_local: int, group, g_offset: int | None, device) -> tuple[int, int]:
+    """(global offset of this rank's first gallery column, global gallery size)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([num_local], dtype=torch.int64, device=device), group=group)
+    sizes = [int(s) for s in sizes]
+    if g_offset is None:
+        g_offset = sum(sizes[: dist.get_rank(group)])
+    return g_offset, sum(sizes)
+
+
+def _all_gather_varlen(t: torch.Tensor, group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    sizes = [int(s) for s in sizes]
+    width = max(sizes) if sizes else 0
+    padded = torch.zeros(width, dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def _gather_positives(qi, gi, pd, group):
+    """Every process gets every positive (query, global index, distance)."""
+    return (
+        _all_gather_varlen(qi, group),
+        _all_gather_varlen(gi, group),
+        _all_gather_varlen(pd, group),
+    )
+
+
+# --- public API -------------------------------------------------------------------------------
+
+
+def rank_metrics(
+    distmat: Any,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    max_rank: int = 50,
+    group: Any = None,
+    g_offset: int | None = None,
+) -> RankMetrics:
+    """CMC, mAP, mINP and per-query AP from a ``[Q, G]`` distance matrix, without sorting it.
+
+    Args:
+        distmat: ``[Q, G]`` distances (numpy array or tensor, any float dtype, CPU or CUDA;
+            smaller = more similar). Compared exactly in its own dtype.
+        q_pids, q_camids: ``[Q]`` integer ids of the queries; g_pids, g_camids: ``[G]``.
+        max_rank: length of the CMC curve (cut to the gallery size, as torchreid does).
+        group: a ``torch.distributed`` process group (or ``torch.distributed.group.WORLD``) to
+            evaluate a gallery sharded over processes. Then every process passes *all* queries
+            (the same ``q_pids``/``q_camids``, in the same order) and *its* gallery shard: the
+            columns ``distmat[:, j]`` are the global gallery items ``g_offset + j`` and
+            ``g_pids``/``g_camids`` are that shard's. ``g_offset=None`` means shards follow each
+            other in rank order (rank r's shard starts after the shards of ranks < r). Ties break
+            on the global index, per-query counts are all-reduced, and every process returns the
+            result the whole matrix would give on one process, exactly.
+        g_offset: global index of column 0 (only with ``group``; default: rank order).
+
+    Returns:
+        :class:`RankMetrics`.
+
+    Raises:
+        ValueError: wrong shapes or lengths, NaN distances in the row of a query that has a
+            positive, or no query with a positive.
+    """
+    d = _as_distmat(distmat)
+    dev = d.device
+    num_q, num_local = d.shape
+    q_pids = _as_ids(q_pids, "q_pids", num_q, "one per distmat row", dev)
+    q_camids = _as_ids(q_camids, "q_camids", num_q, "one per distmat row", dev)
+    g_pids = _as_ids(g_pids, "g_pids", num_local, "one per distmat column", dev)
+    g_camids = _as_ids(g_camids, "g_camids", num_local, "one per distmat column", dev)
+    if group is None:
+        if g_offset not in (None, 0):
+            raise ValueError("rank_metrics: g_offset is only meaningful with a process group")
+        g_offset, num_g = 0, num_local
+    else:
+        g_offset, num_g = _dist_shard_layout(num_local, group, g_offset, dev)
+    if num_g == 0:
+        raise ValueError("rank_metrics: the gallery is empty")
+    if max_rank < 1:
+        raise ValueError(f"rank_metrics: max_rank must be >= 1, got {max_rank}")
+
+    qi, gl = _positives(q_pids, g_pids, q_camids, g_camids, g_offset)
+    pd = d[qi, gl]
+    gi = gl + g_offset
+    if group is not None:
+        qi, gi, pd = _gather_positives(qi, gi, pd, group)
+    _check_positive_dists(pd, qi)
+    qi, gi, pd, offsets = _sort_positives(qi, gi, pd, num_q)
+    counts = rank_count_preceding(d, q_pids, g_pids, offsets, pd, gi, g_offset)
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts, group=group)
+    return _finalize(counts, qi, offsets, num_q, num_g, max_rank)
+
+
+def evaluate_rank(
+    distmat: Any,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    max_rank: int = 50,
+    use_metric_cuhk03: bool = False,
+    use_cython: bool = True,
+):
+    """Drop-in for ``torchreid.metrics.evaluate_rank``: returns ``(cmc, mAP)``.
+
+    ``cmc`` is a float32 numpy array of length ``min(max_rank, num_gallery)`` (torchreid warns
+    and cuts ``max_rank`` to the gallery size; so does this, with a ``UserWarning``), ``mAP`` a
+    float. Inputs: numpy arrays or tensors, any float dtype, CPU or CUDA. ``use_cython`` is
+    accepted and ignored (there is one implementation). ``use_metric_cuhk03=True`` (CUHK03's
+    single-gallery-shot protocol) is not provided here and raises ``NotImplementedError``.
+    """
+    del use_cython
+    if use_metric_cuhk03:
+        raise NotImplementedError(
+            "evaluate_rank: the CUHK03 single-gallery-shot protocol (use_metric_cuhk03=True) is not "
+            "implemented by edaan_fast.ops.evaluate_rank; it covers the Market-1501/Duke protocol"
+        )
+    distmat = _as_distmat(distmat)
+    num_g = distmat.shape[1]
+    if num_g < max_rank:
+        warnings.warn(
+            f"evaluate_rank: the gallery has {num_g} items, fewer than max_rank={max_rank}; "
+            f"the CMC curve is cut to {num_g}",
+            stacklevel=2,
+        )
+    m = rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
+    return m.cmc, m.mAP
+
+
+# --- from features ----------------------------------------------------------------------------
+
+
+def _prepare_features(qf, gf, metric: str):
+    if metric not in _METRICS:
+        raise ValueError(f"rank_metrics_from_features: unknown metric {metric!r}; choices: {list(_METRICS)}")
+    qf = _as_tensor(qf, "qf")
+    gf = _as_tensor(gf, "gf", qf.device)
+    if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1]:
+        raise ValueError(
+            "rank_metrics_from_features: qf and gf must be 2-D [num, dim] with the same dim, got "
+            f"{tuple(qf.shape)} and {tuple(gf.shape)}"
+        )
+    dtype = torch.promote_types(qf.dtype, gf.dtype)
+    if not dtype.is_floating_point or (qf.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)):
+        dtype = torch.float32  # half GEMMs are slow on CPU
+    qf, gf = qf.to(dtype).contiguous(), gf.to(dtype).contiguous()
+    if metric == "cosine":
+        qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
+        return qf, gf, None, None
+    return qf, gf, (qf * qf).sum(1), (gf * gf).sum(1)
+
+
+def _distance_tile(qf, gf, qn, gn, out=None):
+    """The distance formula of the features path, for one tile (and for pairwise_distance).
+
+    euclidean: ``|q|^2 + |g|^2 - 2 q.g`` (squared, as torchreid's ``euclidean_squared_distance``);
+    cosine: ``1 - q.g`` on L2-normalised features.
+    """
+    out = torch.matmul(qf, gf.t(), out=out)
+    if qn is None:
+        return out.neg_().add_(1.0)
+    return out.mul_(-2.0).add_(qn[:, None]).add_(gn[None, :])
+
+
+def _pair_distance(qf, gf, qn, gn):
+    """The same formula for given (query, gallery) pairs (the positives), row by row."""
+    dot = (qf * gf).sum(1)
+    if qn is None:
+        return 1.0 - dot
+    return qn + gn - 2.0 * dot
+
+
+def pairwise_distance(qf: Any, gf: Any, metric: str = "euclidean") -> torch.Tensor:
+    """The full ``[Q, G]`` matrix that :func:`rank_metrics_from_features` ranks on, tile formula
+    and all (for users who want the matrix, and for tests)."""
+    qf, gf, qn, gn = _prepare_features(qf, gf, metric)
+    return _distance_tile(qf, gf, qn, gn)
+
+
+def rank_metrics_from_features(
+    qf: Any,
+    gf: Any,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    metric: str = "euclidean",
+    max_rank: int = 50,
+    chunk: int = 1024,
+    query_chunk: int = 256,
+    group: Any = None,
+    g_offset: int | None = None,
+) -> RankMetrics:
+    """:func:`rank_metrics` from ``[Q, D]`` query and ``[G, D]`` gallery features.
+
+    The distances are computed one ``query_chunk x chunk`` tile at a time (one GEMM per tile)
+    and consumed by the counting op while the tile is hot in cache: the whole ``Q x G`` matrix
+    never exists. Peak extra memory is one tile (``query_chunk * chunk`` values; 1 MiB in
+    float32 with the defaults) plus O(Q + G + number of positives) -- an MSMT17-sized problem
+    (11,659 x 82,161, 2048-d) needs little beyond the features themselves.
+
+    Distances: ``metric="euclidean"`` is the squared euclidean distance
+    ``|q|^2 + |g|^2 - 2 q.g`` (torchreid's default); ``"cosine"`` is ``1 - cos``. Ranks are taken
+    on the distances computed here, in the features' dtype (float32 for half features on CPU).
+    The positives' distances are computed pair by pair with the same formula (never read from
+    a tile), so they can differ from the matrix entries of :func:`pairwise_distance` by float
+    rounding; the result equals :func:`rank_metrics` on that matrix whenever the arithmetic is
+    exact, and otherwise can differ only for a positive within rounding of a negative.
+
+    ``group``/``g_offset``: as in :func:`rank_metrics`, with ``gf``/``g_pids``/``g_camids`` this
+    process's gallery shard.
+    """
+    if chunk < 1 or query_chunk < 1:
+        raise ValueError(f"rank_metrics_from_features: chunk and query_chunk must be >= 1, got {chunk}, {query_chunk}")
+    qf, gf, qn, gn = _prepare_features(qf, gf, metric)
+    dev = qf.device
+    num_q, num_local = qf.shape[0], gf.shape[0]
+    q_pids = _as_ids(q_pids, "q_pids", num_q, "one per qf row", dev)
+    q_camids = _as_ids(q_camids, "q_camids", num_q, "one per qf row", dev)
+    g_pids = _as_ids(g_pids, "g_pids", num_local, "one per gf row", dev)
+    g_camids = _as_ids(g_camids, "g_camids", num_local, "one per gf row", dev)
+    if group is None:
+        if g_offset not in (None, 0):
+            raise ValueError("rank_metrics_from_features: g_offset is only meaningful with a process group")
+        g_offset, num_g = 0, num_local
+    else:
+        g_offset, num_g = _dist_shard_layout(num_local, group, g_offset, dev)
+    if num_g == 0:
+        raise ValueError("rank_metrics_from_features: the gallery is empty")
+
+    qi, gl = _positives(q_pids, g_pids, q_camids, g_camids, g_offset)
+    pd = _pair_distance(qf[qi], gf[gl], None if qn is None else qn[qi], None if gn is None else gn[gl])
+    gi = gl + g_offset
+    if group is not None:
+        qi, gi, pd = _gather_positives(qi, gi, pd, group)
+    _check_positive_dists(pd, qi)
+    qi, gi, pd, offsets = _sort_positives(qi, gi, pd, num_q)
+
+    counts = torch.zeros_like(gi)
+    offs_host = offsets.cpu()
+    buf = torch.empty(min(query_chunk, num_q) * min(chunk, num_local), dtype=qf.dtype, device=dev)
+    for q0 in range(0, num_q, query_chunk):
+        q1 = min(q0 + query_chunk, num_q)
+        p0, p1 = int(offs_host[q0]), int(offs_host[q1])
+        if p1 == p0:
+            continue  # no query of this block has a positive
+        q_off = offsets[q0 : q1 + 1] - offsets[q0]
+        qn_b = None if qn is None else qn[q0:q1]
+        part = counts[p0:p1]
+        for g0 in range(0, num_local, chunk):
+            g1 = min(g0 + chunk, num_local)
+            t = buf[: (q1 - q0) * (g1 - g0)].view(q1 - q0, g1 - g0)
+            _distance_tile(qf[q0:q1], gf[g0:g1], qn_b, None if gn is None else gn[g0:g1], out=t)
+            part += rank_count_preceding(
+                t, q_pids[q0:q1], g_pids[g0:g1], q_off, pd[p0:p1], gi[p0:p1], g_offset + g0
+            )
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts, group=group)
+    return _finalize(counts, qi, offsets, num_q, num_g, max_rank)
