@@ -91,13 +91,21 @@ class _Rows:
         if bool(torch.isnan(d).any()):
             raise ValueError(f"re_ranking: the distances of items {r0}..{r1 - 1} contain NaN")
         top = d.amax(1, keepdim=True)
-        return torch.where(top > 0, d / torch.where(top > 0, top, torch.ones_like(top)), d)
+        return d.div_(torch.where(top > 0, top, torch.ones_like(top)))
+
+    def entries(self, r0: int, r1: int, idx: torch.Tensor, row_max: torch.Tensor | None) -> torch.Tensor:
+        """``M[r0 + b, idx[b, c]]`` for a ``[B, C]`` index (default: from the row block)."""
+        return self(r0, r1).gather(1, idx)
+
+    def query_gallery(self, q0: int, q1: int, row_max: torch.Tensor | None) -> torch.Tensor:
+        """``M[q0:q1, Q:]``."""
+        return self(q0, q1)[:, self.num_q :]
 
 
 class _BlockRows(_Rows):
     def __init__(self, q_g, q_q, g_g, dtype):
         super().__init__(q_g.shape[0], q_g.shape[1], dtype, q_g.device)
-        self.q_g, self.q_q, self.g_g = q_g, q_q, g_g
+        self.q_g, self.q_q, self.g_g = q_g.contiguous(), q_q.contiguous(), g_g.contiguous()
 
     def raw(self, r0, r1):
         parts = []
@@ -108,6 +116,23 @@ class _BlockRows(_Rows):
         if g1 > g0:  # gallery rows: [q_g[:, j], g_g[:, j]]
             parts.append(torch.cat([self.q_g[:, g0:g1].t(), self.g_g[:, g0:g1].t()], 1).to(self.dtype))
         return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+
+    def entries(self, r0, r1, idx, row_max):
+        # M[i, j] = stacked[j, i]^2 / max_i, read from the block that holds stacked[j, i]
+        nq = self.num_q
+        i = torch.arange(r0, r1, device=idx.device)[:, None].expand_as(idx)
+        j = idx
+        iq, jq = i < nq, j < nq
+        qq = self.q_q.reshape(-1)[j.clamp_max(nq - 1) * nq + i.clamp_max(nq - 1)]
+        qg_ji = self.q_g.reshape(-1)[j.clamp_max(nq - 1) * self.num_g + (i - nq).clamp(0, self.num_g - 1)]
+        qg_ij = self.q_g.reshape(-1)[i.clamp_max(nq - 1) * self.num_g + (j - nq).clamp(0, self.num_g - 1)]
+        gg = self.g_g.reshape(-1)[(j - nq).clamp_min(0) * self.num_g + (i - nq).clamp_min(0)]
+        v = torch.where(jq, torch.where(iq, qq, qg_ji), torch.where(iq, qg_ij, gg)).to(self.dtype)
+        return v * v / row_max[r0:r1, None]
+
+    def query_gallery(self, q0, q1, row_max):
+        v = self.q_g[q0:q1].to(self.dtype)
+        return v * v / row_max[q0:q1, None]
 
 
 class _FeatureRows(_Rows):
@@ -233,9 +258,16 @@ def _re_rank(rows_of: _Rows, k1, k2, lambda_value, row_chunk, pair_budget) -> to
 
     # 1. neighbour table
     nn = torch.empty(n, kmax, dtype=torch.int64, device=dev)
+    row_max = torch.empty(n, dtype=dtype, device=dev)  # max_j d(i, j)^2 (1 where 0)
     for r0 in range(0, n, chunk):
         r1 = min(r0 + chunk, n)
-        nn[r0:r1] = _smallest_k_stable(rows_of(r0, r1), kmax)
+        m = rows_of.raw(r0, r1).to(dtype)
+        m = m * m
+        if bool(torch.isnan(m).any()):
+            raise ValueError(f"re_ranking: the distances of items {r0}..{r1 - 1} contain NaN")
+        top = m.amax(1)
+        row_max[r0:r1] = torch.where(top > 0, top, torch.ones_like(top))
+        nn[r0:r1] = _smallest_k_stable(m.div_(row_max[r0:r1, None]), kmax)
 
     # 2. R(p, k1+1) and R(p, k1/2+1) masks for all rows
     rec_a = torch.empty(n, ka, dtype=torch.bool, device=dev)
@@ -266,13 +298,13 @@ def _re_rank(rows_of: _Rows, k1, k2, lambda_value, row_chunk, pair_budget) -> to
         dup[:, 1:] = idx[:, 1:] == idx[:, :-1]
         idx = torch.where(dup, n, idx)
         ok = idx < n
-        m = rows_of(r0, r1)
-        w = torch.exp(-m.gather(1, idx.clamp_max(n - 1))) * ok
+        w = torch.exp(-rows_of.entries(r0, r1, idx.clamp_max(n - 1), row_max)) * ok
         s = w.sum(1, keepdim=True)
         v_idx[r0:r1] = idx
         v_val[r0:r1] = torch.where(s > 0, w / torch.where(s > 0, s, torch.ones_like(s)), w)
 
-    # 4. local query expansion (eq. 11) -> COO (row, col, val), sorted by (row, col)
+    # 4. local query expansion (eq. 11): per row chunk, the k2 rows summed into a dense
+    #    [B, N] scratch (duplicate columns merge), read back in (row, col) order -> COO
     coo_r, coo_c, coo_v = [], [], []
     for r0 in range(0, n, chunk):
         r1 = min(r0 + chunk, n)
@@ -283,16 +315,13 @@ def _re_rank(rows_of: _Rows, k1, k2, lambda_value, row_chunk, pair_budget) -> to
             vals = (v_val[nb] / kq).reshape(b, -1)
         else:
             cols, vals = v_idx[r0:r1], v_val[r0:r1]
-        row = torch.arange(r0, r1, device=dev)[:, None].expand_as(cols)
-        keep = cols < n
-        key = (row * n + cols)[keep]
-        key, order = torch.sort(key)
-        vals = vals[keep][order]
-        uniq, inv = torch.unique_consecutive(key, return_inverse=True)
-        merged = torch.zeros(uniq.numel(), dtype=dtype, device=dev).index_add_(0, inv, vals)
-        coo_r.append(uniq // n)
-        coo_c.append(uniq % n)
-        coo_v.append(merged)
+        dense = torch.zeros(b, n + 1, dtype=dtype, device=dev)  # column n: the padding
+        dense.scatter_add_(1, cols, vals)
+        dense = dense[:, :n]
+        nz = dense.nonzero()
+        coo_r.append(nz[:, 0] + r0)
+        coo_c.append(nz[:, 1])
+        coo_v.append(dense[nz[:, 0], nz[:, 1]])
     row, col, val = torch.cat(coo_r), torch.cat(coo_c), torch.cat(coo_v)
 
     # 5. Jaccard distance (eq. 10) of query rows against gallery rows, via the inverted index
@@ -329,7 +358,7 @@ def _re_rank(rows_of: _Rows, k1, k2, lambda_value, row_chunk, pair_budget) -> to
     out = torch.empty(num_q, num_g, dtype=dtype, device=dev)
     for r0 in range(0, num_q, chunk):
         r1 = min(r0 + chunk, num_q)
-        out[r0:r1] = jaccard[r0:r1] * (1.0 - lambda_value) + rows_of(r0, r1)[:, num_q:] * lambda_value
+        out[r0:r1] = jaccard[r0:r1] * (1.0 - lambda_value) + rows_of.query_gallery(r0, r1, row_max) * lambda_value
     return out
 
 
