@@ -60,6 +60,13 @@ def framed(img: np.ndarray, color: Sequence[int], width: int) -> np.ndarray:
     return out
 
 
+def fit_fontsize(text: str, width_px: float, label_height: int, dpi: int = 100) -> float:
+    """A font size (points) that fits ``text`` in ``width_px`` and the label strip."""
+    px_per_pt = dpi / 72.0
+    by_width = (width_px - 4) / (0.62 * px_per_pt * max(len(text), 1))
+    return max(4.0, min(label_height * 0.45, by_width))
+
+
 def save_canvas(canvas: np.ndarray, out_path: str | Path, texts: Sequence[tuple] = (), dpi: int = 100) -> Path:
     """Writes ``canvas`` ([H, W, 3] uint8) as a PNG of exactly ``W x H`` pixels, with optional
     ``(x_px, y_px, text, fontsize)`` labels (pixel coordinates from the top-left, centred)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ._canvas import WHITE, save_canvas, to_uint8_image
+from ._canvas import WHITE, fit_fontsize, save_canvas, to_uint8_image
 
 COLUMNS = ("image", "attention", "foreground", "background")
 GAP = 4
@@ -54,6 +54,6 @@ def plot_attention(
             rng = (0.0, 1.0) if j == 1 else value_range
             y0, x0 = label_height + i * (h + GAP), j * (w + GAP)
             canvas[y0 : y0 + h, x0 : x0 + w] = to_uint8_image(c, value_range=rng)
-    texts = [(j * (w + GAP) + w / 2, label_height / 2, name, max(6, int(label_height * 0.4)))
+    texts = [(j * (w + GAP) + w / 2, label_height / 2, name, fit_fontsize(name, w, label_height, dpi))
              for j, name in enumerate(COLUMNS)]
     return save_canvas(canvas, out_path, texts, dpi=dpi)

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._canvas import GREEN, RED, WHITE, framed, save_canvas, to_uint8_image
+from ._canvas import GREEN, RED, WHITE, fit_fontsize, framed, save_canvas, to_uint8_image
 
 QUERY_FRAME = (90, 90, 90)
 GAP = 4  # pixels between gallery cells
@@ -56,11 +56,10 @@ def plot_rank_list(
     cells = [(query, QUERY_FRAME, "query")] + [
         (img, GREEN if ok else RED, str(r + 1)) for r, (img, ok) in enumerate(zip(gallery, matches))
     ]
-    fontsize = max(6, int(label_height * 0.45))
     for i, (img, color, label) in enumerate(cells):
         y, x = cell_origin(i, size, frame, label_height)
         canvas[y : y + cell_h, x : x + cell_w] = framed(to_uint8_image(img, size), color, frame)
-        texts.append((x + cell_w / 2, label_height / 2, label, fontsize))
+        texts.append((x + cell_w / 2, label_height / 2, label, fit_fontsize(label, cell_w, label_height, dpi)))
     return save_canvas(canvas, out_path, texts, dpi=dpi)
 
 

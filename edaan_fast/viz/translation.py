@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ._canvas import WHITE, save_canvas, to_uint8_image
+from ._canvas import WHITE, fit_fontsize, save_canvas, to_uint8_image
 
 GAP = 4
 
@@ -42,7 +42,7 @@ def plot_translation_grid(
         for i in range(n):
             y0, x0 = label_height + i * (h + GAP), j * (w + GAP)
             canvas[y0 : y0 + h, x0 : x0 + w] = to_uint8_image(a[i], value_range=value_range)
-    texts = [(j * (w + GAP) + w / 2, label_height / 2, name, max(6, int(label_height * 0.4)))
+    texts = [(j * (w + GAP) + w / 2, label_height / 2, name, fit_fontsize(name, w, label_height, dpi))
              for j, name in enumerate(arrays)]
     return save_canvas(canvas, out_path, texts, dpi=dpi)
 

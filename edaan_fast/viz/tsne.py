@@ -82,7 +82,7 @@ def plot_tsne(
             name = (domain_names or {}).get(int(dom), f"domain {dom}")
             handles.append(Line2D([], [], color="k", marker=MARKERS[di % len(MARKERS)], linestyle="none"))
             labels.append(name)
-    ax.legend(handles, labels, fontsize=8, loc="best")
+    ax.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
