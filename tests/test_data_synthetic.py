@@ -47,6 +47,15 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert len(changed) == sum(k.endswith(".jpg") for k in a)  # ...but every image differs
 
 
+def test_parallel_render_gives_the_same_bytes(tmp_path, monkeypatch):
+    from edaan_fast.data import synthetic
+
+    serial = tree_bytes(render(tmp_path / "serial", MICRO, seed=4, workers=1))
+    monkeypatch.setattr(synthetic, "RENDER_CHUNK", 5)  # several chunks over 2 processes
+    parallel = tree_bytes(render(tmp_path / "parallel", MICRO, seed=4, workers=2))
+    assert serial == parallel and len(serial) > 20
+
+
 @pytest.mark.parametrize("domain", ["source", "target"])
 def test_layout_read_by_market_reader(tiny, domain):
     root, folder, _ = tiny
