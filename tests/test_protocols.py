@@ -213,3 +213,14 @@ def test_format_table_layout():
     assert len({len(line) for line in lines}) == 1  # aligned columns
     with pytest.raises(ValueError, match="unknown columns"):
         format_table({"x": a}, columns=("R-2",))
+
+
+def test_nested_list_is_a_distmat_and_bad_feature_tuple_raises():
+    d, qp, gp, qc, gc = _problem(10, num_q=6, num_g=30)
+    a = market_duke(d.tolist(), qp, gp, qc, gc)
+    b = market_duke(d, qp, gp, qc, gc)
+    np.testing.assert_array_equal(a.cmc, b.cmc)
+    with pytest.raises(ValueError, match="features must be a"):
+        market_duke((d, d, d), qp, gp, qc, gc)
+    with pytest.raises(ValueError, match="features must be a"):
+        cuhk03_single_gallery_shot((d,), qp, gp, qc, gc)

@@ -12,8 +12,8 @@
   camera's unmatched persons as distractors, see :func:`edaan_fast.data.prid2011`), each
   direction reported as in Table III, plus their mean.
 
-Every protocol takes either a ``[Q, G]`` distance matrix or a ``(query_features,
-gallery_features)`` pair as its first argument (``metric`` then picks squared euclidean or
+Every protocol takes either a ``[Q, G]`` distance matrix (array, tensor or nested list) or a
+``(query_features, gallery_features)`` *tuple* as its first argument (``metric`` then picks squared euclidean or
 cosine distance), plus the ids, and returns a :class:`ProtocolResult` (fractions in [0, 1]).
 :func:`format_table` prints results shaped like the paper's tables.
 
@@ -86,7 +86,7 @@ class ProtocolResult:
 
 def _distmat(x: Any, metric: str) -> torch.Tensor:
     """A distance matrix from ``x``: the matrix itself, or ``pairwise_distance(qf, gf)``."""
-    if isinstance(x, (tuple, list)):
+    if isinstance(x, tuple):
         if len(x) != 2:
             raise ValueError(f"protocols: features must be a (query_features, gallery_features) pair, got {len(x)} items")
         return pairwise_distance(x[0], x[1], metric=metric)
@@ -110,13 +110,13 @@ def market_duke(
     """Market-1501 / DukeMTMC-reID single-query protocol.
 
     Args:
-        x: ``[Q, G]`` distances, or a ``(qf [Q, D], gf [G, D])`` pair (then the distances are
+        x: ``[Q, G]`` distances, or a ``(qf [Q, D], gf [G, D])`` tuple (then the distances are
             computed tile by tile and the ``Q x G`` matrix is never held).
         q_pids, q_camids: ``[Q]``; g_pids, g_camids: ``[G]`` integer ids.
         metric: ``"euclidean"`` (squared) or ``"cosine"``, for features.
         max_rank: CMC length (cut to the gallery size).
     """
-    if isinstance(x, (tuple, list)):
+    if isinstance(x, tuple):
         if len(x) != 2:
             raise ValueError(f"market_duke: features must be a (query_features, gallery_features) pair, got {len(x)} items")
         m = rank_metrics_from_features(x[0], x[1], q_pids, g_pids, q_camids, g_camids,
