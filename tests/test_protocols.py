@@ -89,7 +89,8 @@ def test_market_duke_matches_loop(device, ties):
     assert res.mINP == pytest.approx(mINP, abs=1e-9)
     assert res.num_valid == n
     assert (res.rank1, res.rank5, res.rank10, res.rank20) == pytest.approx(
-        (cmc[0], cmc[4], cmc[9], cmc[19]), abs=1e-6)
+        (cmc[0], cmc[4], cmc[9], cmc[19]), abs=1e-6
+    )
 
 
 def test_market_duke_from_features_equals_distmat():
@@ -107,8 +108,17 @@ def test_market_duke_from_features_equals_distmat():
 @pytest.mark.parametrize("device", DEVICES)
 def test_cuhk03_matches_loop(device, ties):
     d, qp, gp, qc, gc = _problem(2, num_q=15, num_g=50, ids=7, ties=ties)
-    res = cuhk03_single_gallery_shot(torch.tensor(d, device=device), qp, gp, qc, gc,
-                                     repeats=4, seed=3, max_rank=10, chunk_elems=200)
+    res = cuhk03_single_gallery_shot(
+        torch.tensor(d, device=device),
+        qp,
+        gp,
+        qc,
+        gc,
+        repeats=4,
+        seed=3,
+        max_rank=10,
+        chunk_elems=200,
+    )
     expected = _cuhk03_loop(d, qp, gp, qc, gc, repeats=4, seed=3, max_rank=10)
     assert len(res.cmc) == min(10, len(np.unique(gp)))
     np.testing.assert_allclose(res.cmc, expected, atol=1e-6)
@@ -213,3 +223,14 @@ def test_format_table_layout():
     assert len({len(line) for line in lines}) == 1  # aligned columns
     with pytest.raises(ValueError, match="unknown columns"):
         format_table({"x": a}, columns=("R-2",))
+
+
+def test_nested_list_is_a_distmat_and_bad_feature_tuple_raises():
+    d, qp, gp, qc, gc = _problem(10, num_q=6, num_g=30)
+    a = market_duke(d.tolist(), qp, gp, qc, gc)
+    b = market_duke(d, qp, gp, qc, gc)
+    np.testing.assert_array_equal(a.cmc, b.cmc)
+    with pytest.raises(ValueError, match="features must be a"):
+        market_duke((d, d, d), qp, gp, qc, gc)
+    with pytest.raises(ValueError, match="features must be a"):
+        cuhk03_single_gallery_shot((d,), qp, gp, qc, gc)

@@ -25,8 +25,7 @@ def _blocks(seed, num_q=15, num_g=40, dim=4, ties=False):
 def test_matches_reference(device, k1, k2, lam, ties):
     _, qg, qq, gg = _blocks(0, ties=ties)
     ref = _reference_re_ranking(qg, qq, gg, k1, k2, lam)
-    t = lambda a: torch.tensor(a, device=device)  # noqa: E731
-    out = re_ranking(t(qg), t(qq), t(gg), k1, k2, lam)
+    out = re_ranking(*(torch.tensor(a, device=device) for a in (qg, qq, gg)), k1, k2, lam)
     assert out.shape == (15, 40) and out.dtype == torch.float64 and out.device.type == device
     torch.testing.assert_close(out.cpu(), torch.from_numpy(ref), atol=1e-10, rtol=0)
 
@@ -43,7 +42,9 @@ def test_chunking_does_not_change_the_result():
 def test_problem_smaller_than_k():
     _, qg, qq, gg = _blocks(2, num_q=3, num_g=5)
     out = re_ranking(qg, qq, gg, k1=20, k2=6)
-    torch.testing.assert_close(out, torch.from_numpy(_reference_re_ranking(qg, qq, gg)), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        out, torch.from_numpy(_reference_re_ranking(qg, qq, gg)), atol=1e-10, rtol=0
+    )
 
 
 def test_asymmetric_blocks():
@@ -51,7 +52,9 @@ def test_asymmetric_blocks():
     rng = np.random.default_rng(3)
     qg, qq, gg = rng.random((6, 20)), rng.random((6, 6)), rng.random((20, 20))
     ref = _reference_re_ranking(qg, qq, gg, k1=5, k2=3)
-    torch.testing.assert_close(re_ranking(qg, qq, gg, k1=5, k2=3), torch.from_numpy(ref), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        re_ranking(qg, qq, gg, k1=5, k2=3), torch.from_numpy(ref), atol=1e-10, rtol=0
+    )
 
 
 def test_lambda_one_is_the_normalised_original_distance():
@@ -65,8 +68,9 @@ def test_float32_input_close_to_float64_reference():
     _, qg, qq, gg = _blocks(5, dim=8)
     out = re_ranking(*(torch.tensor(a, dtype=torch.float32) for a in (qg, qq, gg)))
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), torch.from_numpy(_reference_re_ranking(qg, qq, gg)),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        out.double(), torch.from_numpy(_reference_re_ranking(qg, qq, gg)), atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
@@ -96,7 +100,9 @@ def test_reranking_helps_on_clustered_data():
     q = cams == 0
     qf, gf = torch.tensor(f[q]), torch.tensor(f[~q])
     before = market_duke(torch.cdist(qf, gf), pids[q], pids[~q], cams[q], cams[~q])
-    after = market_duke(re_ranking_features(qf, gf, k1=6, k2=3), pids[q], pids[~q], cams[q], cams[~q])
+    after = market_duke(
+        re_ranking_features(qf, gf, k1=6, k2=3), pids[q], pids[~q], cams[q], cams[~q]
+    )
     assert after.mAP > before.mAP
 
 

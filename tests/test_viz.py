@@ -12,15 +12,15 @@ from PIL import Image
 
 pytest.importorskip("matplotlib")
 
-from edaan_fast.viz import (  # noqa: E402
+from edaan_fast.viz import (
     plot_attention,
     plot_rank_list,
     plot_translations,
     plot_tsne,
     rank_list_for_query,
 )
-from edaan_fast.viz._canvas import GREEN, RED  # noqa: E402
-from edaan_fast.viz.rank_list import cell_origin  # noqa: E402
+from edaan_fast.viz._canvas import GREEN, RED
+from edaan_fast.viz.rank_list import cell_origin
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,7 +38,10 @@ def _frame_color(px, i, size=(128, 64), frame=4, label_height=20):
 
 
 def test_import_ops_does_not_import_matplotlib():
-    code = "import sys, edaan_fast.ops, edaan_fast.viz, edaan_fast.engine.protocols; print('matplotlib' in sys.modules)"
+    code = (
+        "import sys, edaan_fast.ops, edaan_fast.viz, edaan_fast.engine.protocols; "
+        "print('matplotlib' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -51,7 +54,11 @@ def test_rank_list_frames_follow_matches(tmp_path):
         p = tmp_path / f"g{i}.png"
         Image.fromarray(rng.integers(0, 255, (100, 50, 3), dtype=np.uint8)).save(p)
         paths.append(p)
-    gallery = paths + [rng.random((128, 64, 3)) for _ in range(4)] + [torch.rand(3, 64, 32) for _ in range(3)]
+    gallery = (
+        paths
+        + [rng.random((128, 64, 3)) for _ in range(4)]
+        + [torch.rand(3, 64, 32) for _ in range(3)]
+    )
     matches = [True, False, False, True, False, True, True, False, False, True]
     out = plot_rank_list(paths[0], gallery, matches, tmp_path / "ranks.png")
     px = _png(out)
@@ -66,8 +73,9 @@ def test_rank_list_for_query_drops_junk_and_ranks(tmp_path):
     g_cams = np.array([0, 1, 1, 1, 0, 1])
     dist = np.array([0.0, 0.5, 0.2, 0.1, 0.3, 0.9])  # item 0 and 4: same pid & cam -> junk
     imgs = [np.full((16, 8, 3), 40 * i, np.uint8) for i in range(6)]
-    out = rank_list_for_query(dist, 5, 0, g_pids, g_cams, imgs[0], imgs, tmp_path / "q.png",
-                              topk=3, size=(32, 16))
+    out = rank_list_for_query(
+        dist, 5, 0, g_pids, g_cams, imgs[0], imgs, tmp_path / "q.png", topk=3, size=(32, 16)
+    )
     px = _png(out)
     # ranked: item 3 (0.1, pid 2) red, item 2 (0.2, pid 5) green, item 1 (0.5) red
     colors = [_frame_color(px, i, size=(32, 16)) for i in (1, 2, 3)]
@@ -77,7 +85,9 @@ def test_rank_list_for_query_drops_junk_and_ranks(tmp_path):
 
 def test_rank_list_rejects_mismatched_flags(tmp_path):
     with pytest.raises(ValueError, match="3 gallery images but 2 match flags"):
-        plot_rank_list(np.zeros((8, 4, 3)), [np.zeros((8, 4, 3))] * 3, [True, False], tmp_path / "x.png")
+        plot_rank_list(
+            np.zeros((8, 4, 3)), [np.zeros((8, 4, 3))] * 3, [True, False], tmp_path / "x.png"
+        )
 
 
 def test_attention_grid(tmp_path):
@@ -109,8 +119,15 @@ def test_tsne_plot(tmp_path):
     pids = np.repeat(np.arange(12), 5)
     emb = rng.normal(size=(12, 8))[pids] * 5 + rng.normal(size=(60, 8))
     domains = np.tile([0, 1], 30)
-    path, keep = plot_tsne(emb, pids, tmp_path / "tsne.png", domains=domains,
-                           domain_names={0: "target", 1: "translated"}, size_px=(400, 300), perplexity=10)
+    path, keep = plot_tsne(
+        emb,
+        pids,
+        tmp_path / "tsne.png",
+        domains=domains,
+        domain_names={0: "target", 1: "translated"},
+        size_px=(400, 300),
+        perplexity=10,
+    )
     px = _png(path)
     assert px.shape == (300, 400, 3)
     assert keep.sum() == 50 and set(pids[keep]) == set(range(10))  # at most 10 identities

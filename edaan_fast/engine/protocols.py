@@ -12,10 +12,10 @@
   camera's unmatched persons as distractors, see :func:`edaan_fast.data.prid2011`), each
   direction reported as in Table III, plus their mean.
 
-Every protocol takes either a ``[Q, G]`` distance matrix or a ``(query_features,
-gallery_features)`` pair as its first argument (``metric`` then picks squared euclidean or
-cosine distance), plus the ids, and returns a :class:`ProtocolResult` (fractions in [0, 1]).
-:func:`format_table` prints results shaped like the paper's tables.
+Every protocol takes either a ``[Q, G]`` distance matrix (array, tensor or nested list) or a
+``(query_features, gallery_features)`` *tuple* as its first argument (``metric`` then picks
+squared euclidean or cosine distance), plus the ids, and returns a :class:`ProtocolResult`
+(fractions in [0, 1]). :func:`format_table` prints results shaped like the paper's tables.
 
 Ranking ties: a stable order on (distance, gallery index) everywhere (torchreid uses an
 unstable ``argsort``, so it may order exactly equal distances differently).
@@ -24,8 +24,9 @@ unstable ``argsort``, so it may order exactly equal distances differently).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,11 +68,18 @@ class ProtocolResult:
     num_valid: int = 0
 
     @classmethod
-    def from_cmc(cls, cmc: np.ndarray, mAP: float, mINP: float | None, num_valid: int) -> "ProtocolResult":
+    def from_cmc(
+        cls, cmc: np.ndarray, mAP: float, mINP: float | None, num_valid: int
+    ) -> ProtocolResult:
         cmc = np.asarray(cmc, dtype=np.float32)
         ranks = [float(cmc[min(r, len(cmc)) - 1]) for r in REPORTED_RANKS]
-        return cls(*ranks, mAP=float(mAP), mINP=None if mINP is None else float(mINP), cmc=cmc,
-                   num_valid=int(num_valid))
+        return cls(
+            *ranks,
+            mAP=float(mAP),
+            mINP=None if mINP is None else float(mINP),
+            cmc=cmc,
+            num_valid=int(num_valid),
+        )
 
     def as_metrics(self) -> dict[str, float]:
         """``{"rank1", "rank5", "rank10", "mAP", "mINP"}`` (mINP NaN where undefined)."""
@@ -86,9 +94,12 @@ class ProtocolResult:
 
 def _distmat(x: Any, metric: str) -> torch.Tensor:
     """A distance matrix from ``x``: the matrix itself, or ``pairwise_distance(qf, gf)``."""
-    if isinstance(x, (tuple, list)):
+    if isinstance(x, tuple):
         if len(x) != 2:
-            raise ValueError(f"protocols: features must be a (query_features, gallery_features) pair, got {len(x)} items")
+            raise ValueError(
+                "protocols: features must be a (query_features, gallery_features) pair, "
+                f"got {len(x)} items"
+            )
         return pairwise_distance(x[0], x[1], metric=metric)
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
 
@@ -110,17 +121,21 @@ def market_duke(
     """Market-1501 / DukeMTMC-reID single-query protocol.
 
     Args:
-        x: ``[Q, G]`` distances, or a ``(qf [Q, D], gf [G, D])`` pair (then the distances are
+        x: ``[Q, G]`` distances, or a ``(qf [Q, D], gf [G, D])`` tuple (then the distances are
             computed tile by tile and the ``Q x G`` matrix is never held).
         q_pids, q_camids: ``[Q]``; g_pids, g_camids: ``[G]`` integer ids.
         metric: ``"euclidean"`` (squared) or ``"cosine"``, for features.
         max_rank: CMC length (cut to the gallery size).
     """
-    if isinstance(x, (tuple, list)):
+    if isinstance(x, tuple):
         if len(x) != 2:
-            raise ValueError(f"market_duke: features must be a (query_features, gallery_features) pair, got {len(x)} items")
-        m = rank_metrics_from_features(x[0], x[1], q_pids, g_pids, q_camids, g_camids,
-                                       metric=metric, max_rank=max_rank)
+            raise ValueError(
+                "market_duke: features must be a (query_features, gallery_features) pair, "
+                f"got {len(x)} items"
+            )
+        m = rank_metrics_from_features(
+            x[0], x[1], q_pids, g_pids, q_camids, g_camids, metric=metric, max_rank=max_rank
+        )
     else:
         m = rank_metrics(x, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
     return ProtocolResult.from_cmc(m.cmc, m.mAP, m.mINP, int(m.valid.sum()))
@@ -135,7 +150,11 @@ def _signed(c: int) -> int:
     return c - (1 << 64) if c >= 1 << 63 else c
 
 
-_SM_ADD, _SM_M1, _SM_M2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+_SM_ADD, _SM_M1, _SM_M2 = (
+    _signed(0x9E3779B97F4A7C15),
+    _signed(0xBF58476D1CE4E5B9),
+    _signed(0x94D049BB133111EB),
+)
 
 
 def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
@@ -151,7 +170,9 @@ def _splitmix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def _sample_keys(seed: int, repeat: int, q_idx: torch.Tensor, g_idx: torch.Tensor, num_g: int) -> torch.Tensor:
+def _sample_keys(
+    seed: int, repeat: int, q_idx: torch.Tensor, g_idx: torch.Tensor, num_g: int
+) -> torch.Tensor:
     """Random keys ``[len(q_idx), len(g_idx)]`` (non-negative int64) for draw ``repeat``.
 
     The key of (query, gallery item) depends only on (seed, repeat, query, item), never on the
@@ -159,7 +180,9 @@ def _sample_keys(seed: int, repeat: int, q_idx: torch.Tensor, g_idx: torch.Tenso
     identity is its valid item with the largest key: a uniform choice.
     """
     dev = q_idx.device
-    base = _splitmix64(torch.tensor([(seed * 1_000_003 + repeat) & ((1 << 62) - 1)], dtype=torch.int64))
+    base = _splitmix64(
+        torch.tensor([(seed * 1_000_003 + repeat) & ((1 << 62) - 1)], dtype=torch.int64)
+    )
     base = base.to(dev)
     pair = q_idx[:, None] * num_g + g_idx[None, :]
     return _shr(_splitmix64(pair ^ base), 11)
@@ -194,7 +217,9 @@ def cuhk03_single_gallery_shot(
         raise ValueError(f"cuhk03_single_gallery_shot: repeats must be >= 1, got {repeats}")
     d = _distmat(x, metric)
     if d.dim() != 2:
-        raise ValueError(f"cuhk03_single_gallery_shot: distmat must be 2-D, got shape {tuple(d.shape)}")
+        raise ValueError(
+            f"cuhk03_single_gallery_shot: distmat must be 2-D, got shape {tuple(d.shape)}"
+        )
     full = rank_metrics(d, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
     dev = d.device
     num_q, num_g = d.shape
@@ -231,7 +256,9 @@ def cuhk03_single_gallery_shot(
             p_d = dq.gather(1, p_idx[:, None])
             before = (dq < p_d) | ((dq == p_d) & (g_idx[None, :] < p_idx[:, None]))
             rank = (chosen & ~same & before).sum(1)
-            hits += torch.bincount(rank.clamp_max(length), minlength=length + 1)[:length].to(torch.float64)
+            hits += torch.bincount(rank.clamp_max(length), minlength=length + 1)[:length].to(
+                torch.float64
+            )
     cmc = (torch.cumsum(hits, 0) / (repeats * int(valid.sum()))).cpu().numpy().astype(np.float32)
     return ProtocolResult.from_cmc(cmc, full.mAP, full.mINP, int(full.valid.sum()))
 
@@ -262,11 +289,15 @@ def prid2011(
         (:func:`mean_result`: CMC, mAP and mINP averaged over the two directions).
     """
     out = {}
-    for name, x, qp, gp in (("a2b", x_a2b, q_pids_a2b, g_pids_a2b), ("b2a", x_b2a, q_pids_b2a, g_pids_b2a)):
+    for name, x, qp, gp in (
+        ("a2b", x_a2b, q_pids_a2b, g_pids_a2b),
+        ("b2a", x_b2a, q_pids_b2a, g_pids_b2a),
+    ):
         qp = np.asarray(qp.cpu() if isinstance(qp, torch.Tensor) else qp).reshape(-1)
         gp = np.asarray(gp.cpu() if isinstance(gp, torch.Tensor) else gp).reshape(-1)
-        out[name] = market_duke(x, qp, gp, np.zeros_like(qp), np.ones_like(gp),
-                                metric=metric, max_rank=max_rank)
+        out[name] = market_duke(
+            x, qp, gp, np.zeros_like(qp), np.ones_like(gp), metric=metric, max_rank=max_rank
+        )
     out["mean"] = mean_result([out["a2b"], out["b2a"]])
     return out
 
@@ -278,12 +309,17 @@ def mean_result(results: Sequence[ProtocolResult]) -> ProtocolResult:
         raise ValueError("mean_result: no results to average")
     n = min(len(r.cmc) for r in results)
     cmc = np.mean([r.cmc[:n] for r in results], axis=0).astype(np.float32)
-    minp = None if any(r.mINP is None for r in results) else float(np.mean([r.mINP for r in results]))
-    return ProtocolResult.from_cmc(cmc, float(np.mean([r.mAP for r in results])), minp,
-                                   sum(r.num_valid for r in results))
+    minp = (
+        None if any(r.mINP is None for r in results) else float(np.mean([r.mINP for r in results]))
+    )
+    return ProtocolResult.from_cmc(
+        cmc, float(np.mean([r.mAP for r in results])), minp, sum(r.num_valid for r in results)
+    )
 
 
-def format_table(results: Mapping[str, ProtocolResult], columns: Sequence[str] = ("R-1", "R-5", "R-10", "mAP")) -> str:
+def format_table(
+    results: Mapping[str, ProtocolResult], columns: Sequence[str] = ("R-1", "R-5", "R-10", "mAP")
+) -> str:
     """A plain-text table shaped like the paper's Tables I-III: ``Method | R-1 | R-5 | R-10 |
     mAP`` in percent with one decimal. ``columns`` may also name ``R-20`` and ``mINP``."""
     getters = {

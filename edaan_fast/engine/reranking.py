@@ -25,8 +25,9 @@ Batched algorithm (no Python loop per probe or per item; loops run over row *chu
    the expansion test by broadcast comparison, de-duplication by a sort of the candidate list,
    and the weights gathered from the recomputed row block: ``V`` is kept sparse (padded
    ``[N, L]`` with ``L = (k1+1) (round(k1/2) + 2)``);
-3. query expansion: gather the ``k2`` rows, merge duplicate columns with ``unique`` +
-   ``index_add``: ``V`` in COO form;
+3. query expansion: gather the ``k2`` neighbours' rows of ``V`` and ``scatter_add`` them into a
+   dense ``[row_chunk, N]`` scratch (duplicate columns merge), read back with ``nonzero``:
+   ``V`` in COO form, sorted by (row, column);
 4. Jaccard distance for the query rows only, against the gallery rows only, through an inverted
    (column-sorted) index of ``V``: every (query entry, gallery entry) pair sharing a column is
    expanded with ``repeat_interleave`` and its ``min`` scattered with ``index_add``, in chunks of
@@ -35,11 +36,14 @@ Batched algorithm (no Python loop per probe or per item; loops run over row *chu
 Peak memory beyond the inputs and the ``Q x G`` output: one row block of ``M``
 (``row_chunk x N``; about ``row_chunk * N * (itemsize + 10)`` bytes with the tie masks and the
 ``cumsum``), the neighbour table ``N * max(k1+1, k2) * 8`` bytes, ``V`` padded
-(``N * L * 12`` bytes; 252 entries per row with the defaults) and merged
-(``nnz * 20`` bytes, ``nnz <= N * k2 * L``), and ``pair_budget * ~40`` bytes for the Jaccard
-pairs. ``row_chunk`` defaults to ``max(1, 2**22 // N)`` rows: a few tens of MiB. From
-features, ``M`` is never materialised (each row block is one GEMM); from distance blocks the
-caller holds the ``N x N`` entries already and nothing ``N x N`` is added.
+(``N * L * (8 + itemsize)`` bytes; 252 entries per row with the defaults), the query-expansion
+scratch (``row_chunk * N`` values plus the ``row_chunk * k2 * L`` gathered entries), ``V``
+merged (``nnz * (16 + itemsize)`` bytes, ``nnz <= N * k2 * L``) and its column-sorted copy of
+the gallery rows, the ``Q x G`` Jaccard accumulator, and ``pair_budget * ~40`` bytes for the
+Jaccard pairs. ``row_chunk`` defaults to ``max(1, 2**22 // N)`` rows, so each row-chunk buffer
+is a few tens of MiB. From features, ``M`` is never materialised (each row block is one GEMM);
+from distance blocks the caller holds the ``N x N`` entries already and nothing ``N x N`` is
+added.
 
 Ties are broken by the lower index everywhere (the authors' ``argsort`` is not stable), so the
 result equals :func:`_reference_re_ranking`, the classic per-probe loop, up to float rounding.
@@ -93,7 +97,9 @@ class _Rows:
         top = d.amax(1, keepdim=True)
         return d.div_(torch.where(top > 0, top, torch.ones_like(top)))
 
-    def entries(self, r0: int, r1: int, idx: torch.Tensor, row_max: torch.Tensor | None) -> torch.Tensor:
+    def entries(
+        self, r0: int, r1: int, idx: torch.Tensor, row_max: torch.Tensor | None
+    ) -> torch.Tensor:
         """``M[r0 + b, idx[b, c]]`` for a ``[B, C]`` index (default: from the row block)."""
         return self(r0, r1).gather(1, idx)
 
@@ -114,7 +120,9 @@ class _BlockRows(_Rows):
             parts.append(torch.cat([self.q_q[:, q0:q1].t(), self.q_g[q0:q1]], 1).to(self.dtype))
         g0, g1 = max(r0, self.num_q) - self.num_q, max(r1, self.num_q) - self.num_q
         if g1 > g0:  # gallery rows: [q_g[:, j], g_g[:, j]]
-            parts.append(torch.cat([self.q_g[:, g0:g1].t(), self.g_g[:, g0:g1].t()], 1).to(self.dtype))
+            parts.append(
+                torch.cat([self.q_g[:, g0:g1].t(), self.g_g[:, g0:g1].t()], 1).to(self.dtype)
+            )
         return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
 
     def entries(self, r0, r1, idx, row_max):
@@ -124,8 +132,12 @@ class _BlockRows(_Rows):
         j = idx
         iq, jq = i < nq, j < nq
         qq = self.q_q.reshape(-1)[j.clamp_max(nq - 1) * nq + i.clamp_max(nq - 1)]
-        qg_ji = self.q_g.reshape(-1)[j.clamp_max(nq - 1) * self.num_g + (i - nq).clamp(0, self.num_g - 1)]
-        qg_ij = self.q_g.reshape(-1)[i.clamp_max(nq - 1) * self.num_g + (j - nq).clamp(0, self.num_g - 1)]
+        qg_ji = self.q_g.reshape(-1)[
+            j.clamp_max(nq - 1) * self.num_g + (i - nq).clamp(0, self.num_g - 1)
+        ]
+        qg_ij = self.q_g.reshape(-1)[
+            i.clamp_max(nq - 1) * self.num_g + (j - nq).clamp(0, self.num_g - 1)
+        ]
         gg = self.g_g.reshape(-1)[(j - nq).clamp_min(0) * self.num_g + (i - nq).clamp_min(0)]
         v = torch.where(jq, torch.where(iq, qq, qg_ji), torch.where(iq, qg_ij, gg)).to(self.dtype)
         return v * v / row_max[r0:r1, None]
@@ -232,13 +244,19 @@ def re_ranking_features(
     ``N x N`` matrix is ever held; only the ``[Q, G]`` result.
     """
     if metric not in _METRICS:
-        raise ValueError(f"re_ranking_features: unknown metric {metric!r}; choices: {list(_METRICS)}")
+        raise ValueError(
+            f"re_ranking_features: unknown metric {metric!r}; choices: {list(_METRICS)}"
+        )
     qf = _as_tensor(qf, "qf")
     gf = _as_tensor(gf, "gf", qf.device)
     if qf.shape[1] != gf.shape[1]:
-        raise ValueError(f"re_ranking_features: qf and gf dims differ: {tuple(qf.shape)} vs {tuple(gf.shape)}")
+        raise ValueError(
+            f"re_ranking_features: qf and gf dims differ: {tuple(qf.shape)} vs {tuple(gf.shape)}"
+        )
     dtype = torch.float64 if torch.float64 in (qf.dtype, gf.dtype) else torch.float32
-    return _re_rank(_FeatureRows(qf, gf, metric, dtype), k1, k2, lambda_value, row_chunk, pair_budget)
+    return _re_rank(
+        _FeatureRows(qf, gf, metric, dtype), k1, k2, lambda_value, row_chunk, pair_budget
+    )
 
 
 def _re_rank(rows_of: _Rows, k1, k2, lambda_value, row_chunk, pair_budget) -> torch.Tensor:
@@ -346,7 +364,9 @@ def _re_rank(rows_of: _Rows, k1, k2, lambda_value, row_chunk, pair_budget) -> to
         cnt = pairs[start:stop]
         e = torch.repeat_interleave(torch.arange(start, stop, device=dev), cnt)
         if e.numel():
-            within = torch.arange(e.numel(), device=dev) - (torch.cumsum(cnt, 0) - cnt).repeat_interleave(cnt)
+            within = torch.arange(e.numel(), device=dev) - (
+                torch.cumsum(cnt, 0) - cnt
+            ).repeat_interleave(cnt)
             gpos = col_ptr[q_col[e]] + within
             mins = torch.minimum(q_val[e], g_val[gpos])
             inter.index_add_(0, q_row[e] * num_g + g_row[gpos], mins)
@@ -358,11 +378,16 @@ def _re_rank(rows_of: _Rows, k1, k2, lambda_value, row_chunk, pair_budget) -> to
     out = torch.empty(num_q, num_g, dtype=dtype, device=dev)
     for r0 in range(0, num_q, chunk):
         r1 = min(r0 + chunk, num_q)
-        out[r0:r1] = jaccard[r0:r1] * (1.0 - lambda_value) + rows_of.query_gallery(r0, r1, row_max) * lambda_value
+        out[r0:r1] = (
+            jaccard[r0:r1] * (1.0 - lambda_value)
+            + rows_of.query_gallery(r0, r1, row_max) * lambda_value
+        )
     return out
 
 
-def _reference_re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3) -> np.ndarray:
+def _reference_re_ranking(
+    q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3
+) -> np.ndarray:
     """The classic per-probe algorithm of the paper in float64 numpy (slow; for tests and
     benchmarks). Stable ``argsort`` (ties: lower index first) and the exact 2/3 test."""
     qg = np.asarray(q_g_dist, dtype=np.float64)

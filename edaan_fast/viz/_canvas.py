@@ -6,8 +6,9 @@ canvas, so no global backend is switched and ``import edaan_fast`` stays light.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +17,9 @@ RED = (220, 0, 0)
 WHITE = (255, 255, 255)
 
 
-def to_uint8_image(x: Any, size: tuple[int, int] | None = None, value_range: tuple[float, float] | None = None) -> np.ndarray:
+def to_uint8_image(
+    x: Any, size: tuple[int, int] | None = None, value_range: tuple[float, float] | None = None
+) -> np.ndarray:
     """An ``[H, W, 3]`` uint8 image from a path, a PIL image, a numpy array or a tensor.
 
     Arrays/tensors may be ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` (C in 1, 3); floats are
@@ -39,10 +42,16 @@ def to_uint8_image(x: Any, size: tuple[int, int] | None = None, value_range: tup
         if arr.ndim == 2:
             arr = arr[..., None]
         if arr.ndim != 3 or arr.shape[-1] not in (1, 3):
-            raise ValueError(f"viz: expected an image [H, W], [H, W, 1|3] or [1|3, H, W], got shape {arr.shape}")
+            raise ValueError(
+                f"viz: expected an image [H, W], [H, W, 1|3] or [1|3, H, W], got shape {arr.shape}"
+            )
         if arr.dtype != np.uint8:
             a = arr.astype(np.float64)
-            lo, hi = value_range if value_range is not None else ((-1.0, 1.0) if a.min() < 0 else (0.0, 1.0))
+            lo, hi = (
+                value_range
+                if value_range is not None
+                else ((-1.0, 1.0) if a.min() < 0 else (0.0, 1.0))
+            )
             arr = np.clip(np.rint((a - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
         if arr.shape[-1] == 1:
             arr = np.repeat(arr, 3, axis=-1)
@@ -67,7 +76,9 @@ def fit_fontsize(text: str, width_px: float, label_height: int, dpi: int = 100) 
     return max(4.0, min(label_height * 0.45, by_width))
 
 
-def save_canvas(canvas: np.ndarray, out_path: str | Path, texts: Sequence[tuple] = (), dpi: int = 100) -> Path:
+def save_canvas(
+    canvas: np.ndarray, out_path: str | Path, texts: Sequence[tuple] = (), dpi: int = 100
+) -> Path:
     """Writes ``canvas`` ([H, W, 3] uint8) as a PNG of exactly ``W x H`` pixels, with optional
     ``(x_px, y_px, text, fontsize)`` labels (pixel coordinates from the top-left, centred)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -33,19 +33,31 @@ def plot_attention(
 
     The PNG is ``4 W + 3 * 4`` pixels wide and ``label_height + N H + (N - 1) 4`` high.
     """
-    images = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images, dtype=np.float64)
-    masks = masks.detach().float().cpu().numpy() if hasattr(masks, "detach") else np.asarray(masks, dtype=np.float64)
+    images = (
+        images.detach().float().cpu().numpy()
+        if hasattr(images, "detach")
+        else np.asarray(images, dtype=np.float64)
+    )
+    masks = (
+        masks.detach().float().cpu().numpy()
+        if hasattr(masks, "detach")
+        else np.asarray(masks, dtype=np.float64)
+    )
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"plot_attention: images must be [N, 3, H, W], got {images.shape}")
     if masks.ndim == 3:
         masks = masks[:, None]
     n, _, h, w = images.shape
     if masks.shape != (n, 1, h, w):
-        raise ValueError(f"plot_attention: masks must be [N, 1, H, W] = {(n, 1, h, w)}, got {masks.shape}")
+        raise ValueError(
+            f"plot_attention: masks must be [N, 1, H, W] = {(n, 1, h, w)}, got {masks.shape}"
+        )
     if value_range is None:
         value_range = (-1.0, 1.0) if images.min() < 0 else (0.0, 1.0)
     lo, _ = value_range
-    canvas = np.full((label_height + n * h + (n - 1) * GAP, 4 * w + 3 * GAP, 3), WHITE, dtype=np.uint8)
+    canvas = np.full(
+        (label_height + n * h + (n - 1) * GAP, 4 * w + 3 * GAP, 3), WHITE, dtype=np.uint8
+    )
     for i in range(n):
         x, a = images[i], masks[i].clip(0, 1)
         # foreground/background: the hidden part shown black (the range's low end)
@@ -54,6 +66,8 @@ def plot_attention(
             rng = (0.0, 1.0) if j == 1 else value_range
             y0, x0 = label_height + i * (h + GAP), j * (w + GAP)
             canvas[y0 : y0 + h, x0 : x0 + w] = to_uint8_image(c, value_range=rng)
-    texts = [(j * (w + GAP) + w / 2, label_height / 2, name, fit_fontsize(name, w, label_height, dpi))
-             for j, name in enumerate(COLUMNS)]
+    texts = [
+        (j * (w + GAP) + w / 2, label_height / 2, name, fit_fontsize(name, w, label_height, dpi))
+        for j, name in enumerate(COLUMNS)
+    ]
     return save_canvas(canvas, out_path, texts, dpi=dpi)

@@ -17,11 +17,17 @@ def tsne_embed(embeddings: Any, perplexity: float = 30.0, seed: int = 0) -> np.n
     """``[N, 2]`` t-SNE coordinates (scikit-learn; perplexity cut to ``N - 1``)."""
     from sklearn.manifold import TSNE
 
-    x = embeddings.detach().float().cpu().numpy() if hasattr(embeddings, "detach") else np.asarray(embeddings, dtype=np.float32)
+    x = (
+        embeddings.detach().float().cpu().numpy()
+        if hasattr(embeddings, "detach")
+        else np.asarray(embeddings, dtype=np.float32)
+    )
     n = x.shape[0]
     if n < 3:
         raise ValueError(f"tsne_embed: need at least 3 points, got {n}")
-    return TSNE(n_components=2, perplexity=min(perplexity, n - 1.0), init="pca", random_state=seed).fit_transform(x)
+    return TSNE(
+        n_components=2, perplexity=min(perplexity, n - 1.0), init="pca", random_state=seed
+    ).fit_transform(x)
 
 
 def plot_tsne(
@@ -52,10 +58,21 @@ def plot_tsne(
     from matplotlib.figure import Figure
 
     pids = np.asarray(pids.cpu() if hasattr(pids, "cpu") else pids).reshape(-1)
-    emb = embeddings.detach().float().cpu().numpy() if hasattr(embeddings, "detach") else np.asarray(embeddings)
+    emb = (
+        embeddings.detach().float().cpu().numpy()
+        if hasattr(embeddings, "detach")
+        else np.asarray(embeddings)
+    )
     if emb.ndim != 2 or emb.shape[0] != pids.shape[0]:
-        raise ValueError(f"plot_tsne: embeddings [N, D] and pids [N] must agree, got {emb.shape} and {pids.shape}")
-    doms = np.zeros_like(pids) if domains is None else np.asarray(domains.cpu() if hasattr(domains, "cpu") else domains).reshape(-1)
+        raise ValueError(
+            "plot_tsne: embeddings [N, D] and pids [N] must agree, "
+            f"got {emb.shape} and {pids.shape}"
+        )
+    doms = (
+        np.zeros_like(pids)
+        if domains is None
+        else np.asarray(domains.cpu() if hasattr(domains, "cpu") else domains).reshape(-1)
+    )
     chosen = np.unique(pids)[:max_ids]
     keep = np.isin(pids, chosen)
     xy = tsne_embed(emb[keep], perplexity=perplexity, seed=seed)
@@ -72,17 +89,28 @@ def plot_tsne(
             if not m.any():
                 continue
             label = f"id {pid}" if di == 0 else None
-            ax.scatter(xy[m, 0], xy[m, 1], s=28, color=colors(ci % 10), marker=MARKERS[int(di) % len(MARKERS)],
-                       label=label, edgecolors="none")
+            ax.scatter(
+                xy[m, 0],
+                xy[m, 1],
+                s=28,
+                color=colors(ci % 10),
+                marker=MARKERS[int(di) % len(MARKERS)],
+                label=label,
+                edgecolors="none",
+            )
     handles, labels = ax.get_legend_handles_labels()
     if domains is not None:
         from matplotlib.lines import Line2D
 
         for di, dom in enumerate(np.unique(d)):
             name = (domain_names or {}).get(int(dom), f"domain {dom}")
-            handles.append(Line2D([], [], color="k", marker=MARKERS[di % len(MARKERS)], linestyle="none"))
+            handles.append(
+                Line2D([], [], color="k", marker=MARKERS[di % len(MARKERS)], linestyle="none")
+            )
             labels.append(name)
-    ax.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.legend(
+        handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
