@@ -101,10 +101,12 @@ class EDAANTrainStep:
         amp_dtype: force ``torch.float16`` or ``torch.bfloat16``.
         pool_size: image pool size (CycleGAN: 50; 0 disables).
         seed: seed of the pools' random generators.
+        init_scale: initial scale of the fp16 grad scalers (``GradScaler``'s default 2**16).
     """
 
     def __init__(self, model: nn.Module, objective: EDAANObjective, *, amp: bool = False,
-                 amp_dtype: torch.dtype | None = None, pool_size: int = 50, seed: int = 0):
+                 amp_dtype: torch.dtype | None = None, pool_size: int = 50, seed: int = 0,
+                 init_scale: float = 2.0 ** 16):
         self.model = model
         self.objective = objective
         self.amp = amp
@@ -113,6 +115,7 @@ class EDAANTrainStep:
         self.pool_T = ImagePool(pool_size, seed=seed + 1)   # translations x_ST, for D_T
         self.scaler_G: torch.amp.GradScaler | None = None
         self.scaler_D: torch.amp.GradScaler | None = None
+        self.init_scale = init_scale
         self.num_steps = 0
         self._pending_scalers: tuple | None = None
 
@@ -121,8 +124,8 @@ class EDAANTrainStep:
     def _setup(self, device_type: str) -> torch.dtype | None:
         dtype = resolve_amp_dtype(device_type, self.amp, self.amp_dtype_request)
         if dtype == torch.float16 and self.scaler_G is None:
-            self.scaler_G = torch.amp.GradScaler(device_type)
-            self.scaler_D = torch.amp.GradScaler(device_type)
+            self.scaler_G = torch.amp.GradScaler(device_type, init_scale=self.init_scale)
+            self.scaler_D = torch.amp.GradScaler(device_type, init_scale=self.init_scale)
             if self._pending_scalers is not None:
                 self.scaler_G.load_state_dict(self._pending_scalers[0])
                 self.scaler_D.load_state_dict(self._pending_scalers[1])
