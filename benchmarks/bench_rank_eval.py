@@ -16,17 +16,20 @@ Quick mode uses a 300 x 1,500 problem with 256-d features and skips the slow ref
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from edaan_fast.ops import has_ops, pairwise_distance, rank_metrics, rank_metrics_from_features, reference
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _rank_data import make_problem  # noqa: E402
+from benchmarks._rank_data import make_problem
+from benchmarks._timing import median_seconds
+from edaan_fast.ops import (
+    has_ops,
+    pairwise_distance,
+    rank_metrics,
+    rank_metrics_from_features,
+    reference,
+)
 
 QUICK = os.environ.get("EDAAN_FAST_BENCH_QUICK", "0") == "1"
 SIZES = ["quick"] if QUICK else ["market", "duke"]
@@ -48,9 +51,9 @@ def problem(name):
 
 
 def _record(benchmark, key):
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        _medians[key] = stats.stats.median
+    median = median_seconds(benchmark)
+    if median is not None:
+        _medians[key] = median
 
 
 def _ratio(benchmark, key, base, name):

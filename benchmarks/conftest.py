@@ -13,6 +13,8 @@ from collections import defaultdict
 import pytest
 import torch
 
+from benchmarks._timing import median_seconds
+
 QUICK = os.environ.get("EDAAN_FAST_BENCH_QUICK", "0") == "1"
 _RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
 
@@ -39,9 +41,8 @@ def measure():
             result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
         else:
             result = benchmark(timed)
-        stats = getattr(benchmark, "stats", None)
-        if stats is not None and getattr(stats, "stats", None) is not None:
-            median = stats.stats.median
+        median = median_seconds(benchmark)
+        if median is not None:
             entry = {"median": median, "baseline": baseline}
             if bytes_moved:
                 entry["gbps"] = bytes_moved / median / 1e9
