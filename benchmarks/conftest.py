@@ -2,11 +2,23 @@
 
 Every case calls ``measure(benchmark, group, name, fn, bytes_moved=None)``; at the end of the
 run a table per group lists each case's median, its ratio to the group's baseline (the eager
-reference unless the case says otherwise) and its bandwidth when ``bytes_moved`` is given.
+reference unless the case says otherwise), its bandwidth when ``bytes_moved`` is given and, in
+groups with a ``copy`` case, that bandwidth as a fraction of the copy's.
+
+CPU allocator: glibc returns freed blocks of tens of MB to the OS and maps them again on the
+next allocation, so a loop that allocates large outputs pays a page fault per 4 KiB page on
+every call (on this 2-core VM that costs more than the arithmetic: a 25 MB output takes ~5 ms
+to fault in). Long-running processes with a caching allocator (jemalloc, tcmalloc, or glibc with
+``MALLOC_TRIM_THRESHOLD_``/``MALLOC_MMAP_THRESHOLD_`` raised) do not pay it. The benchmarks
+therefore pin glibc's thresholds at start-up (``mallopt``, equal for every implementation
+measured) so that they compare kernels, not page faults; ``EDAAN_FAST_BENCH_GLIBC_DEFAULT=1``
+keeps glibc's defaults instead.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from collections import defaultdict
 
@@ -17,6 +29,22 @@ from benchmarks._timing import median_seconds
 
 QUICK = os.environ.get("EDAAN_FAST_BENCH_QUICK", "0") == "1"
 _RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+
+
+def _pin_glibc_thresholds() -> str:
+    if os.environ.get("EDAAN_FAST_BENCH_GLIBC_DEFAULT", "0") == "1":
+        return "glibc defaults"
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        ok = False
+    return "glibc thresholds pinned (1 GiB)" if ok else "allocator defaults (no glibc mallopt)"
+
+
+ALLOCATOR = _pin_glibc_thresholds()
 
 
 def _sync(device) -> None:
@@ -58,10 +86,14 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     tr.section("edaan_fast benchmark ratios (median; ratio = baseline median / case median)")
+    tr.write_line(f"CPU allocator: {ALLOCATOR}")
     for group, cases in _RESULTS.items():
         base = next((c for c in cases.values() if c["baseline"]), None)
         tr.write_line(f"[{group}]")
         for name, c in cases.items():
             ratio = f"{base['median'] / c['median']:6.2f}x" if base else "   n/a"
             bw = f"  {c['gbps']:7.2f} GB/s" if "gbps" in c else ""
+            copy = cases.get("copy")
+            if bw and copy and "gbps" in copy and name != "copy":
+                bw += f"  {100 * c['gbps'] / copy['gbps']:5.1f}% of copy"
             tr.write_line(f"  {name:<28} {c['median'] * 1e3:9.3f} ms  {ratio}{bw}")

@@ -125,25 +125,7 @@ def _register() -> None:
         _check_fake("_mask_background_backward", x, mask)
         return _empty_like_kernel(x), _mask_grad_like(x, mask)
 
-    def _setup_blend(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _blend_backward(ctx, grad):
-        fg, bg, mask = ctx.saved_tensors
-        return tuple(torch.ops.edaan_fast._mask_blend_backward.default(grad, fg, bg, mask))
-
-    torch.library.register_autograd(lib + "mask_blend", _blend_backward, setup_context=_setup_blend)
-
-    def _setup_background(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _background_backward(ctx, grad):
-        x, mask = ctx.saved_tensors
-        return tuple(torch.ops.edaan_fast._mask_background_backward.default(grad, x, mask))
-
-    torch.library.register_autograd(
-        lib + "mask_background", _background_backward, setup_context=_setup_background
-    )
+    # Autograd: csrc/autograd.cpp (one fused backward op per forward).
 
 
 if _library.load_library():

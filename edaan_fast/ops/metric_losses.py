@@ -180,23 +180,7 @@ def _register() -> None:
     def _(grad, emb, idx, pair_dist, coef, metric):
         return torch.empty_like(emb, memory_format=torch.contiguous_format)
 
-    def _setup(ctx, inputs, output):
-        emb, _labels, _margin, metric, _loss = inputs
-        _, idx, pair_dist, coef = output
-        ctx.mark_non_differentiable(idx, pair_dist, coef)
-        ctx.save_for_backward(emb, idx, pair_dist, coef)
-        ctx.metric = metric
-
-    def _backward(ctx, grad_loss, _g_idx, _g_dist, _g_coef):
-        emb, idx, pair_dist, coef = ctx.saved_tensors
-        grad_emb = None
-        if ctx.needs_input_grad[0]:
-            grad_emb = torch.ops.edaan_fast._metric_loss_backward.default(
-                grad_loss, emb, idx, pair_dist, coef, ctx.metric
-            )
-        return grad_emb, None, None, None, None
-
-    torch.library.register_autograd(lib + "_metric_loss_forward", _backward, setup_context=_setup)
+    # Autograd of _metric_loss_forward: csrc/autograd.cpp (backward from the saved pairs).
 
 
 if _library.load_library():

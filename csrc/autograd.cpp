@@ -1,0 +1,131 @@
+// Autograd of the differentiable ops, in C++ (dispatch key Autograd).
+//
+// Each forward runs the op below the autograd key and saves what its one-pass backward op
+// needs; the backward calls that op. Written here rather than with Python's
+// torch.library.register_autograd because the Python path costs ~0.1 ms of interpreter work per
+// forward+backward, more than the kernels themselves for a 64 x 128 metric-loss batch. The
+// backward ops are ordinary custom ops with fake kernels, so torch.compile traces through this
+// code as it does through any other autograd kernel.
+
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+namespace edaan_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// --- mask_blend / mask_background ---------------------------------------------------------
+
+using BlendSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using BlendBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using BackgroundSig = at::Tensor(const at::Tensor&, const at::Tensor&);
+using BackgroundBackwardSig =
+    std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+class MaskBlendFunction : public torch::autograd::Function<MaskBlendFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& fg, const at::Tensor& bg,
+                            const at::Tensor& mask) {
+    static const auto op = find_op<BlendSig>("edaan_fast::mask_blend");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({fg, bg, mask});
+    return op.call(fg, bg, mask);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<BlendBackwardSig>("edaan_fast::_mask_blend_backward");
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    auto [g_fg, g_bg, g_mask] = op.call(grads[0], saved[0], saved[1], saved[2]);
+    return {g_fg, g_bg, g_mask};
+  }
+};
+
+class MaskBackgroundFunction : public torch::autograd::Function<MaskBackgroundFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mask) {
+    static const auto op = find_op<BackgroundSig>("edaan_fast::mask_background");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, mask});
+    return op.call(x, mask);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        find_op<BackgroundBackwardSig>("edaan_fast::_mask_background_backward");
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    auto [g_x, g_mask] = op.call(grads[0], saved[0], saved[1]);
+    return {g_x, g_mask};
+  }
+};
+
+at::Tensor mask_blend_autograd(const at::Tensor& fg, const at::Tensor& bg,
+                               const at::Tensor& mask) {
+  return MaskBlendFunction::apply(fg, bg, mask);
+}
+
+at::Tensor mask_background_autograd(const at::Tensor& x, const at::Tensor& mask) {
+  return MaskBackgroundFunction::apply(x, mask);
+}
+
+// --- _metric_loss_forward (triplet_loss / quartet_loss) ------------------------------------
+
+using MetricForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, double, c10::string_view, c10::string_view);
+using MetricBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, c10::string_view);
+
+class MetricLossFunction : public torch::autograd::Function<MetricLossFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& emb,
+                               const at::Tensor& labels, double margin, c10::string_view metric,
+                               c10::string_view loss) {
+    static const auto op = find_op<MetricForwardSig>("edaan_fast::_metric_loss_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [value, idx, pair_dist, coef] = op.call(emb, labels, margin, metric, loss);
+    ctx->mark_non_differentiable({idx, pair_dist, coef});
+    ctx->save_for_backward({emb, idx, pair_dist, coef});
+    ctx->saved_data["metric"] = std::string(metric);
+    return {value, idx, pair_dist, coef};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<MetricBackwardSig>("edaan_fast::_metric_loss_backward");
+    at::Tensor grad_emb;
+    if (grads[0].defined() && ctx->needs_input_grad(0)) {
+      const auto saved = ctx->get_saved_variables();
+      const std::string metric = ctx->saved_data["metric"].toStringRef();
+      grad_emb = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], metric);
+    }
+    return {grad_emb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> metric_loss_forward_autograd(
+    const at::Tensor& emb, const at::Tensor& labels, double margin, c10::string_view metric,
+    c10::string_view loss) {
+  auto out = MetricLossFunction::apply(emb, labels, margin, metric, loss);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(edaan_fast, Autograd, m) {
+  m.impl("mask_blend", &mask_blend_autograd);
+  m.impl("mask_background", &mask_background_autograd);
+  m.impl("_metric_loss_forward", &metric_loss_forward_autograd);
+}
+
+}  // namespace edaan_fast
