@@ -11,14 +11,12 @@ every call (on this 2-core VM that costs more than the arithmetic: a 25 MB outpu
 to fault in). Long-running processes with a caching allocator (jemalloc, tcmalloc, or glibc with
 ``MALLOC_TRIM_THRESHOLD_``/``MALLOC_MMAP_THRESHOLD_`` raised) do not pay it. The benchmarks
 therefore pin glibc's thresholds at start-up (``mallopt``, equal for every implementation
-measured) so that they compare kernels, not page faults; ``EDAAN_FAST_BENCH_GLIBC_DEFAULT=1``
-keeps glibc's defaults instead.
+measured; ``edaan_fast._allocator``) so that they compare kernels, not page faults;
+``EDAAN_FAST_GLIBC_DEFAULTS=1`` keeps glibc's defaults instead.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from collections import defaultdict
 
@@ -26,25 +24,11 @@ import pytest
 import torch
 
 from benchmarks._timing import median_seconds
+from edaan_fast._allocator import pin_malloc_thresholds
 
 QUICK = os.environ.get("EDAAN_FAST_BENCH_QUICK", "0") == "1"
 _RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
-
-
-def _pin_glibc_thresholds() -> str:
-    if os.environ.get("EDAAN_FAST_BENCH_GLIBC_DEFAULT", "0") == "1":
-        return "glibc defaults"
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-    except (OSError, AttributeError):
-        ok = False
-    return "glibc thresholds pinned (1 GiB)" if ok else "allocator defaults (no glibc mallopt)"
-
-
-ALLOCATOR = _pin_glibc_thresholds()
+ALLOCATOR = pin_malloc_thresholds()
 
 
 def _sync(device) -> None:

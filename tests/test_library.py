@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -120,3 +121,21 @@ def test_import_is_quiet_and_light():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
     assert proc.stderr == ""
+
+
+def test_malloc_thresholds_are_pinned_only_when_asked():
+    code = (
+        "import sys, edaan_fast, edaan_fast.ops\n"
+        "assert 'edaan_fast._allocator' not in sys.modules, 'importing the package pinned malloc'\n"
+        "from edaan_fast._allocator import pin_malloc_thresholds\n"
+        "print(pin_malloc_thresholds()); print(pin_malloc_thresholds())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, second = out.stdout.strip().splitlines()
+    assert first == second  # idempotent
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert first.startswith("glibc trim/mmap thresholds pinned at 1024 MiB"), first
+    env = dict(os.environ, EDAAN_FAST_GLIBC_DEFAULTS="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env)
+    assert out.stdout.startswith("glibc defaults (EDAAN_FAST_GLIBC_DEFAULTS=1)")
