@@ -1,4 +1,4 @@
-// Autograd of the differentiable ops, in C++ (dispatch key Autograd).
+// Autograd of the differentiable ops, in C++ (dispatch key Autograd), and their autocast rule.
 //
 // Each forward runs the op below the autograd key and saves what its one-pass backward op
 // needs; the backward calls that op. Written here rather than with Python's
@@ -7,6 +7,7 @@
 // backward ops are ordinary custom ops with fake kernels, so torch.compile traces through this
 // code as it does through any other autograd kernel.
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -120,7 +121,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> metric_loss_forward_a
   return {out[0], out[1], out[2], out[3]};
 }
 
+// --- autocast --------------------------------------------------------------------------
+//
+// The metric losses take float16/bfloat16 embeddings as they come and compute in float32
+// internally (the loss is a float32 reduction either way). Under torch.autocast the kernels'
+// own at::mm would otherwise be autocast to the low precision and hand a bfloat16 Gram matrix
+// to a float32 pass, so these kernels run with the autocast keys excluded: the op sees its
+// inputs unchanged and no ATen call inside it is re-cast.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> metric_loss_forward_autocast(
+    const at::Tensor& emb, const at::Tensor& labels, double margin, c10::string_view metric,
+    c10::string_view loss) {
+  static const auto op = find_op<MetricForwardSig>("edaan_fast::_metric_loss_forward");
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return op.call(emb, labels, margin, metric, loss);
+}
+
+at::Tensor metric_loss_backward_autocast(const at::Tensor& grad, const at::Tensor& emb,
+                                         const at::Tensor& idx, const at::Tensor& pair_dist,
+                                         const at::Tensor& coef, c10::string_view metric) {
+  static const auto op = find_op<MetricBackwardSig>("edaan_fast::_metric_loss_backward");
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return op.call(grad, emb, idx, pair_dist, coef, metric);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(edaan_fast, AutocastCPU, m) {
+  m.impl("_metric_loss_forward", &metric_loss_forward_autocast);
+  m.impl("_metric_loss_backward", &metric_loss_backward_autocast);
+}
+
+TORCH_LIBRARY_IMPL(edaan_fast, AutocastCUDA, m) {
+  m.impl("_metric_loss_forward", &metric_loss_forward_autocast);
+  m.impl("_metric_loss_backward", &metric_loss_backward_autocast);
+}
 
 TORCH_LIBRARY_IMPL(edaan_fast, Autograd, m) {
   m.impl("mask_blend", &mask_blend_autograd);

@@ -330,6 +330,29 @@ def test_compile_fullgraph(device, gen):
     torch.testing.assert_close(e2.grad, e1.grad)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("B,D", [(16, 32), (192, 320)])  # (192, 320): the blocked Gram path
+def test_autocast(device, kind, B, D, gen):
+    """Under autocast the op sees the embeddings as they come (a bfloat16/float16 Linear
+    output) and computes in float32, as outside autocast; backward inside the context too."""
+    device_type = torch.device(device).type
+    amp_dtype = torch.bfloat16 if device_type == "cpu" else torch.float16
+    lin = torch.nn.Linear(D, D).to(device)
+    x = torch.randn(B, D, generator=gen).to(device)
+    labels = (torch.arange(B) // 4).to(device)
+    with torch.autocast(device_type, dtype=amp_dtype):
+        emb = lin(x)
+        assert emb.dtype == amp_dtype
+        loss = _fused(emb, labels, kind, "euclidean")
+        (grad,) = torch.autograd.grad(loss, emb)
+    assert loss.dtype == torch.float32 and grad.dtype == amp_dtype
+    emb64 = emb.detach().double().cpu().requires_grad_(True)
+    loss_ref = _ref(emb64, labels.cpu(), kind, "euclidean")
+    (grad_ref,) = torch.autograd.grad(loss_ref, emb64)
+    torch.testing.assert_close(loss.double().cpu(), loss_ref, **TOL[torch.float32])
+    torch.testing.assert_close(grad.double().cpu(), grad_ref, **TOL[amp_dtype])
+
+
 # ---- backends, modules, reference switch ---------------------------------------------------------
 
 
