@@ -25,6 +25,7 @@ import dataclasses
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ CHECKPOINT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, foreign, too new, or does not fit the model."""
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else "no message"
 
 
 def _plain(value: Any) -> Any:
@@ -109,16 +115,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns before some of the errors handled below
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"checkpoint {path} holds objects other than tensors and plain data, so it is not "
-            f"loaded (a checkpoint is data, never code): {str(exc).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        text = str(exc)
+        if "global" in text.lower():  # a class or function reference: code, not data
+            detail = next((ln.strip() for ln in text.splitlines() if "global" in ln.lower()),
+                          _first_line(exc))
+            raise CheckpointError(
+                f"checkpoint {path} holds objects other than tensors and plain data, so it is "
+                f"not loaded (a checkpoint is data, never code): {detail}"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({path.stat().st_size} bytes): it is truncated, "
-            f"corrupt or not a torch file ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            "corrupt or not a torch file (the unpickler stopped at an invalid byte)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, IndexError, KeyError,
+            ValueError, TypeError, AttributeError) as exc:  # what a garbled pickle can raise
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({path.stat().st_size} bytes): it is truncated, "
+            f"corrupt or not a torch file ({type(exc).__name__}: {_first_line(exc)})"
         ) from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
