@@ -61,7 +61,7 @@ def test_tiny_shapes_and_mask_range(tiny):
         assert float(a.std()) > 0.0  # not a constant map
     assert out.reid.logits.shape == (8, cfg.num_ids)
     assert out.reid.embedding.shape == (8, cfg.embedding_dim)
-    assert out.reid.feature.shape == (8, cfg.feature_dim)
+    assert out.reid.feature.shape == (8, cfg.reid_feature_dim)
 
 
 def test_paper_preset_shapes_batch1():

@@ -251,7 +251,10 @@ def test_short_training_lowers_cycle_loss_and_finds_the_person(synthetic_tiny):
     person pixels above background pixels (ROC AUC against the ground-truth masks above chance)."""
     x_s, y_s, x_t, fg = synthetic_tiny
     torch.manual_seed(0)
-    model = build_model("tiny", num_ids=int(y_s.max()) + 1)
+    # One global average as the re-ID feature: a re-ID head that learns (the default 4 bands)
+    # pulls A_S towards 1 through x_ST at this 5x learning rate, the collapse of the attention
+    # maps that the paper's phase schedule (freeze after 30 epochs) exists to prevent.
+    model = build_model("tiny", num_ids=int(y_s.max()) + 1, reid_stripes=1)
     step = EDAANTrainStep(model, EDAANObjective(BatchHardTriplet()))
     opt_g = torch.optim.Adam(model.generator_parameters(), 1e-3, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(model.discriminator_parameters(), 1e-3, betas=(0.5, 0.999))

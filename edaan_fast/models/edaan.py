@@ -124,7 +124,7 @@ class EDAAN(nn.Module):
         self.discriminator_S = PatchDiscriminator(c, cfg.disc_width, cfg.disc_layers)
         self.discriminator_T = PatchDiscriminator(c, cfg.disc_width, cfg.disc_layers)
         self.reid_head = ReIDHead(cfg.feature_dim, cfg.num_ids, cfg.reid_bottleneck,
-                                  cfg.embedding_dim, cfg.dropout)
+                                  cfg.embedding_dim, cfg.dropout, cfg.reid_stripes)
         init_weights(self)
 
     # ------------------------------------------------------------------ module groups
