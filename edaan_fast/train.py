@@ -1,16 +1,237 @@
-"""``python -m edaan_fast.train``: train EDAAN source -> target and report target metrics."""
+"""``python -m edaan_fast.train``: train EDAAN source -> target and report target metrics.
+
+With no data arguments it trains on the embedded synthetic two-domain set (source domain ->
+target domain) with the ``tiny`` preset, which a 2-core CPU finishes in minutes::
+
+    python -m edaan_fast.train --amp
+    python -m edaan_fast.train --source market1501 --target dukemtmcreid --data-root /data \\
+        --preset paper --amp --output-dir runs/m2d
+    torchrun --nproc-per-node 4 -m edaan_fast.train --preset paper ...   # DDP
+
+Options resolve in three layers: the defaults, then ``--config file.yaml`` (keys are the
+option names, ``-`` or ``_``), then the options given on the command line. The resolved
+configuration is written to ``<output-dir>/config.yaml`` and into every checkpoint.
+
+Exit status: 0 done; 1 a loss became NaN/inf; 2 a configuration, data or checkpoint error
+(one line on stderr); 130 interrupted (Ctrl-C: a checkpoint was saved, ``--resume`` it).
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
 import sys
+
+__all__ = ["build_parser", "main"]
+
+EPILOG = """\
+schedule (paper section IV-B): Adam lr 2e-4, betas (0.5, 0.999); lr constant for the first half
+of the epochs, then linear decay to 0. Attention nets learn and discriminators see whole images
+until the phase epoch, max(1, round(30/200 * epochs)) (the paper's 30 of 200; 6 of the tiny
+preset's 40), then the attention nets are frozen and the discriminators see backgrounds only.
+
+variants: edaan = translator and re-ID trained jointly; daan = translator first, translated
+source set written to <output-dir>/translated/, then re-ID on real + translated; cyclegan =
+attention-free translator, then re-ID on the translations only; direct = re-ID on the source
+only. daan and cyclegan train epochs + epochs (translator, then re-ID).
+
+outputs in --output-dir: config.yaml, checkpoint.pt (every --checkpoint-every epochs and at the
+end), final.pt (the end state, same content), tensorboard/, images/epochNNNN.png, report.json,
+report.md; two-stage variants also translator.pt and translated/.
+"""
+
+
+def _default(text: str, value) -> str:
+    return f"{text} (default: {value})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser; options left out are absent from the parsed namespace (so a
+    ``--config`` file's values are overridden only by options actually given)."""
+    from edaan_fast.engine.run_config import (
+        AMP_DTYPES, DATASET_CHOICES, LOADERS, METRIC_LOSSES, PRESET_DEFAULTS, VARIANTS,
+        RunConfig,
+    )
+
+    d = RunConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m edaan_fast.train", argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train EDAAN (end-to-end domain adaptive attention network) on a labelled "
+                    "source and an unlabelled target re-ID data set; report rank-1/5/10, mAP "
+                    "and mINP on the target.", epilog=EPILOG)
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="YAML file of options (keys = option names); options given on the "
+                        "command line override it")
+    g = p.add_argument_group("data")
+    g.add_argument("--source", choices=DATASET_CHOICES,
+                   help=_default("labelled source data set", "synthetic, the embedded set's "
+                                 "source domain"))
+    g.add_argument("--target", choices=DATASET_CHOICES,
+                   help=_default("unlabelled target data set, evaluated on its query/gallery",
+                                 "synthetic, the embedded set's target domain"))
+    g.add_argument("--data-root", metavar="DIR",
+                   help=_default("folder holding the data sets (synthetic: its render cache)",
+                                 "$EDAAN_FAST_DATA or ~/.cache/edaan_fast for synthetic"))
+    g.add_argument("--source-root", metavar="DIR", help="folder of the source data set "
+                   "(overrides --data-root for it)")
+    g.add_argument("--target-root", metavar="DIR", help="folder of the target data set "
+                   "(overrides --data-root for it)")
+    g.add_argument("--seed", type=int, help=_default(
+        "seed of the weights, the samplers, the augmentation and the synthetic set", d.seed))
+    g.add_argument("--loader", choices=LOADERS,
+                   help=_default("image loader: torch DataLoader or NVIDIA DALI", d.loader))
+    g.add_argument("--num-workers", type=int, metavar="N", help=_default(
+        "loader worker processes / DALI threads", "0 on CPU (bit-for-bit resume), 4 on CUDA"))
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", choices=tuple(PRESET_DEFAULTS), help=_default(
+        "network widths and input size: tiny = 64x32, CPU-sized; paper = 256x128, CycleGAN's "
+        "ResNet-9 / PatchGAN widths", d.preset))
+    g.add_argument("--variant", choices=tuple(VARIANTS), help=_default(
+        "what to train (see 'variants' below)", d.variant))
+    g.add_argument("--attention", action=argparse.BooleanOptionalAction,
+                   help="with / without the attention nets (--no-attention: the paper's 'w/o "
+                        "attention' rows; edaan and daan only) (default: with)")
+    g.add_argument("--metric-loss", choices=METRIC_LOSSES,
+                   help=_default("metric loss of the re-ID module: eq. (7) or eq. (6)",
+                                 d.metric_loss))
+    g.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                   help=_default("input size", "the preset's: tiny 64 32, paper 256 128"))
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=int, metavar="N", help=_default(
+        "training epochs (per stage for daan/cyclegan)",
+        ", ".join(f"{k} {v['epochs']}" for k, v in PRESET_DEFAULTS.items())))
+    g.add_argument("--iters-per-epoch", type=int, metavar="N", help=_default(
+        "iterations per epoch", "one pass of the PK sampler over the source set"))
+    g.add_argument("--batch-size", type=int, metavar="N", help=_default(
+        "global batch: P identities x K images (split over DDP processes)", d.batch_size))
+    g.add_argument("--num-instances", type=int, metavar="K",
+                   help=_default("images per identity in a batch", d.num_instances))
+    g.add_argument("--lr", type=float, help=_default("Adam learning rate", d.lr))
+    g.add_argument("--beta1", type=float, help=_default("Adam beta1", d.beta1))
+    g.add_argument("--beta2", type=float, help=_default("Adam beta2", d.beta2))
+    g.add_argument("--phase-epoch", type=int, metavar="N", help=_default(
+        "epoch at which the attention nets freeze and the discriminators switch to "
+        "backgrounds", "max(1, round(30/200 * epochs))"))
+    g = p.add_argument_group("objective (eq. 9)")
+    g.add_argument("--lambda-cyc", type=float, help=_default(
+        "weight of the cycle loss", ", ".join(f"{k} {v['lambda_cyc']:g}"
+                                             for k, v in PRESET_DEFAULTS.items())))
+    g.add_argument("--lambda-attn", type=float,
+                   help=_default("weight of the attention loss (eq. 5)", d.lambda_attn))
+    g.add_argument("--lambda-metric", type=float,
+                   help=_default("weight of the quartet/triplet loss", d.lambda_metric))
+    g.add_argument("--lambda-id", type=float,
+                   help=_default("weight of the identity loss (eq. 8)", d.lambda_id))
+    g.add_argument("--lambda-gan", type=float,
+                   help=_default("weight of both adversarial losses", d.lambda_gan))
+    g.add_argument("--margin", type=float, help=_default("metric loss margin", d.margin))
+    g.add_argument("--label-smoothing", type=float,
+                   help=_default("label smoothing of the identity loss", d.label_smoothing))
+    g.add_argument("--pool-size", type=int,
+                   help=_default("image pool of the discriminators (0 = off)", d.pool_size))
+    g = p.add_argument_group("execution")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help=(
+        "mixed precision (torch.autocast): bfloat16 on CUDA (float16 + GradScaler on GPUs "
+        "without it) and on CPUs with native bfloat16; float32 with a warning on other CPUs "
+        "(default: off)"))
+    g.add_argument("--amp-dtype", choices=AMP_DTYPES, help=_default(
+        "autocast dtype; bfloat16/float16 force it", d.amp_dtype))
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile every sub-network (default: off)")
+    g.add_argument("--device", help=_default("torch device", "cuda if available, else cpu"))
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", metavar="DIR",
+                   help=_default("where the run writes its files", d.output_dir))
+    g.add_argument("--checkpoint-every", type=int, metavar="N", help=_default(
+        "write checkpoint.pt every N epochs (0: only at the end)", d.checkpoint_every))
+    g.add_argument("--eval-every", type=int, metavar="N", help=_default(
+        "evaluate on the target and save an image grid every N epochs (0: only at the end)",
+        d.eval_every))
+    g.add_argument("--eval-batch-size", type=int, metavar="N",
+                   help=_default("batch size of feature extraction", d.eval_batch_size))
+    g.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint.pt "
+                   "exactly where it stopped (same options; output options may change)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   help="show progress bars (default: on)")
+    return p
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _fail(message: str, status: int, one_line: bool = True) -> int:
+    text = " ".join(message.split("\n", 1)[0].split()) if one_line else message.rstrip()
+    sys.stderr.write(f"edaan_fast.train: error: {text}\n")
+    return status
+
+
+def _passive_openmp() -> None:
+    """Let idle OpenMP threads sleep instead of spinning, unless ``OMP_WAIT_POLICY`` is set.
+
+    GNU OpenMP's default spin-wait makes each of PyTorch's threads burn its core at every
+    barrier while it waits for the others. On a small CPU machine shared with another process
+    that is ruinous: a thread that lost its core holds the team up while the spinning ones take
+    the cores it needs (measured on the 2-core machine with another PyTorch job running: 6.7 s
+    per tiny-preset training step spinning, 2.0 s passive; alone, 0.64 s against 0.71 s). It is
+    read when libgomp loads, so it must be set before ``import torch``;
+    ``OMP_WAIT_POLICY=ACTIVE`` keeps the spinning.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.stderr.write(
-        "edaan_fast.train: the trainer is not yet available in this version of edaan_fast; "
-        "the fused operators (edaan_fast.ops) are.\n"
-    )
-    return 2
+    _passive_openmp()
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from edaan_fast._allocator import pin_malloc_thresholds
+    from edaan_fast.data import DatasetError
+    from edaan_fast.engine.checkpoint import CheckpointError, load_checkpoint
+    from edaan_fast.engine.report import markdown_table
+    from edaan_fast.engine.run_config import RunConfig, RunConfigError, load_run_file
+    from edaan_fast.engine.step import NonFiniteLossError
+    from edaan_fast.engine.trainer import TrainingInterrupted, resume_config, train
+
+    pin_malloc_thresholds()
+    options = vars(args)
+    resume = options.pop("resume", None)
+    config_file = options.pop("config", None)
+    try:
+        merged = load_run_file(config_file) if config_file else {}
+        merged.update(options)
+        if resume is not None:
+            run = resume_config(load_checkpoint(resume)["run"], merged)
+        else:
+            run = RunConfig.from_dict(merged, "options").resolve()
+        with logging_redirect_tqdm():
+            report = train(run, resume=resume)
+    except TrainingInterrupted as exc:
+        sys.stderr.write(f"edaan_fast.train: {exc}\n")
+        return 130
+    except KeyboardInterrupt:
+        sys.stderr.write("edaan_fast.train: interrupted before training started; nothing "
+                         "written\n")
+        return 130
+    except CheckpointError as exc:
+        return _fail(str(exc), 2)
+    except DatasetError as exc:  # keeps its lines: they show the expected folder layout
+        return _fail(str(exc), 2, one_line=False)
+    except (RunConfigError, ValueError) as exc:
+        return _fail(str(exc), 2)
+    except NonFiniteLossError as exc:
+        return _fail(str(exc), 1, one_line=False)
+    if int(os.environ.get("RANK", "0")) == 0:
+        sys.stdout.write(markdown_table([report], extra_columns=("mINP", "seconds")))
+        sys.stdout.write(f"report: {os.path.join(run.output_dir, 'report.json')}\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ are not scanned, which would cost a pass over every parameter).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,12 +103,18 @@ class EDAANTrainStep:
         pool_size: image pool size (CycleGAN: 50; 0 disables).
         seed: seed of the pools' random generators.
         init_scale: initial scale of the fp16 grad scalers (``GradScaler``'s default 2**16).
+        gradient_sync: called as ``gradient_sync(optimizer)`` after each backward and before
+            the optimiser (or scaler) step, e.g. the trainer's all-reduce of the gradients over
+            DDP ranks; it must leave every rank with the same gradients, so that an fp16 scaler
+            reaches the same skip decision everywhere.
     """
 
     def __init__(self, model: nn.Module, objective: EDAANObjective, *, amp: bool = False,
                  amp_dtype: torch.dtype | None = None, pool_size: int = 50, seed: int = 0,
-                 init_scale: float = 2.0 ** 16):
+                 init_scale: float = 2.0 ** 16,
+                 gradient_sync: Callable[[torch.optim.Optimizer], None] | None = None):
         self.model = model
+        self.gradient_sync = gradient_sync
         self.objective = objective
         self.amp = amp
         self.amp_dtype_request = amp_dtype
@@ -151,15 +158,18 @@ class EDAANTrainStep:
                 )
         return dict(zip(names, floats))
 
-    @staticmethod
-    def _optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+    def _optimise(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler | None) -> bool:
         """Backward and step; returns whether the step was skipped (fp16 overflow)."""
         if scaler is None:
             loss.backward()
+            if self.gradient_sync is not None:
+                self.gradient_sync(optimizer)
             optimizer.step()
             return False
         scaler.scale(loss).backward()
+        if self.gradient_sync is not None:
+            self.gradient_sync(optimizer)
         before = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()

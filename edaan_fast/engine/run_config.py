@@ -1,0 +1,364 @@
+"""The run configuration of ``python -m edaan_fast.train``: one typed record of everything a
+training run depends on, the variants of the paper's Tables I and V as flag sets, the schedule
+rule, and the data sets a run trains and is evaluated on.
+
+A run configuration is resolved in three layers: the defaults of :class:`RunConfig` (the
+paper's §IV-B settings, scaled for the ``tiny`` preset), then a YAML file (``--config``), then
+the options given on the command line. :meth:`RunConfig.resolve` fills in what depends on
+other fields (epochs and ``λ_cyc`` of the preset, the 30-epoch phase switch scaled to the run,
+the variant's flags, the image size). The resolved record is what the run saves
+(``config.yaml`` beside its outputs and ``run`` in every checkpoint), so that
+:func:`source_dataset` / :func:`target_dataset` rebuild exactly the data a checkpoint was
+trained and evaluated on.
+
+Variants (each one configuration of the same trainer, not a copy of it):
+
+=============  ===========  =========  ==========================  ============================
+variant        translator   training   re-ID trains on             paper
+=============  ===========  =========  ==========================  ============================
+``edaan``      yes          joint      real source + ``x_ST``      EDAAN (Tables I, II, V)
+``daan``       yes          2 stages   real source + translated    DAAN (Table V)
+                                       set written to disk
+``cyclegan``   yes, no A    2 stages   translated set only         CycleGAN baseline (Table I)
+``direct``     no           1 stage    real source only            Direct Transfer (Table I)
+=============  ===========  =========  ==========================  ============================
+
+``--no-attention`` drops the attention nets of ``edaan`` and ``daan`` (Table V's "w/o
+attention" rows); ``cyclegan`` and ``direct`` never have them. The ``cyclegan`` baseline is
+the protocol of SPGAN and PTGAN, which EDAAN's Table I quotes: an attention-free CycleGAN
+translates the labelled source set, and the re-ID model trains on the translations alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edaan_fast.data import ReIDDataset, build_dataset
+
+__all__ = [
+    "DATASET_CHOICES", "METRIC_LOSSES", "PRESET_DEFAULTS", "VARIANTS", "RunConfig",
+    "RunConfigError", "VariantFlags", "load_run_file", "phase_epochs", "source_dataset",
+    "synthetic_preset", "target_dataset",
+]
+
+DATASET_CHOICES = ("market1501", "dukemtmcreid", "cuhk03", "prid2011", "synthetic")
+METRIC_LOSSES = ("quartet", "triplet")
+LOADERS = ("torch", "dali")
+AMP_DTYPES = ("auto", "bfloat16", "float16")
+
+#: The paper trains 200 epochs and switches phase after 30 (§IV-B).
+PAPER_EPOCHS = 200
+PAPER_PHASE_EPOCHS = 30
+
+
+class RunConfigError(ValueError):
+    """A run configuration (file or options) is invalid; the message says what and why."""
+
+
+@dataclass(frozen=True)
+class VariantFlags:
+    """What a variant trains, as flags of the one trainer.
+
+    Attributes:
+        translator: a translator (``E``, ``G``, ``D``, optionally ``A``) is trained.
+        end_to_end: translator and re-ID learn jointly (EDAAN); otherwise in two stages.
+        reid_data: what the re-ID module trains on: ``"real+translated"``, ``"translated"`` or
+            ``"real"`` (the labelled source images).
+        attention: attention nets allowed (``--no-attention`` turns them off).
+        method: the name of the paper's tables.
+    """
+
+    translator: bool
+    end_to_end: bool
+    reid_data: str
+    attention: bool
+    method: str
+
+
+VARIANTS: dict[str, VariantFlags] = {
+    "edaan": VariantFlags(True, True, "real+translated", True, "EDAAN"),
+    "daan": VariantFlags(True, False, "real+translated", True, "DAAN"),
+    "cyclegan": VariantFlags(True, False, "translated", False, "CycleGAN"),
+    "direct": VariantFlags(False, False, "real", False, "Direct Transfer"),
+}
+
+#: What the model preset changes in the run's defaults. Epochs: the paper's 200; 40 for ``tiny``,
+#: about 6 minutes on a 2-core CPU (15 PK batches per epoch on the embedded set). ``λ_cyc``:
+#: CycleGAN's 10 for ``paper``; 1 for ``tiny``, where the cycle term (about 1-2 in the first
+#: epochs) then weighs as much as each adversarial term rather than ten times more.
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {"epochs": 40, "lambda_cyc": 1.0},
+    "paper": {"epochs": PAPER_EPOCHS, "lambda_cyc": 10.0},
+}
+
+
+def phase_epochs(epochs: int) -> int:
+    """Epoch of the phase switch: the paper's 30 of 200 epochs, scaled to ``epochs``.
+
+    ``max(1, round(30 / 200 * epochs))`` (Python's ``round``: halves go to the even
+    neighbour), so 200 -> 30, 80 -> 12, 40 -> 6, 10 -> 2, 3 -> 1. Before it the attention nets learn
+    and the discriminators see whole images; from it on the attention nets are frozen and the
+    discriminators see backgrounds only.
+    """
+    if epochs < 1:
+        raise RunConfigError(f"epochs must be >= 1, got {epochs}")
+    return max(1, round(PAPER_PHASE_EPOCHS * epochs / PAPER_EPOCHS))
+
+
+def synthetic_preset(run: dict[str, Any]) -> str:
+    """The synthetic data set's preset for a run: the same name as the model preset
+    (``tiny`` -> 64x32 images, 60 + 40 identities per domain; ``paper`` -> 256x128)."""
+    return str(run["preset"])
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a training run (defaults: the paper's §IV-B, ``tiny`` preset).
+
+    ``None`` means "resolved from other fields" (see :meth:`resolve`). Field names are the
+    option names with ``_`` for ``-`` and the keys of a ``--config`` YAML file.
+    """
+
+    # what to train
+    variant: str = "edaan"
+    attention: bool = True
+    metric_loss: str = "quartet"
+    preset: str = "tiny"
+    # data
+    source: str = "synthetic"
+    target: str = "synthetic"
+    data_root: str | None = None
+    source_root: str | None = None
+    target_root: str | None = None
+    seed: int = 0
+    image_size: list[int] | None = None
+    # schedule (§IV-B)
+    epochs: int | None = None
+    iters_per_epoch: int | None = None
+    batch_size: int = 16
+    num_instances: int = 4
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    phase_epoch: int | None = None
+    # objective (eq. 9)
+    lambda_gan: float = 1.0
+    lambda_cyc: float | None = None
+    lambda_attn: float = 10.0
+    lambda_metric: float = 1.0
+    lambda_id: float = 1.0
+    margin: float = 0.3
+    label_smoothing: float = 0.0
+    pool_size: int = 50
+    # augmentation of the training images
+    flip_p: float = 0.5
+    pad: int = 10
+    # execution
+    amp: bool = False
+    amp_dtype: str = "auto"
+    compile: bool = False
+    loader: str = "torch"
+    num_workers: int | None = None
+    device: str | None = None
+    # outputs
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 10
+    eval_every: int = 20
+    eval_batch_size: int = 128
+    progress: bool = True
+    model: dict[str, Any] = field(default_factory=dict)
+    # filled in by resolve() from the variant
+    end_to_end: bool | None = None
+    translator: bool | None = None
+    reid_data: str | None = None
+
+    DERIVED = ("end_to_end", "translator", "reid_data")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "run configuration") -> RunConfig:
+        """A config from plain data (a YAML file, a checkpoint's ``run``); ``-`` in keys reads
+        as ``_``. Unknown keys raise :class:`RunConfigError` listing the known ones."""
+        if not isinstance(data, dict):
+            raise RunConfigError(f"{where}: expected a mapping of option names to values, got "
+                                 f"{type(data).__name__}")
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
+        known = set(cls.field_names())
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RunConfigError(f"{where}: unknown option(s) {unknown}; known options: "
+                                 f"{', '.join(sorted(known))}")
+        return cls(**data)
+
+    def replace(self, **overrides) -> RunConfig:
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, not tuples): what ``config.yaml`` and checkpoints store."""
+        out = dataclasses.asdict(self)
+        if out["image_size"] is not None:
+            out["image_size"] = [int(v) for v in out["image_size"]]
+        return out
+
+    # ------------------------------------------------------------------ resolution
+
+    def resolve(self) -> RunConfig:
+        """Validate and fill in the derived fields; returns a new, complete config.
+
+        Raises:
+            RunConfigError: for an unknown name or an out-of-range value; the message names the
+                option, what was expected and what came.
+        """
+        def choice(name: str, value: Any, choices) -> None:
+            if value not in choices:
+                raise RunConfigError(f"{name} must be one of {', '.join(map(str, choices))}; "
+                                     f"got {value!r}")
+
+        choice("variant", self.variant, tuple(VARIANTS))
+        choice("metric_loss", self.metric_loss, METRIC_LOSSES)
+        choice("preset", self.preset, tuple(PRESET_DEFAULTS))
+        choice("source", self.source, DATASET_CHOICES)
+        choice("target", self.target, DATASET_CHOICES)
+        choice("loader", self.loader, LOADERS)
+        choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
+        flags = VARIANTS[self.variant]
+        defaults = PRESET_DEFAULTS[self.preset]
+        epochs = defaults["epochs"] if self.epochs is None else self.epochs
+        lambda_cyc = defaults["lambda_cyc"] if self.lambda_cyc is None else self.lambda_cyc
+
+        def integer(name: str, value: Any, low: int) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise RunConfigError(f"{name} must be an integer >= {low}; got {value!r}")
+            return value
+
+        integer("epochs", epochs, 1)
+        integer("batch_size", self.batch_size, 2)
+        integer("num_instances", self.num_instances, 1)
+        integer("seed", self.seed, 0)
+        integer("pool_size", self.pool_size, 0)
+        integer("pad", self.pad, 0)
+        integer("checkpoint_every", self.checkpoint_every, 0)
+        integer("eval_every", self.eval_every, 0)
+        integer("eval_batch_size", self.eval_batch_size, 1)
+        if self.iters_per_epoch is not None:
+            integer("iters_per_epoch", self.iters_per_epoch, 1)
+        if self.num_workers is not None:
+            integer("num_workers", self.num_workers, 0)
+        if self.batch_size % self.num_instances:
+            raise RunConfigError(
+                f"batch_size must be a multiple of num_instances (K images per identity of a PK "
+                f"batch); got batch_size={self.batch_size}, num_instances={self.num_instances}")
+        if self.batch_size // self.num_instances < 2:
+            raise RunConfigError(
+                f"a PK batch needs at least 2 identities for the metric loss; batch_size="
+                f"{self.batch_size} / num_instances={self.num_instances} gives "
+                f"{self.batch_size // self.num_instances}")
+        phase = phase_epochs(epochs) if self.phase_epoch is None else self.phase_epoch
+        integer("phase_epoch", phase, 0)
+        for name in ("lr", "lambda_gan", "lambda_attn", "lambda_metric", "lambda_id", "margin",
+                     "label_smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise RunConfigError(f"{name} must be a number >= 0; got {value!r}")
+        if not isinstance(lambda_cyc, (int, float)) or lambda_cyc < 0:
+            raise RunConfigError(f"lambda_cyc must be a number >= 0; got {lambda_cyc!r}")
+        for name in ("beta1", "beta2", "flip_p"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise RunConfigError(f"{name} must be a number in [0, 1]; got {value!r}")
+        if not isinstance(self.model, dict):
+            raise RunConfigError(f"model must be a mapping of ModelConfig overrides; got "
+                                 f"{type(self.model).__name__}")
+        image_size = self.image_size
+        if image_size is None:
+            from edaan_fast.models import model_config
+
+            image_size = list(model_config(self.preset).image_size)
+        if (not isinstance(image_size, (list, tuple)) or len(image_size) != 2
+                or not all(isinstance(v, int) and v > 0 for v in image_size)):
+            raise RunConfigError(f"image_size must be [H, W] (two positive integers); got "
+                                 f"{image_size!r}")
+        return self.replace(
+            attention=bool(self.attention and flags.attention),
+            epochs=int(epochs), lambda_cyc=float(lambda_cyc), phase_epoch=int(phase),
+            image_size=[int(v) for v in image_size], end_to_end=flags.end_to_end,
+            translator=flags.translator, reid_data=flags.reid_data,
+            lr=float(self.lr), amp=bool(self.amp), compile=bool(self.compile),
+            progress=bool(self.progress), model=dict(self.model),
+        )
+
+    @property
+    def flags(self) -> VariantFlags:
+        return VARIANTS[self.variant]
+
+    @property
+    def num_identities_per_batch(self) -> int:
+        """``P`` of the PK batches."""
+        return self.batch_size // self.num_instances
+
+
+def load_run_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping stored in a YAML run file (``--config``); errors name the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RunConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RunConfigError(f"config file {path} is not valid YAML: "
+                             f"{str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RunConfigError(f"config file {path} must hold a mapping of option names to values, "
+                             f"got {type(data).__name__}")
+    # a config.yaml written by a run also works as input: drop what resolve() derives
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    return {k: v for k, v in data.items() if k not in RunConfig.DERIVED}
+
+
+# ---------------------------------------------------------------------------------- data sets
+
+def _dataset(run: dict[str, Any], which: str) -> ReIDDataset:
+    name = run[which]
+    root = run.get(f"{which}_root") or run.get("data_root")
+    if name == "synthetic":
+        return build_dataset("synthetic", root=root, domain=which,
+                             preset=synthetic_preset(run), seed=int(run["seed"]))
+    if root is None:
+        raise RunConfigError(f"the {which} data set {name!r} needs a folder: pass --data-root "
+                             f"(or --{which}-root)")
+    return build_dataset(name, root=root)
+
+
+def source_dataset(run: dict[str, Any]) -> ReIDDataset:
+    """The labelled source data set of a run (its ``train`` split is what re-ID learns from).
+
+    ``run`` is a resolved run dict (``config.yaml`` or a checkpoint's ``run``). For
+    ``synthetic``: ``build_dataset("synthetic", root=<source_root or data_root or None>,
+    domain="source", preset=<run preset>, seed=run["seed"])``.
+    """
+    return _dataset(run, "source")
+
+
+def target_dataset(run: dict[str, Any]) -> ReIDDataset:
+    """The target data set of a run: its ``train`` split is the unlabelled target domain the
+    translator learns, its ``query``/``gallery`` the evaluation.
+
+    For ``synthetic``: ``build_dataset("synthetic", root=<target_root or data_root or None>,
+    domain="target", preset=<run preset>, seed=run["seed"])``.
+    """
+    return _dataset(run, "target")
