@@ -1,6 +1,45 @@
-"""edaan_fast.engine: the training step (generator + discriminator updates, AMP, image pools)."""
+"""edaan_fast.engine: the training step, the trainer, checkpoints and evaluation.
 
-from .image_pool import ImagePool
-from .step import EDAANTrainStep, NonFiniteLossError, Phase, resolve_amp_dtype
+The names below are imported on first use (PEP 562), so importing one engine module (say
+``edaan_fast.engine.checkpoint`` or ``.evaluator`` for exported features) does not pull in the
+data pipeline, torchvision or the trainer.
+"""
 
-__all__ = ["EDAANTrainStep", "ImagePool", "NonFiniteLossError", "Phase", "resolve_amp_dtype"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    # one training iteration (generator + discriminator updates, AMP, image pools)
+    "EDAANTrainStep": "step", "NonFiniteLossError": "step", "Phase": "step",
+    "resolve_amp_dtype": "step", "ImagePool": "image_pool",
+    # the training job (python -m edaan_fast.train)
+    "RunConfig": "run_config", "RunConfigError": "run_config", "source_dataset": "run_config",
+    "target_dataset": "run_config", "HookBase": "trainer", "Trainer": "trainer",
+    "TrainingInterrupted": "trainer", "train": "trainer",
+    # checkpoints
+    "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint",
+    "model_from_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    # evaluation (python -m edaan_fast.evaluate)
+    "FeatureMismatchError": "evaluator", "Features": "evaluator", "ReRanking": "evaluator",
+    "distance_matrix": "evaluator", "evaluate_features": "evaluator",
+    "evaluate_model": "evaluator", "evaluate_prid2011": "evaluator",
+    "extract_features": "evaluator", "extract_split_features": "evaluator",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
