@@ -34,7 +34,9 @@ __all__ = [
     "FeatureMismatchError",
     "Features",
     "ReRanking",
+    "attention_probe",
     "distance_matrix",
+    "evaluate_attention",
     "evaluate_features",
     "evaluate_model",
     "evaluate_prid2011",
@@ -299,3 +301,56 @@ def evaluate_model(model: nn.Module, dataset: ReIDDataset, *, image_size: tuple[
                                    image_size=image_size, **kwargs)
     return evaluate_features(feats["query"], feats["gallery"], "market", metric=metric,
                              rerank=rerank)
+
+
+def attention_probe(records: Sequence[Record], max_images: int = 200) -> list[Record]:
+    """Up to ``max_images`` records spread evenly over ``records`` (a fixed, seed-free choice)."""
+    if len(records) <= max_images:
+        return list(records)
+    step = len(records) / max_images
+    return [records[int(i * step)] for i in range(max_images)]
+
+
+@torch.no_grad()
+def evaluate_attention(model: nn.Module, splits: Mapping[str, Sequence[Record]], *,
+                       image_size: tuple[int, int], device: str | torch.device = "cpu",
+                       batch_size: int = 64, max_images: int = 200):
+    """Attention quality of ``A_S`` and ``A_T`` on held-out images (paper eq. 1-2, Fig. 7).
+
+    Args:
+        model: an :class:`~edaan_fast.models.EDAAN` with attention nets.
+        splits: ``{"A_S": source records, "A_T": target records}`` -- each net is scored on its
+            own domain's images (held-out: pass the test splits, ``query + gallery``).
+        image_size: ``(H, W)`` the model was trained at.
+        max_images: images per net, spread evenly over the records.
+
+    Returns:
+        ``{"A_S": AttentionQuality, "A_T": AttentionQuality}``: against the ground-truth person
+        masks where every image has one (the synthetic set), label-free proxies otherwise
+        (:mod:`edaan_fast.metrics.attention`).
+    """
+    import torch.nn.functional as F
+
+    from edaan_fast.data import build_loader
+    from edaan_fast.data.synthetic import load_mask, mask_path
+    from edaan_fast.metrics import attention_quality
+
+    device = torch.device(device)
+    nets = {"A_S": model.attention_S, "A_T": model.attention_T}
+    was_training = model.training
+    model.eval()
+    out = {}
+    for name, records in splits.items():
+        probe = attention_probe(records, max_images)
+        dl = build_loader(probe, train=False, batch_size=batch_size, num_workers=0,
+                          image_size=image_size)
+        maps = torch.cat([nets[name](b.images.to(device)).float().cpu() for b in dl])
+        masks = None
+        if all(mask_path(r.path).is_file() for r in probe):
+            masks = torch.stack([torch.from_numpy(load_mask(r.path)) for r in probe])[:, None]
+            if masks.shape[-2:] != maps.shape[-2:]:
+                masks = F.interpolate(masks, size=maps.shape[-2:], mode="bilinear",
+                                      align_corners=False)
+        out[name] = attention_quality(maps, masks)
+    model.train(was_training)
+    return out

@@ -49,6 +49,7 @@ DATASET_CHOICES = ("market1501", "dukemtmcreid", "cuhk03", "prid2011", "syntheti
 METRIC_LOSSES = ("quartet", "triplet")
 LOADERS = ("torch", "dali")
 AMP_DTYPES = ("auto", "bfloat16", "float16")
+ATTENTION_CONSISTENCY = ("symmetric", "one-sided")
 
 #: The paper trains 200 epochs and switches phase after 30 (§IV-B).
 PAPER_EPOCHS = 200
@@ -142,6 +143,7 @@ class RunConfig:
     batch_size: int = 16
     num_instances: int = 4
     lr: float = 2e-4
+    attention_lr: float | None = None
     beta1: float = 0.5
     beta2: float = 0.999
     phase_epoch: int | None = None
@@ -149,6 +151,7 @@ class RunConfig:
     lambda_gan: float = 1.0
     lambda_cyc: float | None = None
     lambda_attn: float = 10.0
+    attention_consistency: str = "symmetric"
     lambda_metric: float = 1.0
     lambda_id: float = 1.0
     margin: float = 0.3
@@ -230,6 +233,7 @@ class RunConfig:
         choice("target", self.target, DATASET_CHOICES)
         choice("loader", self.loader, LOADERS)
         choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
+        choice("attention_consistency", self.attention_consistency, ATTENTION_CONSISTENCY)
         flags = VARIANTS[self.variant]
         defaults = PRESET_DEFAULTS[self.preset]
         epochs = defaults["epochs"] if self.epochs is None else self.epochs
@@ -269,6 +273,10 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise RunConfigError(f"{name} must be a number >= 0; got {value!r}")
+        if self.attention_lr is not None and (isinstance(self.attention_lr, bool) or not
+                                              isinstance(self.attention_lr, (int, float))
+                                              or self.attention_lr < 0):
+            raise RunConfigError(f"attention_lr must be a number >= 0; got {self.attention_lr!r}")
         if not isinstance(lambda_cyc, (int, float)) or lambda_cyc < 0:
             raise RunConfigError(f"lambda_cyc must be a number >= 0; got {lambda_cyc!r}")
         for name in ("beta1", "beta2", "flip_p"):

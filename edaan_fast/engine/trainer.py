@@ -543,7 +543,8 @@ class Trainer:
             LossWeights(gan=self.run.lambda_gan, cycle=self.run.lambda_cyc,
                         attention=self.run.lambda_attn, quartet=self.run.lambda_metric,
                         id=self.run.lambda_id),
-            label_smoothing=self.run.label_smoothing)
+            label_smoothing=self.run.label_smoothing,
+            attention_one_sided=self.run.attention_consistency == "one-sided")
         self.stages = _stages(self.run)
         self.total_epochs = sum(s.epochs for s in self.stages)
         self.epoch = 0          # completed epochs over all stages
@@ -621,6 +622,17 @@ class Trainer:
     def _adam(self, params) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=self.run.lr, betas=(self.run.beta1, self.run.beta2))
 
+    def _generator_groups(self):
+        """The generator optimiser's parameters: one group, or the attention nets in a group of
+        their own when ``attention_lr`` differs from ``lr``."""
+        lr = self.run.attention_lr
+        if lr is None or lr == self.run.lr or not self.model.has_attention:
+            return self.model.generator_parameters()
+        attention = {id(p) for net in self.model.attention_nets() for p in net.parameters()}
+        rest = [p for p in self.model.generator_parameters() if id(p) not in attention]
+        nets = [p for net in self.model.attention_nets() for p in net.parameters()]
+        return [{"params": rest}, {"params": nets, "lr": lr}]
+
     def _sampler(self, sampler):
         return RankSlice(sampler, self.dist.rank, self.dist.world_size) if self.dist.enabled \
             else sampler
@@ -657,7 +669,7 @@ class Trainer:
             self.optimizers = {"reid": self._adam(params)}
             self.step = ReIDStep(self.model, self.objective, **amp)
         else:
-            self.optimizers = {"G": self._adam(self.model.generator_parameters()),
+            self.optimizers = {"G": self._adam(self._generator_groups()),
                                "D": self._adam(self.model.discriminator_parameters())}
             self.step = EDAANTrainStep(self.model, self.objective, pool_size=self.run.pool_size,
                                        seed=self.run.seed + 7919 * self.dist.rank, **amp)

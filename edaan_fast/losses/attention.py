@@ -18,7 +18,18 @@ __all__ = ["attention_consistency_loss"]
 
 
 def attention_consistency_loss(attn_s: torch.Tensor, attn_t_of_st: torch.Tensor,
-                               attn_t: torch.Tensor, attn_s_of_ts: torch.Tensor) -> torch.Tensor:
-    """``mean|A_S(x_S) - A_T(x_ST)| + mean|A_T(x_T) - A_S(x_TS)|`` in float32 (eq. 5)."""
+                               attn_t: torch.Tensor, attn_s_of_ts: torch.Tensor,
+                               one_sided: bool = False) -> torch.Tensor:
+    """``mean|A_S(x_S) - A_T(x_ST)| + mean|A_T(x_T) - A_S(x_TS)|`` in float32 (eq. 5).
+
+    With ``one_sided`` the maps of the real images, ``A_S(x_S)`` and ``A_T(x_T)``, are targets
+    (no gradient): each net learns to find on the other domain's translations the person the
+    other net found on its real images, and neither is pulled towards the other's map on its
+    own domain. Both forms have the same value; only the gradient differs. Why: the symmetric
+    form is minimised by any pair of equal constant maps, and at ``λ_attn = 10`` that pull
+    flattens both maps (see docs/attention.md for the measurements).
+    """
+    if one_sided:
+        attn_s, attn_t = attn_s.detach(), attn_t.detach()
     return (F.l1_loss(attn_t_of_st.float(), attn_s.float())
             + F.l1_loss(attn_s_of_ts.float(), attn_t.float()))

@@ -93,11 +93,15 @@ class EDAANObjective(nn.Module):
             ``edaan_fast.losses.QuartetLoss(margin=0.3)``; ``None`` leaves it out (term 0).
         weights: the ``λ`` of eq. (9).
         label_smoothing: of the identity loss (0 = plain eq. 8).
+        attention_one_sided: eq. (5) with the real images' maps as targets (see
+            :func:`~edaan_fast.losses.attention.attention_consistency_loss`).
     """
 
     def __init__(self, metric_loss: nn.Module | None = None,
-                 weights: LossWeights | None = None, label_smoothing: float = 0.0):
+                 weights: LossWeights | None = None, label_smoothing: float = 0.0,
+                 attention_one_sided: bool = False):
         super().__init__()
+        self.attention_one_sided = attention_one_sided
         self.metric_loss = metric_loss
         self.weights = weights if weights is not None else LossWeights()
         self.label_smoothing = label_smoothing
@@ -128,7 +132,8 @@ class EDAANObjective(nn.Module):
         cyc = cycle_loss(x_s, out.rec_S, x_t, out.rec_T)
         if out.attention_T_of_ST is not None:
             attn = attention_consistency_loss(out.s2t.attention, out.attention_T_of_ST,
-                                              out.t2s.attention, out.attention_S_of_TS)
+                                              out.t2s.attention, out.attention_S_of_TS,
+                                              self.attention_one_sided)
         else:
             attn = zero
         metric = ident = zero

@@ -40,7 +40,8 @@ class AttentionNet(nn.Module):
     H and W must be multiples of 4 (two stride-2 stages, then two x2 upsamplings).
     """
 
-    def __init__(self, in_channels: int = 3, widths: tuple[int, int] = (32, 64)):
+    def __init__(self, in_channels: int = 3, widths: tuple[int, int] = (32, 64),
+                 init_bias: float = 0.0):
         super().__init__()
         w1, w2 = widths
         self.down = nn.Sequential(
@@ -55,6 +56,11 @@ class AttentionNet(nn.Module):
             conv_norm_relu(w2, w1, 3),
         )
         self.head = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(w1, 1, 7))
+        self.init_bias = init_bias
+
+    def reset_head_bias(self) -> None:
+        """Set the last convolution's bias to ``init_bias`` (call after weight init)."""
+        nn.init.constant_(self.head[1].bias, self.init_bias)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The pre-sigmoid score map ``[N, 1, H, W]``."""

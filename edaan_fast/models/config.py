@@ -59,6 +59,12 @@ class ModelConfig:
             transfer 9.0 / 14.4 and 8.0 / 17.9.
         no_attention: drop the attention nets; the translation is the plain generator output
             (the paper's "w/o attention" rows and the CycleGAN baseline).
+        attn_init_bias: initial bias of the attention net's last convolution, so the maps start
+            at ``sigmoid(attn_init_bias)`` everywhere (0 -> 0.5, CycleGAN's zero-bias init).
+        reid_attention_grad: let the re-ID terms (eq. 6-8 on ``x_ST``) train the attention net
+            ``A_S`` too (eq. 9 as printed). ``False`` stops their gradient at the map: the re-ID
+            loss then still trains ``E_S``, ``G_S`` and the head through ``x_ST``, but cannot
+            make the translation an identity map to pair ``x_ST`` with ``x_S`` more easily.
         cycle_through_attention: reconstruct through the full attention-guided mappings,
             ``x_STS = F(G(x_S))`` (default; Mejjati et al., and the form in which eq. (5)'s maps
             ``A_T(G(x_S))`` come for free), instead of eq. (4)'s literal generator-only chain
@@ -84,6 +90,8 @@ class ModelConfig:
     reid_stripes: int = 4
     no_attention: bool = False
     cycle_through_attention: bool = True
+    attn_init_bias: float = 0.0
+    reid_attention_grad: bool = True
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
     pixel_std: tuple[float, float, float] = IMAGENET_STD
 

@@ -119,13 +119,15 @@ class EDAAN(nn.Module):
         if cfg.no_attention:
             self.attention_S = self.attention_T = None
         else:
-            self.attention_S = AttentionNet(c, cfg.attn_widths)
-            self.attention_T = AttentionNet(c, cfg.attn_widths)
+            self.attention_S = AttentionNet(c, cfg.attn_widths, cfg.attn_init_bias)
+            self.attention_T = AttentionNet(c, cfg.attn_widths, cfg.attn_init_bias)
         self.discriminator_S = PatchDiscriminator(c, cfg.disc_width, cfg.disc_layers)
         self.discriminator_T = PatchDiscriminator(c, cfg.disc_width, cfg.disc_layers)
         self.reid_head = ReIDHead(cfg.feature_dim, cfg.num_ids, cfg.reid_bottleneck,
                                   cfg.embedding_dim, cfg.dropout, cfg.reid_stripes)
         init_weights(self)
+        for net in self.attention_nets():
+            net.reset_head_bias()
 
     # ------------------------------------------------------------------ module groups
 
@@ -221,7 +223,10 @@ class EDAAN(nn.Module):
         rec_t, a_s_of_ts = self._cycle(t2s, self.encoder_S, self.generator_S, self.attention_S)
         reid = None
         if with_reid:
-            features = torch.cat([s2t.features, self.encoder_S(s2t.image)], dim=0)
+            x_st = s2t.image
+            if s2t.attention is not None and not self.config.reid_attention_grad:
+                x_st = mask_blend(x_s, s2t.generated, s2t.attention.detach())
+            features = torch.cat([s2t.features, self.encoder_S(x_st)], dim=0)
             reid = self.reid_head(features)
         return EDAANOutput(s2t, t2s, rec_s, rec_t, a_t_of_st, a_s_of_ts, reid)
 
