@@ -116,12 +116,15 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def _require(ckpt: dict, where: str, key: str, expected: str, ok, optional: bool = False) -> None:
+def _require(ckpt: dict, where: str, key: str, expected: str, ok, optional: bool = False,
+             use: str = "") -> None:
     if key not in ckpt:
         if optional:
             return
-        raise CheckpointError(f"{where} has no {key!r} entry (expected {expected}; keys: "
-                              f"{sorted(map(str, ckpt))})")
+        raise CheckpointError(f"{where} {use}has no {key!r} entry (expected {expected}; keys: "
+                              f"{sorted(map(str, ckpt))})"
+                              + ("; only a checkpoint.pt or final.pt written by "
+                                 "edaan_fast.train holds the training state" if use else ""))
     if not ok(ckpt[key]):
         raise CheckpointError(f"{where}: entry {key!r} must be {expected}; got "
                               f"{_kind(ckpt[key])}")
@@ -193,10 +196,11 @@ def check_checkpoint(ckpt: dict[str, Any], where: str, kind: str = "model") -> d
         raise ValueError(f"check_checkpoint: kind must be one of {sorted(_SCHEMA)}, got {kind!r}")
     kinds = ["model"] if kind == "model" else ["model", "training"]
     for k in kinds:
+        use = "cannot be resumed: it " if k == "training" else ""
         for key, expected, ok, optional in _SCHEMA[k]:
             if k == "model" and kind == "training" and key == "run":
                 continue  # required below
-            _require(ckpt, where, key, expected, ok, optional)
+            _require(ckpt, where, key, expected, ok, optional, use)
     model_config_from_dict(ckpt["model_config"], where)
     return ckpt
 
