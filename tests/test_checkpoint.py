@@ -135,7 +135,8 @@ def test_model_schema_is_checked_in_one_place(saved, change, match):
 def test_training_schema_needs_the_training_state(saved):
     path, _ = saved
     assert check_checkpoint(load_checkpoint(path), "x", "model")["epoch"] == 3
-    with pytest.raises(CheckpointError, match=r"checkpoint .*ckpt.pt cannot be resumed: it has no 'stage' entry"):
+    with pytest.raises(CheckpointError,
+                       match=r"checkpoint .*ckpt.pt cannot be resumed: it has no 'stage' entry"):
         load_checkpoint(path, kind="training")
 
 

@@ -54,8 +54,9 @@ def bomb_png(side: int = 20000) -> bytes:
     row = b"\x00" * (1 + (side + 7) // 8)
     stream = zlib.compressobj(9)
     data = b"".join(stream.compress(row) for _ in range(side)) + stream.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grey
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+            + chunk(b"IEND", b""))
 
 
 def make_market(root: Path, files=MARKET_FILES) -> Path:

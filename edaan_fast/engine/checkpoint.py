@@ -368,8 +368,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
     if path.is_dir():
         hint = next((str(path / n) for n in ("checkpoint.pt", "final.pt") if (path / n).is_file()),
                     None)
-        raise CheckpointError(f"checkpoint {path} is a folder; expected a checkpoint file"
-                              + (f" such as {hint}" if hint else " (e.g. <output-dir>/checkpoint.pt)"))
+        example = hint or "<output-dir>/checkpoint.pt"
+        raise CheckpointError(f"checkpoint {path} is a folder; expected a checkpoint file "
+                              f"{'such as' if hint else 'like'} {example}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
