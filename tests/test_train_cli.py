@@ -292,7 +292,7 @@ saves = []
 
 
 class Faulty(io.RawIOBase):
-    # a file that fails (or kills its process) once {limit} bytes are written
+    # a file that fails (or kills its process) once 100 kB are written
     def __init__(self, f, fault):
         self.f, self.fault, self.n = f, fault, 0
     def writable(self):
