@@ -485,8 +485,10 @@ def _translated_complete(records: Sequence[Record], folder: Path) -> bool:
         return False
 
 
-def _check_output_dir(folder: Path, resume: str | os.PathLike | None, overwrite: bool) -> None:
-    """Refuse an output folder that cannot be one, or that holds a run this one would replace.
+def _check_output_dir(folder: Path, resume: str | os.PathLike | None, overwrite: bool,
+                      runs: bool = True) -> None:
+    """Refuse an output folder that cannot be one, or (``runs``) that holds a run this one
+    would replace.
 
     A fresh run needs ``overwrite`` to write into a folder holding :data:`RUN_FILES`; a
     resumed run may write into the folder of the checkpoint it resumes, and needs
@@ -499,7 +501,7 @@ def _check_output_dir(folder: Path, resume: str | os.PathLike | None, overwrite:
         what = "is a file" if existing == folder else f"is under {existing}, which is a file"
         raise RunConfigError(f"output_dir {folder} {what}; expected a folder (it is created if "
                              "missing)")
-    if overwrite or not folder.is_dir():
+    if overwrite or not runs or not folder.is_dir():
         return
     found = [name for name in RUN_FILES if (folder / name).exists()]
     if not found:
@@ -575,7 +577,8 @@ class Trainer:
         self.hooks = list(hooks)
         self.output_dir = Path(self.run.output_dir)
         self.overwrite = bool(overwrite) and resume is None
-        _check_output_dir(self.output_dir, resume, overwrite)
+        # a resume checks the folder's run after the checkpoint: its errors come first
+        _check_output_dir(self.output_dir, resume, overwrite, runs=resume is None)
         self.dist = self._init_distributed()
         self.device = self._resolve_device()
         self.precision = resolve_precision(self.run, self.device)
@@ -618,6 +621,7 @@ class Trainer:
         self._seed_everything(self.run.seed)
         if resume is not None:
             self._resume(Path(resume))
+            _check_output_dir(self.output_dir, resume, overwrite)
         else:
             self._build_stage(0)
 
