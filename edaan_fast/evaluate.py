@@ -303,14 +303,21 @@ def save_features(path: Path, protocol: str, dataset: str, features: dict, meta:
             if f.paths is not None:
                 arrays[f"{prefix}{split}_paths"] = np.array(f.paths, dtype=str)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise EvaluationError(f"cannot write features file {path}: {exc.strerror or exc}") \
+            from None
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise EvaluationError(f"cannot write features file {path}: "
+                                  f"{exc.strerror or exc}") from None
         raise
     return path
 
@@ -322,8 +329,20 @@ def load_features(path: Path, protocol: str | None = None) -> tuple[str, str, di
     the ``gallery_*`` three (protocol ``market`` unless ``protocol`` says otherwise).
     """
     path = Path(path)
+    if path.is_dir():
+        raise EvaluationError(f"features file {path} is a folder; expected an .npz file written "
+                              "by --export-features")
     if not path.is_file():
         raise EvaluationError(f"features file {path} does not exist")
+    expected = ("an .npz archive (written by --export-features, or np.savez with query_features, "
+                "query_pids, query_camids and the gallery_* three)")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic == b"\x93NUMPY":
+        raise EvaluationError(f"features file {path} is a single .npy array; expected {expected}")
+    if not magic.startswith(b"PK"):
+        raise EvaluationError(f"features file {path} cannot be read as .npz: it is not a zip "
+                              f"archive (starts with {magic[:4]!r}); expected {expected}")
     try:
         data = np.load(path, allow_pickle=False)
         files = set(data.files)
@@ -363,10 +382,17 @@ def _read_features(path: Path, data, files: set, protocol: str | None):
             if not np.issubdtype(feats.dtype, np.floating):
                 raise EvaluationError(f"features file {path}: {keys[0]} must be floating "
                                       f"point, got {feats.dtype}")
+            if feats.ndim != 2 or feats.shape[1] == 0:
+                raise EvaluationError(f"features file {path}: {keys[0]} must be [N, D] with "
+                                      f"D >= 1, got shape {list(feats.shape)}")
             for k, ids in zip(keys[1:], (pids, camids)):
                 if not np.issubdtype(ids.dtype, np.integer):
                     raise EvaluationError(f"features file {path}: {k} must hold integer "
                                           f"ids, got {ids.dtype}")
+                if ids.shape != feats.shape[:1]:
+                    raise EvaluationError(f"features file {path}: {k} must be 1-D with one id "
+                                          f"per row of {keys[0]} ([{feats.shape[0]}]), got "
+                                          f"shape {list(ids.shape)}")
             paths_key = f"{prefix}{split}_paths"
             paths = [str(s) for s in data[paths_key]] if paths_key in files else None
             if feats.shape[0:1] == (0,):
@@ -461,9 +487,33 @@ def _title(plan_dataset: str, protocol: str, run: dict, features: dict, args) ->
 
 def write_json(path: Path, data: dict) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    except OSError as exc:
+        raise EvaluationError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
+
+
+def _check_output(flag: str, path: Path | None, folder: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: a file where a folder
+    is wanted or the reverse, or a path under a file."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise EvaluationError(f"{flag} {path} is a file; expected a folder (it is created "
+                                  "if missing)")
+        if not folder and path.is_dir():
+            raise EvaluationError(f"{flag} {path} is a folder; expected a file path")
+        return
+    parent = path.parent
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise EvaluationError(f"{flag} {path}: {parent} is a file, so nothing can be written "
+                              "under it")
 
 
 # ---------------------------------------------------------------------------------- figures
@@ -665,16 +715,6 @@ def write_figures(out: Path, features: dict, dist: torch.Tensor, args, *, label:
 # ---------------------------------------------------------------------------------- main
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    if "Original Traceback" in text:  # raised in a DataLoader worker: the last line says it
-        return lines[-1]
-    return " ".join(lines)
-
-
 def _device(spec: str | None) -> torch.device:
     if spec is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -719,7 +759,7 @@ def read_checkpoint(path: Path) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes about pickle protocols
-            return load_checkpoint(path)
+            return load_checkpoint(path, kind="model")
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any other failure means a damaged file
@@ -735,11 +775,8 @@ def _load_model(path: Path, args, device):
 
     ckpt = read_checkpoint(path)
     run = ckpt.get("run") or {}
-    if not isinstance(run, dict):
-        raise EvaluationError(f"checkpoint {path} has a 'run' entry of type "
-                              f"{type(run).__name__}; expected a dict")
     _check_expectations(path, run, args)
-    model, ckpt = model_from_checkpoint(ckpt)
+    model, ckpt = model_from_checkpoint(ckpt, where=f"checkpoint {path}")
     return model.to(device).eval(), ckpt, run
 
 
@@ -773,6 +810,9 @@ def _validate(args) -> None:
                               "fixes the protocol")
     if args.compare_checkpoint is not None and args.figures is None:
         raise EvaluationError("--compare-checkpoint is used by the figures: add --figures DIR")
+    _check_output("--output", args.output)
+    _check_output("--export-features", args.export_features)
+    _check_output("--figures", args.figures, folder=True)
     if args.figures is not None:
         _require_viz()  # before the features are extracted
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--k1", args.k1, 1),
@@ -921,9 +961,8 @@ def run(args) -> dict:
 def _load_model_plain(path: Path, device):
     from edaan_fast.engine.checkpoint import model_from_checkpoint
 
-    model, ckpt = model_from_checkpoint(read_checkpoint(path))
-    run = ckpt.get("run") or {}
-    return model.to(device).eval(), ckpt, run if isinstance(run, dict) else {}
+    model, ckpt = model_from_checkpoint(read_checkpoint(path), where=f"checkpoint {path}")
+    return model.to(device).eval(), ckpt, ckpt.get("run") or {}
 
 
 def _jsonable(x: Any) -> Any:
@@ -969,7 +1008,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if not isinstance(exc, _input_error_types()):
             raise
-        sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
+        from edaan_fast._cli import one_line
+
+        sys.stderr.write(f"{PROG}: error: {one_line(exc)}\n")
         return EXIT_ERROR
     return 0
 

@@ -12,8 +12,12 @@ Options resolve in three layers: the defaults, then ``--config file.yaml`` (keys
 option names, ``-`` or ``_``), then the options given on the command line. The resolved
 configuration is written to ``<output-dir>/config.yaml`` and into every checkpoint.
 
-Exit status: 0 done; 1 a loss became NaN/inf; 2 a configuration, data or checkpoint error
-(one line on stderr); 130 interrupted (Ctrl-C: a checkpoint was saved, ``--resume`` it).
+A fresh run refuses an ``--output-dir`` that already holds a run (``checkpoint.pt``,
+``final.pt``): ``--resume`` it, or pass ``--overwrite`` to start over there.
+
+Exit status: 0 done; 1 a loss became NaN/inf; 2 a configuration, data or checkpoint error, or
+a checkpoint that cannot be written (disk full), as one line on stderr; 130 interrupted
+(Ctrl-C: a checkpoint was saved, ``--resume`` it).
 """
 
 from __future__ import annotations
@@ -153,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_default("batch size of feature extraction", d.eval_batch_size))
     g.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint.pt "
                    "exactly where it stopped (same options; output options may change)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --output-dir that holds one, deleting its "
+                        "checkpoints and report (default: refuse)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction,
                    help="show progress bars (default: on)")
     return p
@@ -165,8 +172,10 @@ def _setup_logging() -> None:
                         datefmt="%H:%M:%S")
 
 
-def _fail(message: str, status: int, one_line: bool = True) -> int:
-    text = " ".join(message.split("\n", 1)[0].split()) if one_line else message.rstrip()
+def _fail(error: BaseException, status: int, whole: bool = False) -> int:
+    from edaan_fast._cli import one_line
+
+    text = str(error).rstrip() if whole else one_line(error)
     sys.stderr.write(f"edaan_fast.train: error: {text}\n")
     return status
 
@@ -203,16 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     pin_malloc_thresholds()
     options = vars(args)
     resume = options.pop("resume", None)
+    overwrite = options.pop("overwrite", False)
     config_file = options.pop("config", None)
     try:
         merged = load_run_file(config_file) if config_file else {}
         merged.update(options)
         if resume is not None:
-            run = resume_config(load_checkpoint(resume)["run"], merged)
+            run = resume_config(load_checkpoint(resume, kind="training")["run"], merged)
         else:
             run = RunConfig.from_dict(merged, "options").resolve()
         with logging_redirect_tqdm():
-            report = train(run, resume=resume)
+            report = train(run, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as exc:
         sys.stderr.write(f"edaan_fast.train: {exc}\n")
         return 130
@@ -220,14 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("edaan_fast.train: interrupted before training started; nothing "
                          "written\n")
         return 130
-    except CheckpointError as exc:
-        return _fail(str(exc), 2)
-    except DatasetError as exc:  # keeps its lines: they show the expected folder layout
-        return _fail(str(exc), 2, one_line=False)
-    except (RunConfigError, ValueError) as exc:
-        return _fail(str(exc), 2)
+    except (CheckpointError, DatasetError, RunConfigError, ValueError) as exc:
+        return _fail(exc, 2)
     except NonFiniteLossError as exc:
-        return _fail(str(exc), 1, one_line=False)
+        return _fail(exc, 1, whole=True)
     if int(os.environ.get("RANK", "0")) == 0:
         sys.stdout.write(markdown_table([report], extra_columns=("mINP", "seconds")))
         sys.stdout.write(f"report: {os.path.join(run.output_dir, 'report.json')}\n")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,21 @@ MARKET_FILES = {
     "bounding_box_test": ["0001_c2s1_000301_01.jpg", "0003_c1s1_000601_04.jpg",
                           "0000_c5s2_011111_02.jpg", "-1_c1s1_000401_03.jpg"],
 }
+
+
+def bomb_png(side: int = 20000) -> bytes:
+    """A valid 1-bit PNG of ``side x side`` pixels (400 megapixels by default: over twice
+    Pillow's decompression-bomb limit) in about 50 kB: rows of zeros compress well."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    row = b"\x00" * (1 + (side + 7) // 8)
+    stream = zlib.compressobj(9)
+    data = b"".join(stream.compress(row) for _ in range(side)) + stream.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grey
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+            + chunk(b"IEND", b""))
 
 
 def make_market(root: Path, files=MARKET_FILES) -> Path:
@@ -119,6 +136,41 @@ def test_corrupt_image_reported_by_path(tmp_path):
     loader = build_loader(ds.train, train=False, batch_size=4, num_workers=0, image_size=(8, 4))
     with pytest.raises(DatasetError, match="0002_c1s1_000451_03.jpg"):
         list(loader)
+
+
+def test_decompression_bomb_reported_by_path(tmp_path):
+    make_market(tmp_path)
+    bomb = tmp_path / "bounding_box_train" / "0007_c2s3_070952_01.jpg"
+    bomb.write_bytes(bomb_png())
+    ds = build_dataset("market1501", tmp_path)
+    with pytest.raises(DatasetError, match="1 unreadable image") as info:
+        ds.verify()
+    assert f"image {bomb} is too large to decode" in str(info.value)
+    loader = build_loader(ds.train, train=False, batch_size=4, num_workers=0, image_size=(8, 4))
+    with pytest.raises(DatasetError, match="is too large to decode"):
+        list(loader)
+
+
+def test_broken_symlink_named_like_an_image_is_reported(tmp_path):
+    make_market(tmp_path)
+    link = tmp_path / "query" / "0005_c1s1_001051_00.jpg"
+    link.symlink_to(tmp_path / "elsewhere.jpg")
+    with pytest.raises(DatasetError, match="broken symbolic link") as info:
+        build_dataset("market1501", tmp_path)
+    assert f"{link} -> {tmp_path / 'elsewhere.jpg'}" in str(info.value)
+    (tmp_path / "other.txt").symlink_to(tmp_path / "gone.txt")  # not an image: still skipped
+    link.unlink()
+    assert len(build_dataset("market1501", tmp_path).query) == 2
+
+
+@pytest.mark.parametrize("name", ["market1501", "prid2011", "cuhk03", "synthetic"])
+def test_a_file_as_data_root_is_refused(tmp_path, name):
+    a_file = tmp_path / "data"
+    a_file.write_text("")
+    with pytest.raises(DatasetError, match=f"the data root {a_file} is a file; expected a folder"):
+        build_dataset(name, a_file)
+    with pytest.raises(DatasetError, match=f"is under {a_file}, a file"):
+        build_dataset(name, a_file / "sub")
 
 
 def test_unknown_dataset_lists_choices():

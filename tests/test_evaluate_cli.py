@@ -331,3 +331,85 @@ def test_cli_process_reports_one_line_and_exit_code_2(tmp_path):
     assert proc.stdout == "" and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1
     assert proc.stderr.startswith(f"{ERROR_PREFIX}checkpoint {bad} cannot be read")
+
+
+# ----------------------------------------------------------------------------- bad input, as
+# a user meets it: a separate process, exit status 2 and one line on stderr
+
+
+def _evaluate(argv):
+    return subprocess.run([sys.executable, "-m", "edaan_fast.evaluate", *argv],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def _process_error(argv) -> str:
+    proc = _evaluate(argv)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), proc.stderr[-3000:]
+    return lines[0][len(ERROR_PREFIX):]
+
+
+def _features_file(path, q_features=None, q_pids=None):
+    rng = np.random.default_rng(0)
+    ids = np.arange(5)
+    np.savez(path, query_features=rng.normal(size=(5, 8)) if q_features is None else q_features,
+             query_pids=ids if q_pids is None else q_pids, query_camids=ids * 0,
+             gallery_features=rng.normal(size=(5, 8)), gallery_pids=ids,
+             gallery_camids=ids * 0 + 1)
+    return path
+
+
+def test_output_paths_that_cannot_be_written(ckpt, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    msg = _process_error(["--checkpoint", str(ckpt), "--output", str(tmp_path)])
+    assert msg == f"--output {tmp_path} is a folder; expected a file path"
+    msg = _process_error(["--checkpoint", str(ckpt), "--export-features",
+                          str(a_file / "feats.npz")])
+    assert msg == (f"--export-features {a_file / 'feats.npz'}: {a_file} is a file, so nothing "
+                   "can be written under it")
+    msg = _process_error(["--checkpoint", str(ckpt), "--data-root", str(a_file)])
+    assert f"the data root {a_file} is a file; expected a folder" in msg
+
+
+def test_bad_features_files_through_a_process(tmp_path):
+    npy = tmp_path / "feats.npy"
+    np.save(npy, np.zeros((5, 8)))
+    assert _process_error(["--features", str(npy)]).startswith(
+        f"features file {npy} is a single .npy array; expected an .npz archive")
+    noise = tmp_path / "noise.npz"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    msg = _process_error(["--features", str(noise)])
+    assert msg.startswith(f"features file {noise} cannot be read as .npz: it is not a zip "
+                          "archive") and "pickle" not in msg
+    no_columns = _features_file(tmp_path / "empty_dim.npz", q_features=np.zeros((5, 0)))
+    assert "query_features must be [N, D] with D >= 1, got shape [5, 0]" in _process_error(
+        ["--features", str(no_columns)])
+    pids_2d = _features_file(tmp_path / "pids_2d.npz", q_pids=np.arange(5).reshape(5, 1))
+    assert ("query_pids must be 1-D with one id per row of query_features ([5]), got shape "
+            "[5, 1]") in _process_error(["--features", str(pids_2d)])
+    q = np.random.default_rng(1).normal(size=(5, 8))
+    q[3, 2] = np.inf
+    infinite = _features_file(tmp_path / "inf.npz", q_features=q)
+    msg = _process_error(["--features", str(infinite)])
+    assert "qf holds infinite values (row 3 of 5); features must be finite" in msg
+    assert "NaN" not in msg
+
+
+def test_checkpoint_with_a_bad_model_config(tmp_path):
+    model = build_model("tiny")
+    config = model_config_to_dict(model.config)
+    config["gen_width"] = "16"
+    bad = save_checkpoint(tmp_path / "bad.pt", {"model_config": config,
+                                                "model": model.state_dict(), "epoch": 1,
+                                                "run": _run_dict(None)})
+    assert _process_error(["--checkpoint", str(bad)]) == (
+        f"checkpoint {bad}: bad model_config: gen_width must be an integer >= 1; got '16'")
+    run_text = save_checkpoint(tmp_path / "run_text.pt", {
+        "model_config": model_config_to_dict(model.config), "model": model.state_dict(),
+        "run": "edaan"})
+    assert _process_error(["--checkpoint", str(run_text)]) == (
+        f"checkpoint {run_text}: entry 'run' must be a dict (the run configuration); got str "
+        "'edaan'")

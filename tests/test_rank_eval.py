@@ -166,6 +166,75 @@ def test_bad_inputs_raise():
         rank_metrics_from_features(np.ones((4, 3)), np.ones((5, 3)), ids_q, ids_g, cq, cg, metric="l1")
 
 
+@pytest.mark.parametrize("view", [
+    "negative_strides", "transposed", "every_other_column", "big_endian", "float16",
+    "longdouble", "uint16", "uint32", "uint64", "int8", "lists",
+])
+def test_evaluate_rank_accepts_every_array_numpy_accepts(view):
+    rng = np.random.default_rng(5)
+    dist, qp, gp, qc, gc = make_problem(rng, 12, 40, num_ids=5)  # integer levels: exact in all
+    wide = np.repeat(dist, 2, axis=1)  # [12, 80]: every other column is dist
+    gallery = (gp, gc)
+    if view == "negative_strides":  # d[:, ::-1] with the gallery reversed to match
+        d, gallery = dist[:, ::-1], (gp[::-1], gc[::-1])
+        assert d.strides[1] < 0
+    elif view == "transposed":
+        d = np.asfortranarray(dist)
+    elif view == "every_other_column":
+        d = wide[:, ::2]
+    elif view == "big_endian":
+        d = dist.astype(">f8")
+    elif view == "lists":
+        d, gallery = dist.tolist(), (gp.tolist(), gc.tolist())
+    else:
+        d = dist.astype(view)
+    ids = [np.ascontiguousarray(x) for x in (qp, *gallery, qc)]
+    want_g = (np.ascontiguousarray(gallery[0]), np.ascontiguousarray(gallery[1]))
+    cmc, m_ap = evaluate_rank(d, qp, gallery[0], qc, gallery[1], max_rank=10)
+    ref_cmc, ref_ap = evaluate_rank(np.ascontiguousarray(np.asarray(d, dtype=np.float64)), ids[0],
+                                    want_g[0], qc, want_g[1], max_rank=10)
+    np.testing.assert_array_equal(cmc, ref_cmc)
+    assert m_ap == ref_ap
+
+
+def test_evaluate_rank_ids_of_other_dtypes_and_strides():
+    rng = np.random.default_rng(6)
+    dist, qp, gp, qc, gc = make_problem(rng, 12, 40, num_ids=5)
+    ref = evaluate_rank(dist, qp, gp, qc, gc, max_rank=10)
+    out = evaluate_rank(dist, qp.astype(np.uint32), np.repeat(gp, 2)[::2].astype(np.int16),
+                        qc.astype(np.uint64), gc[::-1][::-1].astype(np.int8), max_rank=10)
+    np.testing.assert_array_equal(out[0], ref[0])
+    assert out[1] == ref[1]
+
+
+def test_evaluate_rank_refuses_what_is_not_an_array_of_numbers():
+    ids = np.arange(3)
+    with pytest.raises(TypeError, match="distmat must be an array of numbers, got str of dtype <U"):
+        evaluate_rank("distances", ids, ids, ids, ids)
+    with pytest.raises(TypeError, match="distmat must be an array of numbers, got ndarray of "
+                                        "dtype object"):
+        evaluate_rank(np.array([[1.0, None]], dtype=object), ids[:1], ids[:2], ids[:1], ids[:2])
+    with pytest.raises(TypeError, match="numpy cannot read as one"):
+        evaluate_rank([[1.0, 2.0], [3.0]], ids[:2], ids[:2], ids[:2], ids[:2])
+
+
+def test_features_must_be_finite_and_have_columns():
+    rng = np.random.default_rng(7)
+    qf, gf = rng.normal(size=(4, 3)), rng.normal(size=(5, 3))
+    ids_q, ids_g, cq, cg = np.arange(4), np.arange(5), np.zeros(4, int), np.ones(5, int)
+    with pytest.raises(ValueError, match=r"the same dim >= 1, got \(4, 0\) and \(5, 0\)"):
+        rank_metrics_from_features(qf[:, :0], gf[:, :0], ids_q, ids_g, cq, cg)
+    bad = gf.copy()
+    bad[2, 1] = -np.inf
+    with pytest.raises(ValueError, match=r"gf holds infinite values \(row 2 of 5\)"):
+        rank_metrics_from_features(qf, bad, ids_q, ids_g, cq, cg)
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"gf holds NaN values \(row 2 of 5\)"):
+        rank_metrics_from_features(qf, bad, ids_q, ids_g, cq, cg)
+    with pytest.raises(ValueError, match=r"q_pids must be 1-D with 4 entries"):
+        rank_metrics_from_features(qf, gf, ids_q.reshape(4, 1), ids_g, cq, cg)
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_features_path_equals_distmat_path_exact_arithmetic(metric):
     # small-integer features: every distance formula is exact, so the tiles, the positives'

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,26 +111,33 @@ class ReIDDataset:
         return "\n".join(lines)
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB; a missing or undecodable file raises :class:`DatasetError`."""
+def _open(path: str | Path, what: str, mode: str) -> Image.Image:
+    """``Image.open(path).convert(mode)``, every failure a :class:`DatasetError` naming the
+    file: missing, a broken symbolic link, undecodable, or larger than Pillow's
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``)."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return img.convert(mode)
     except FileNotFoundError as exc:
-        raise DatasetError(f"image file not found: {path}") from exc
+        if os.path.islink(path):
+            raise DatasetError(f"{what} {path} is a broken symbolic link (to "
+                               f"{os.readlink(path)})") from exc
+        raise DatasetError(f"{what} file not found: {path}") from exc
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(f"{what} {path} is too large to decode ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"corrupt or unreadable image: {path} ({exc})") from exc
+        raise DatasetError(f"corrupt or unreadable {what}: {path} ({exc})") from exc
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB; a missing, undecodable or oversized file raises
+    :class:`DatasetError`."""
+    return _open(path, "image", "RGB")
 
 
 def read_mask(path: str | Path) -> np.ndarray:
     """Read an 8-bit single-channel mask as float32 ``[H, W]`` in ``[0, 1]``."""
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    except FileNotFoundError as exc:
-        raise DatasetError(f"mask file not found: {path}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"corrupt or unreadable mask: {path} ({exc})") from exc
+    return np.asarray(_open(path, "mask", "L"), dtype=np.float32) / 255.0
 
 
 def relabel(records: Sequence[Record]) -> list[Record]:
@@ -147,6 +155,9 @@ def find_root(root: str | Path, candidates: Sequence[str], required: Sequence[st
     root = Path(root).expanduser()
     if not root.exists():
         raise DatasetError(f"data set root does not exist: {root}\nexpected layout:\n{layout}")
+    if not root.is_dir():
+        raise DatasetError(f"data set root {root} is a file; expected a folder laid out as:\n"
+                           f"{layout}")
     tried = []
     for cand in candidates:
         base = root / cand if cand else root
@@ -161,8 +172,23 @@ def find_root(root: str | Path, candidates: Sequence[str], required: Sequence[st
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files (``.jpg``/``.jpeg``/``.png``) of ``folder``, sorted; others are skipped."""
-    files = sorted(p for p in folder.iterdir() if p.is_file())
+    """Image files (``.jpg``/``.jpeg``/``.png``) of ``folder``, sorted; others are skipped.
+
+    Raises:
+        DatasetError: ``folder`` is not a folder, or an entry named like an image is a
+            symbolic link whose target does not exist (a data set copied without its files).
+    """
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise DatasetError(f"cannot list {folder}: {exc.strerror or exc}") from None
+    broken = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_symlink()
+              and not p.exists()]
+    if broken:
+        raise DatasetError(
+            f"{len(broken)} image(s) in {folder} are broken symbolic links, e.g. {broken[0]} -> "
+            f"{os.readlink(broken[0])} (its target does not exist)")
+    files = [p for p in entries if p.is_file()]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     skipped = len(files) - len(images)
     if skipped:

@@ -133,4 +133,11 @@ def build_dataset(name: str, root: str | Path | None = None, **kwargs) -> ReIDDa
         ) from None
     if root is None and name != "synthetic":
         raise DatasetError(f"{name}: a root folder is required")
+    if root is not None:
+        path = existing = Path(root).expanduser()
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            where = "is a file" if existing == path else f"is under {existing}, a file"
+            raise DatasetError(f"{name}: the data root {path} {where}; expected a folder")
     return reader(root, **kwargs)

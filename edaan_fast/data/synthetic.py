@@ -510,7 +510,11 @@ def render(root: str | Path | None = None, preset: str | SyntheticPreset = "tiny
     final = root / f"{preset.name}_seed{seed}"
     if not force and _marker_matches(final, preset, seed):
         return final
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot create the synthetic data cache {root}: "
+                           f"{exc.strerror or exc}") from None
     tmp = root / f".{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     total = sum(len(_plan(preset, seed, d)) for d in range(len(DOMAINS)))

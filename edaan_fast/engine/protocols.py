@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from edaan_fast.ops import pairwise_distance, rank_metrics, rank_metrics_from_features
+from edaan_fast.ops.evaluation import as_tensor
 
 __all__ = [
     "ProtocolResult",
@@ -101,12 +102,11 @@ def _distmat(x: Any, metric: str) -> torch.Tensor:
                 f"got {len(x)} items"
             )
         return pairwise_distance(x[0], x[1], metric=metric)
-    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return as_tensor(x, "distmat")
 
 
 def _ids(x: Any, device: torch.device) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    return t.to(device=device, dtype=torch.int64).reshape(-1)
+    return as_tensor(x, "ids").to(device=device, dtype=torch.int64).reshape(-1)
 
 
 def market_duke(

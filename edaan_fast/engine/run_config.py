@@ -295,8 +295,10 @@ class RunConfig:
                 or not all(isinstance(v, int) and v > 0 for v in image_size)):
             raise RunConfigError(f"image_size must be [H, W] (two positive integers); got "
                                  f"{image_size!r}")
+        attention = bool(self.attention and flags.attention)
+        _check_model(self.preset, [int(v) for v in image_size], attention, self.model)
         return self.replace(
-            attention=bool(self.attention and flags.attention),
+            attention=attention,
             epochs=int(epochs), lambda_cyc=float(lambda_cyc), phase_epoch=int(phase),
             image_size=[int(v) for v in image_size], end_to_end=flags.end_to_end,
             translator=flags.translator, reid_data=flags.reid_data,
@@ -312,6 +314,20 @@ class RunConfig:
     def num_identities_per_batch(self) -> int:
         """``P`` of the PK batches."""
         return self.batch_size // self.num_instances
+
+
+def _check_model(preset: str, image_size: list[int], attention: bool,
+                 overrides: dict[str, Any]) -> None:
+    """The networks' own rules (:class:`~edaan_fast.models.ModelConfig`: field types, ranges,
+    the smallest image size) applied to a run's ``model`` overrides and ``image_size``."""
+    from edaan_fast.models import model_config
+
+    try:
+        model_config(preset, image_size=tuple(image_size), no_attention=not attention,
+                     **overrides)
+    except (TypeError, ValueError) as exc:
+        raise RunConfigError(f"model configuration: {str(exc).removeprefix('ModelConfig: ')}") \
+            from None
 
 
 def load_run_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -58,8 +58,10 @@ states, the samplers' positions and the evaluation history, so ``resume`` contin
 bit-for-bit on the CPU with ``num_workers=0`` (the CPU default: augmentation then draws from
 the process RNG, which the checkpoint restores; worker processes seed their own generators,
 so with workers the resumed augmentation differs). Ctrl-C (SIGINT) asks the loop to finish
-the current iteration, save ``checkpoint.pt`` and raise :class:`TrainingInterrupted`; a second
-Ctrl-C stops at once without writing (the last checkpoint stays intact).
+the current iteration (the final evaluation: to stop at once), save ``checkpoint.pt`` and raise
+:class:`TrainingInterrupted`; a second Ctrl-C stops at once without writing (the last
+checkpoint stays intact). A fresh run never replaces the run of its output folder unless told
+to (``overwrite``), and removes the temporaries of checkpoint writes a killed process left.
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ from edaan_fast.losses import EDAANObjective, LossWeights, QuartetLoss, TripletL
 from edaan_fast.models import EDAAN, ModelConfig, model_config
 
 from .checkpoint import (
-    CheckpointError, load_checkpoint, model_config_from_dict, model_config_to_dict,
-    save_checkpoint,
+    CheckpointError, load_checkpoint, load_model_state, model_config_from_dict,
+    model_config_to_dict, remove_stale_temporaries, save_checkpoint,
 )
 from .report import build_report, method_name, metrics_dict, transfer_name, write_report
 from .run_config import RunConfig, RunConfigError, source_dataset, target_dataset
@@ -108,6 +110,11 @@ CHECKPOINT_NAME = "checkpoint.pt"
 FINAL_NAME = "final.pt"
 TRANSLATOR_NAME = "translator.pt"
 TRANSLATED_DIR = "translated"
+#: The files that make an output folder hold a run: a fresh run never replaces them unless
+#: told to (``overwrite``), since ``final.pt`` is the result of a finished run.
+RUN_FILES = (CHECKPOINT_NAME, FINAL_NAME, TRANSLATOR_NAME)
+#: What ``overwrite`` deletes before a fresh run starts (so a folder never mixes two runs).
+OVERWRITTEN_FILES = RUN_FILES + ("report.json", "report.md")
 
 #: Options that may differ between a checkpoint's run and the run that resumes it: where and
 #: how output goes, and how data are read. Everything else defines the training and must match.
@@ -124,10 +131,12 @@ class TrainingInterrupted(KeyboardInterrupt):
         epoch: completed epochs; iteration: completed iterations of the current epoch.
     """
 
-    def __init__(self, checkpoint: Path | None, epoch: int, iteration: int):
+    def __init__(self, checkpoint: Path | None, epoch: int, iteration: int,
+                 during: str | None = None):
         self.checkpoint, self.epoch, self.iteration = checkpoint, epoch, iteration
         where = f"epoch {epoch + 1}, iteration {iteration}"
-        msg = (f"training interrupted at {where}; checkpoint saved to {checkpoint}; continue "
+        at = f"during {during} (after {epoch} epochs)" if during else f"at {where}"
+        msg = (f"training interrupted {at}; checkpoint saved to {checkpoint}; continue "
                f"with --resume {checkpoint}" if checkpoint is not None else
                f"training interrupted in the middle of an iteration ({where}); nothing was "
                "written, the last periodic checkpoint (if any) is intact")
@@ -313,15 +322,23 @@ class HookBase:
 
 
 class _StopRequest:
-    """SIGINT -> "stop after this iteration"; a second SIGINT raises at once."""
+    """SIGINT -> "stop after this iteration"; a second SIGINT raises at once, and so does the
+    first while ``immediate`` (no training state is changing: the final evaluation).
+
+    Loader worker processes forked from the trainer inherit the handler; a terminal's Ctrl-C
+    reaches them too, and they ignore it (the trainer process decides, and says so once).
+    """
 
     def __init__(self):
         self.requested = False
+        self.immediate = False
         self._previous = None
         self._installed = False
+        self._pid = os.getpid()
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
+            self._pid = os.getpid()
             self._previous = signal.signal(signal.SIGINT, self._handler)
             self._installed = True
 
@@ -331,7 +348,9 @@ class _StopRequest:
             self._installed = False
 
     def _handler(self, signum, frame) -> None:
-        if self.requested:
+        if os.getpid() != self._pid:
+            return  # a loader worker
+        if self.requested or self.immediate:
             raise KeyboardInterrupt
         self.requested = True
         logger.warning("interrupt: finishing this iteration, then saving a checkpoint "
@@ -466,6 +485,41 @@ def _translated_complete(records: Sequence[Record], folder: Path) -> bool:
         return False
 
 
+def _check_output_dir(folder: Path, resume: str | os.PathLike | None, overwrite: bool,
+                      runs: bool = True) -> None:
+    """Refuse an output folder that cannot be one, or (``runs``) that holds a run this one
+    would replace.
+
+    A fresh run needs ``overwrite`` to write into a folder holding :data:`RUN_FILES`; a
+    resumed run may write into the folder of the checkpoint it resumes, and needs
+    ``overwrite`` for another folder holding a run.
+    """
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is a file" if existing == folder else f"is under {existing}, which is a file"
+        raise RunConfigError(f"output_dir {folder} {what}; expected a folder (it is created if "
+                             "missing)")
+    if overwrite or not runs or not folder.is_dir():
+        return
+    found = [name for name in RUN_FILES if (folder / name).exists()]
+    if not found:
+        return
+    if resume is not None:
+        if Path(resume).resolve().parent == folder.resolve():
+            return
+        raise RunConfigError(
+            f"output_dir {folder} holds another run ({', '.join(found)}), which resuming "
+            f"{resume} there would replace: pass --output-dir {Path(resume).parent} (the "
+            "checkpoint's own folder) or another folder, or --overwrite to replace it")
+    ckpt = folder / (CHECKPOINT_NAME if CHECKPOINT_NAME in found else found[0])
+    raise RunConfigError(
+        f"output_dir {folder} already holds a run ({', '.join(found)}); a new run would replace "
+        f"it: continue it with --resume {ckpt}, start over with --overwrite (deletes "
+        f"{', '.join(found)}), or choose another --output-dir")
+
+
 def resume_config(checkpoint_run: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
     """The run configuration of a resumed run: the checkpoint's, with ``overrides`` applied.
 
@@ -505,23 +559,31 @@ class Trainer:
         hooks: :class:`HookBase` instances.
         resume: a checkpoint written by a run of the same configuration (see
             :func:`resume_config`) to continue from.
+        overwrite: let a fresh run replace the run in ``output_dir`` (its checkpoints and
+            report are deleted when training starts). Without it, a fresh run into a folder
+            that holds ``checkpoint.pt``, ``final.pt`` or ``translator.pt`` is refused, and so
+            is resuming into such a folder from a checkpoint kept elsewhere.
 
     Raises:
-        RunConfigError: an invalid configuration, or one that does not match ``resume``.
+        RunConfigError: an invalid configuration, or one that does not match ``resume``; an
+            output folder that is a file or holds another run (see ``overwrite``).
         CheckpointError: ``resume`` is missing, truncated, foreign, or holds weights only.
         DatasetError: a data set is missing or malformed.
     """
 
     def __init__(self, run: RunConfig, *, hooks: Sequence[HookBase] = (),
-                 resume: str | os.PathLike | None = None):
+                 resume: str | os.PathLike | None = None, overwrite: bool = False):
         self.run = run.resolve()
         self.hooks = list(hooks)
+        self.output_dir = Path(self.run.output_dir)
+        self.overwrite = bool(overwrite) and resume is None
+        # a resume checks the folder's run after the checkpoint: its errors come first
+        _check_output_dir(self.output_dir, resume, overwrite, runs=resume is None)
         self.dist = self._init_distributed()
         self.device = self._resolve_device()
         self.precision = resolve_precision(self.run, self.device)
         self.num_workers = (self.run.num_workers if self.run.num_workers is not None
                             else (0 if self.device.type == "cpu" else 4))
-        self.output_dir = Path(self.run.output_dir)
         run_dict = self.run.to_dict()
         self.source = source_dataset(run_dict)
         self.target = target_dataset(run_dict)
@@ -560,6 +622,7 @@ class Trainer:
         self._seed_everything(self.run.seed)
         if resume is not None:
             self._resume(Path(resume))
+            _check_output_dir(self.output_dir, resume, overwrite)
         else:
             self._build_stage(0)
 
@@ -580,7 +643,14 @@ class Trainer:
 
     def _resolve_device(self) -> torch.device:
         name = self.run.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise RunConfigError(f"device {name!r} is not a torch device (expected cpu, cuda or "
+                                 "cuda:N)") from None
+        if device.type not in ("cpu", "cuda"):
+            raise RunConfigError(f"device {name!r}: training runs on cpu or cuda, not "
+                                 f"{device.type}")
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise RunConfigError(f"device {name!r} requested but CUDA is not available")
@@ -723,9 +793,10 @@ class Trainer:
     def _write_translated_from_checkpoint(self, folder: Path) -> None:
         path = self.output_dir / TRANSLATOR_NAME
         if self.dist.is_main:
-            ckpt = load_checkpoint(path)
-            translator = EDAAN(model_config_from_dict(ckpt["model_config"]))
-            translator.load_state_dict(ckpt["model"])
+            ckpt = load_checkpoint(path, kind="model")
+            where = f"checkpoint {path}"
+            translator = EDAAN(model_config_from_dict(ckpt["model_config"], where))
+            load_model_state(translator, ckpt["model"], where)
             logger.info("regenerating the translated source set from %s", path)
             self._translate(translator.to(self.device), folder)
         self._barrier()
@@ -778,14 +849,8 @@ class Trainer:
         return path
 
     def _resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
-        needed = ("run", "model", "model_config", "epoch", "stage", "optimizers", "schedulers",
-                  "ranks", "sampler")
-        missing = [k for k in needed if k not in ckpt]
-        if missing:
-            raise CheckpointError(
-                f"{path} cannot be resumed: it has no {missing} entries (keys: {sorted(ckpt)}); "
-                "only a checkpoint.pt written by edaan_fast.train holds the training state")
+        ckpt = load_checkpoint(path, kind="training")  # the schema: entries and their types
+        where = f"checkpoint {path}"
         resume_config(ckpt["run"], {k: v for k, v in self.run.to_dict().items()
                                     if k not in RunConfig.DERIVED})
         if len(ckpt["ranks"]) != self.dist.world_size:
@@ -795,27 +860,46 @@ class Trainer:
         if model_config_to_dict(self.model_config) != ckpt["model_config"]:
             raise CheckpointError(f"{path}: its model_config {ckpt['model_config']} differs from "
                                   f"this run's {model_config_to_dict(self.model_config)}")
+        if ckpt["stage"] >= len(self.stages):
+            raise CheckpointError(
+                f"{where}: stage {ckpt['stage']} does not exist in a {self.run.variant} run "
+                f"(stages {', '.join(f'{i} {s.name}' for i, s in enumerate(self.stages))})")
+        if ckpt["epoch"] > self.total_epochs:
+            raise CheckpointError(f"{where}: epoch {ckpt['epoch']} is past the run's "
+                                  f"{self.total_epochs} epochs")
         self.epoch = int(ckpt["epoch"])
         self.iteration = int(ckpt.get("iteration", 0))
         self.global_step = int(ckpt.get("global_step", 0))
         self.history = list(ckpt.get("metrics", {}).get("history", []))
         self.elapsed_before = float(ckpt.get("elapsed", 0.0))
         self._build_stage(int(ckpt["stage"]))
-        self.model.load_state_dict(ckpt["model"])
-        if set(ckpt["optimizers"]) != set(self.optimizers):
+        load_model_state(self.model, ckpt["model"], where)
+        if set(ckpt["optimizers"]) != set(self.optimizers) or \
+                set(ckpt["schedulers"]) != set(self.optimizers):
             raise CheckpointError(f"{path}: optimisers {sorted(ckpt['optimizers'])} do not fit "
                                   f"the {self.stage.name} stage ({sorted(self.optimizers)})")
-        for k, opt in self.optimizers.items():
-            opt.load_state_dict(ckpt["optimizers"][k])
-            self.schedulers[k].load_state_dict(ckpt["schedulers"][k])
         mine = ckpt["ranks"][self.dist.rank]
-        self.step.load_state_dict(mine["step"])
-        self.step.pool_S.to(self.device)
-        self.step.pool_T.to(self.device)
-        self.source_loader.load_state_dict(ckpt["sampler"]["source"])
-        if self.target_loader is not None and ckpt["sampler"]["target"] is not None:
-            self.target_loader.load_state_dict(ckpt["sampler"]["target"])
-        _set_rng_state(mine["rng"])  # last: nothing after it may draw random numbers
+        part = "optimiser"
+        try:  # the schema is checked; a state that still does not fit is named here
+            for k, opt in self.optimizers.items():
+                opt.load_state_dict(ckpt["optimizers"][k])
+                part = "scheduler"
+                self.schedulers[k].load_state_dict(ckpt["schedulers"][k])
+                part = "optimiser"
+            part = "training step (image pools, grad scalers)"
+            self.step.load_state_dict(mine["step"])
+            self.step.pool_S.to(self.device)
+            self.step.pool_T.to(self.device)
+            part = "sampler"
+            self.source_loader.load_state_dict(ckpt["sampler"]["source"])
+            if self.target_loader is not None and ckpt["sampler"]["target"] is not None:
+                self.target_loader.load_state_dict(ckpt["sampler"]["target"])
+            part = "random number generator"
+            _set_rng_state(mine["rng"])  # last: nothing after it may draw random numbers
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            text = str(exc).strip().splitlines()
+            raise CheckpointError(f"{where}: its {part} state cannot be restored "
+                                  f"({type(exc).__name__}: {text[0] if text else ''})") from None
         logger.info("resumed %s at epoch %d, iteration %d (%s stage)", path, self.epoch,
                     self.iteration, self.stage.name)
 
@@ -1019,9 +1103,10 @@ class Trainer:
         self._stop = _StopRequest()
         self._stop.install()
         self._start_time = time.perf_counter()
+        self._finishing = False
         try:
             if self.dist.is_main:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
+                self._prepare_output_dir()
                 self._write_config()
             self._open_writer()
             self._log_start()
@@ -1033,6 +1118,7 @@ class Trainer:
                     self._enter_stage(index)
                 self._train_epoch()
                 self._end_epoch()
+            self._finishing = True
             report = self._finish()
             for hook in self.hooks:
                 hook.after_train(self, report)
@@ -1041,7 +1127,9 @@ class Trainer:
             if isinstance(exc, TrainingInterrupted):
                 raise
             path = None if self._in_step else self.save()
-            raise TrainingInterrupted(path, self.epoch, self.iteration) from None
+            raise TrainingInterrupted(path, self.epoch, self.iteration,
+                                      "the final evaluation" if self._finishing else None) \
+                from None
         finally:
             self._stop.restore()
             self._close_target_iter()
@@ -1051,6 +1139,20 @@ class Trainer:
             if self._owns_group and dist.is_initialized():
                 dist.destroy_process_group()
                 self._owns_group = False
+
+    def _prepare_output_dir(self) -> None:
+        """Create the output folder; delete the replaced run's files (``overwrite``) and the
+        temporaries of checkpoint writes that a killed process never finished."""
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunConfigError(f"output_dir {self.output_dir} cannot be created: "
+                                 f"{exc.strerror or exc}") from None
+        if self.overwrite:
+            for name in OVERWRITTEN_FILES:
+                (self.output_dir / name).unlink(missing_ok=True)
+        for stale in remove_stale_temporaries(self.output_dir):
+            logger.info("removed %s, left by an interrupted checkpoint write", stale)
 
     def _write_config(self) -> None:
         import yaml
@@ -1076,8 +1178,16 @@ class Trainer:
             self.output_dir)
 
     def _finish(self) -> dict[str, Any]:
+        # From here to the checkpoint nothing of the training changes, so a first Ctrl-C
+        # stops at once (one process; under DDP the ranks stop together after evaluating).
+        self._stop.immediate = not self.dist.enabled
+        if self._stop_requested():
+            raise KeyboardInterrupt
         self._save_grid()
         metrics = self.evaluate()
+        if self._stop_requested():
+            raise KeyboardInterrupt
+        self._stop.immediate = False
         self._record_evaluation(metrics)
         self.save(CHECKPOINT_NAME)
         self.save(FINAL_NAME)
@@ -1093,6 +1203,8 @@ class Trainer:
 
 
 def train(run: RunConfig, *, hooks: Sequence[HookBase] = (),
-          resume: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Train ``run`` (optionally resuming a checkpoint); returns the ``report.json`` payload."""
-    return Trainer(run, hooks=hooks, resume=resume).fit()
+          resume: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train ``run`` (optionally resuming a checkpoint); returns the ``report.json`` payload.
+
+    ``overwrite``: see :class:`Trainer`."""
+    return Trainer(run, hooks=hooks, resume=resume, overwrite=overwrite).fit()

@@ -26,8 +26,9 @@ class ModelConfig:
 
     Attributes:
         image_size: ``(H, W)`` of the inputs; both must be divisible by
-            ``2 ** gen_downsamplings`` and by 4 (the attention net's two stride-2 stages).
-            Non-square person crops (256x128) are the normal case.
+            ``2 ** gen_downsamplings`` and by 4 (the attention net's two stride-2 stages) and at
+            least :attr:`min_image_size` (24x24 for both presets). Non-square person crops
+            (256x128) are the normal case.
         in_channels: image channels (3).
         gen_width: channels of the generator's first 7x7 conv (CycleGAN ``ngf`` = 64).
         gen_downsamplings: stride-2 3x3 convs in the encoder, each doubling the width
@@ -96,28 +97,74 @@ class ModelConfig:
     pixel_std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
+        _check_fields(self)
+        min_h, min_w = self.min_image_size
         h, w = self.image_size
-        step = max(2 ** self.gen_downsamplings, 4)
-        if h < step or w < step or h % step or w % step:
+        step = self.size_multiple
+        if h < min_h or w < min_w:
+            raise ValueError(
+                f"ModelConfig: image_size {self.image_size} is too small for the networks: "
+                f"the smallest allowed is {min_h}x{min_w} (H x W; "
+                f"{'; '.join(self._size_reasons())})")
+        if h % step or w % step:
             raise ValueError(
                 f"ModelConfig: image_size {self.image_size} must be positive multiples of {step} "
-                f"(2**gen_downsamplings={2 ** self.gen_downsamplings} and the attention net's 4)"
-            )
-        if self.gen_res_blocks < 0 or self.gen_downsamplings < 0:
-            raise ValueError("ModelConfig: gen_res_blocks and gen_downsamplings must be >= 0, got "
-                             f"{self.gen_res_blocks}, {self.gen_downsamplings}")
+                f"(2**gen_downsamplings={2 ** self.gen_downsamplings} and the attention net's 4)")
         if not 0 <= self.encoder_blocks <= self.gen_res_blocks:
             raise ValueError(f"ModelConfig: encoder_res_blocks must be in [0, gen_res_blocks="
                              f"{self.gen_res_blocks}], got {self.encoder_res_blocks}")
-        if self.num_ids < 1:
-            raise ValueError(f"ModelConfig: num_ids must be >= 1, got {self.num_ids}")
-        if self.reid_stripes < 1:
-            raise ValueError(f"ModelConfig: reid_stripes must be >= 1, got {self.reid_stripes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig: dropout must be in [0, 1), got {self.dropout}")
         if len(self.pixel_mean) != self.in_channels or len(self.pixel_std) != self.in_channels:
             raise ValueError(f"ModelConfig: pixel_mean/pixel_std need {self.in_channels} values, "
                              f"got {self.pixel_mean}, {self.pixel_std}")
+        if any(s <= 0 for s in self.pixel_std):
+            raise ValueError(f"ModelConfig: pixel_std must be > 0, got {self.pixel_std}")
+
+    # ------------------------------------------------------------------ input size
+
+    @property
+    def size_multiple(self) -> int:
+        """H and W must be multiples of this: ``2 ** gen_downsamplings`` (the generator's
+        transposed convs restore exactly the encoder's size) and 4 (the attention net's two
+        stride-2 stages and two x2 upsamplings)."""
+        return max(2 ** self.gen_downsamplings, 4)
+
+    def _size_needs(self) -> list[tuple[str, int, int]]:
+        """``(reason, min H, min W)`` of every part of the networks."""
+        down = 2 ** self.gen_downsamplings
+        patch = 3 * 2 ** self.disc_layers
+        needs = [
+            (f"one PatchGAN score after {self.disc_layers} stride-2 convs: >= {patch}", patch,
+             patch),
+            (f"{self.reid_stripes} re-ID bands of one row at the encoder's stride {down}: "
+             f"H >= {self.reid_stripes * down}", self.reid_stripes * down, 1),
+            (f"a 2x2 encoder bottleneck: >= {2 * down}", 2 * down, 2 * down),
+        ]
+        if not self.no_attention:
+            needs.append(("the attention net's stride-4 residual block: >= 8", 8, 8))
+        return needs
+
+    def _size_reasons(self) -> list[str]:
+        return [reason for reason, _, _ in self._size_needs()]
+
+    @property
+    def min_image_size(self) -> tuple[int, int]:
+        """The smallest ``(H, W)`` the networks take: every dimension a multiple of
+        :attr:`size_multiple` and large enough for each network. The PatchGAN must produce at
+        least one score (``floor(x / 2**disc_layers) - 2 >= 1``: 24 for the 70x70 PatchGAN,
+        whose receptive field may exceed the image, as zero padding fills it), the encoder's
+        bottleneck must be at least 2x2 (reflection padding and instance norm need 2 values per
+        axis), the attention net's stride-4 residual block likewise (8), and each of the re-ID
+        head's ``reid_stripes`` bands at least one row of the bottleneck. 24x24 for both
+        presets; a 256x128 or 64x32 person crop is far above it."""
+        step = self.size_multiple
+
+        def up(x: int) -> int:
+            return -(-x // step) * step
+
+        needs = self._size_needs()
+        return up(max(h for _, h, _ in needs)), up(max(w for _, _, w in needs))
 
     @property
     def encoder_blocks(self) -> int:
@@ -139,6 +186,47 @@ class ModelConfig:
     def replace(self, **overrides) -> "ModelConfig":
         """A copy with ``overrides`` applied (validated again)."""
         return dataclasses.replace(self, **overrides)
+
+
+def _check_fields(config: "ModelConfig") -> None:
+    """Types and ranges of every field (a config comes from YAML files and checkpoints too);
+    sequences become tuples."""
+    def fail(name: str, expected: str, value) -> None:
+        raise ValueError(f"ModelConfig: {name} must be {expected}; got {value!r}")
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for name in ("image_size", "attn_widths", "pixel_mean", "pixel_std"):
+        value = getattr(config, name)
+        if isinstance(value, list):
+            object.__setattr__(config, name, tuple(value))
+    for name, low in (("in_channels", 1), ("gen_width", 1), ("gen_downsamplings", 0),
+                      ("gen_res_blocks", 0), ("disc_width", 1), ("disc_layers", 1),
+                      ("num_ids", 1), ("reid_bottleneck", 1), ("embedding_dim", 1),
+                      ("reid_stripes", 1)):
+        value = getattr(config, name)
+        if not integer(value) or value < low:
+            fail(name, f"an integer >= {low}", value)
+    if config.encoder_res_blocks is not None and not integer(config.encoder_res_blocks):
+        fail("encoder_res_blocks", "an integer or null", config.encoder_res_blocks)
+    for name in ("image_size", "attn_widths"):
+        value = getattr(config, name)
+        if (not isinstance(value, tuple) or len(value) != 2
+                or not all(integer(v) and v >= 1 for v in value)):
+            fail(name, "two integers >= 1", value)
+    if not number(config.dropout):
+        fail("dropout", "a number in [0, 1)", config.dropout)
+    for name in ("no_attention", "cycle_through_attention"):
+        if not isinstance(getattr(config, name), bool):
+            fail(name, "true or false", getattr(config, name))
+    for name in ("pixel_mean", "pixel_std"):
+        value = getattr(config, name)
+        if not isinstance(value, tuple) or not all(number(v) for v in value):
+            fail(name, f"{config.in_channels} numbers", value)
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {

@@ -74,14 +74,38 @@ class RankMetrics:
 # --- input handling ---------------------------------------------------------------------------
 
 
-def _as_tensor(x: Any, name: str, device: torch.device | None = None) -> torch.Tensor:
+def as_tensor(x: Any, name: str, device: torch.device | None = None) -> torch.Tensor:
+    """``x`` as a tensor: a tensor as it is (detached), anything numpy reads as a numeric array
+    through ``np.asarray`` -- negative or other strides, non-contiguous views, non-native byte
+    order, any integer, float or bool dtype, lists -- copied only when torch cannot view it
+    (negative strides, byte order, dtypes torch lacks: ``uint16``/``uint32``/``uint64`` become
+    int64 or float64, ``longdouble`` float64). The one converter of the evaluation inputs.
+
+    Raises:
+        TypeError: ``x`` is not an array of numbers (strings, objects, ragged lists), naming
+            ``name``, the type and the dtype that came.
+    """
     if isinstance(x, torch.Tensor):
         t = x.detach()
     else:
         try:
-            t = torch.as_tensor(np.asarray(x))
+            a = np.asarray(x)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"rank_metrics: {name} must be a numpy array or tensor, got {type(x)}") from exc
+            raise TypeError(f"rank_metrics: {name} must be an array of numbers (numpy array, "
+                            f"tensor or nested lists), got {type(x).__name__} that numpy cannot "
+                            f"read as one ({exc})") from None
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"rank_metrics: {name} must be an array of numbers, got "
+                            f"{type(x).__name__} of dtype {a.dtype}")
+        if a.dtype.kind == "u" and a.dtype.itemsize > 1:
+            a = a.astype(np.int64 if a.dtype.itemsize < 8 else np.float64)
+        elif a.dtype.kind == "f" and a.dtype.itemsize > 8:
+            a = a.astype(np.float64)
+        elif not a.dtype.isnative:
+            a = a.astype(a.dtype.newbyteorder("="))
+        if any(s < 0 for s in a.strides):
+            a = a.copy()
+        t = torch.from_numpy(a)
     if device is not None and t.device != device:
         t = t.to(device)
     return t
@@ -132,7 +156,7 @@ def _ids(q_pids, g_pids, q_camids, g_camids, num_q, num_local, dev, group, g_off
 
 
 def _as_distmat(distmat: Any) -> torch.Tensor:
-    d = _as_tensor(distmat, "distmat")
+    d = as_tensor(distmat, "distmat")
     if d.dim() != 2:
         raise ValueError(
             f"rank_metrics: distmat must be 2-D [num_query, num_gallery], got shape {tuple(d.shape)}"
@@ -368,13 +392,20 @@ def evaluate_rank(
 def _prepare_features(qf, gf, metric: str):
     if metric not in _METRICS:
         raise ValueError(f"rank_metrics_from_features: unknown metric {metric!r}; choices: {list(_METRICS)}")
-    qf = _as_tensor(qf, "qf")
-    gf = _as_tensor(gf, "gf", qf.device)
-    if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1]:
+    qf = as_tensor(qf, "qf")
+    gf = as_tensor(gf, "gf", qf.device)
+    if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1] or qf.shape[1] == 0:
         raise ValueError(
-            "rank_metrics_from_features: qf and gf must be 2-D [num, dim] with the same dim, got "
-            f"{tuple(qf.shape)} and {tuple(gf.shape)}"
+            "rank_metrics_from_features: qf and gf must be 2-D [num, dim] with the same dim >= 1, "
+            f"got {tuple(qf.shape)} and {tuple(gf.shape)}"
         )
+    for name, f in (("qf", qf), ("gf", gf)):
+        finite = torch.isfinite(f).all(1) if f.dtype.is_floating_point else None
+        if finite is not None and not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            kind = "NaN" if bool(f[row].isnan().any()) else "infinite"
+            raise ValueError(f"rank_metrics_from_features: {name} holds {kind} values (row {row} "
+                             f"of {f.shape[0]}); features must be finite")
     dtype = torch.promote_types(qf.dtype, gf.dtype)
     if not dtype.is_floating_point or (qf.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)):
         dtype = torch.float32  # half GEMMs are slow on CPU
