@@ -220,7 +220,9 @@ def _check_fields(config: "ModelConfig") -> None:
             fail(name, "two integers >= 1", value)
     if not number(config.dropout):
         fail("dropout", "a number in [0, 1)", config.dropout)
-    for name in ("no_attention", "cycle_through_attention"):
+    if not number(config.attn_init_bias) or not abs(config.attn_init_bias) < float("inf"):
+        fail("attn_init_bias", "a finite number", config.attn_init_bias)
+    for name in ("no_attention", "cycle_through_attention", "reid_attention_grad"):
         if not isinstance(getattr(config, name), bool):
             fail(name, "true or false", getattr(config, name))
     for name in ("pixel_mean", "pixel_std"):
