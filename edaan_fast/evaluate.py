@@ -587,6 +587,15 @@ def _enlarge(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(a.float(), size=like.shape[-2:], mode="nearest").cpu()
 
 
+def _true_masks(records: Sequence) -> torch.Tensor | None:
+    """The ground-truth person masks ``[N, 1, H, W]`` of synthetic images, else ``None``."""
+    from edaan_fast.data.synthetic import load_mask, mask_path
+
+    if not records or not all(mask_path(r.path).is_file() for r in records):
+        return None
+    return torch.stack([torch.from_numpy(load_mask(r.path)) for r in records])[:, None]
+
+
 def _source_records(run: dict, n: int) -> list:
     """A few source-domain images of the run (for S -> T translations and A_S masks)."""
     from edaan_fast.data import DatasetError, build_dataset
@@ -690,13 +699,15 @@ def write_figures(out: Path, features: dict, dist: torch.Tensor, args, *, label:
     x_s = _images(source, cfg.image_size, device) if source else None
 
     if model.has_attention:
-        for name, x, net in (("target", x_t, model.attention_T),
-                             ("source", x_s, model.attention_S)):
+        for name, x, net, records in (("target", x_t, model.attention_T, target),
+                                      ("source", x_s, model.attention_S, source)):
             if x is None:
                 continue
             img = _to_unit(x, cfg)
-            written.append(viz.plot_attention(img, _enlarge(net(x), img),
-                                              out / f"attention_{name}.png", value_range=(0, 1)))
+            truth = _true_masks(records)
+            written.append(viz.plot_attention(
+                img, _enlarge(net(x), img), out / f"attention_{name}.png", value_range=(0, 1),
+                truth=None if truth is None else _enlarge(truth, img)))
     else:
         logger.info("%s has no attention network: mask figures skipped", label)
 

@@ -88,12 +88,14 @@ from torch import nn
 
 from edaan_fast.data import PKSampler, RandomBatchSampler, Record, ReIDDataset, build_loader
 from edaan_fast.losses import EDAANObjective, LossWeights, QuartetLoss, TripletLoss, id_loss
+from edaan_fast.metrics import AttentionQuality
 from edaan_fast.models import EDAAN, ModelConfig, model_config
 
 from .checkpoint import (
     CheckpointError, load_checkpoint, load_model_state, model_config_from_dict,
     model_config_to_dict, remove_stale_temporaries, save_checkpoint,
 )
+from .evaluator import evaluate_attention
 from .report import build_report, method_name, metrics_dict, transfer_name, write_report
 from .run_config import RunConfig, RunConfigError, source_dataset, target_dataset
 from .step import EDAANTrainStep, Phase
@@ -613,6 +615,7 @@ class Trainer:
         self.iteration = 0      # completed iterations of the current epoch
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
+        self.attention: dict[str, Any] | None = None  # latest attention quality
         self.elapsed_before = 0.0
         self.stage_index = -1
         self._in_step = False
@@ -773,6 +776,7 @@ class Trainer:
         self._build_stage(index)
 
     def _finish_translator(self) -> None:
+        self._record_attention()
         if self.dist.is_main:
             save_checkpoint(self.output_dir / TRANSLATOR_NAME, {
                 "model_config": model_config_to_dict(self.model_config),
@@ -833,7 +837,7 @@ class Trainer:
             "sampler": {"source": self.source_loader.state_dict(),
                         "target": (self.target_loader.state_dict()
                                    if self.target_loader is not None else None)},
-            "metrics": {"history": list(self.history)},
+            "metrics": {"history": list(self.history), "attention": self.attention},
             "elapsed": self._elapsed(),
         }
 
@@ -871,6 +875,7 @@ class Trainer:
         self.iteration = int(ckpt.get("iteration", 0))
         self.global_step = int(ckpt.get("global_step", 0))
         self.history = list(ckpt.get("metrics", {}).get("history", []))
+        self.attention = ckpt.get("metrics", {}).get("attention")
         self.elapsed_before = float(ckpt.get("elapsed", 0.0))
         self._build_stage(int(ckpt["stage"]))
         load_model_state(self.model, ckpt["model"], where)
@@ -966,6 +971,36 @@ class Trainer:
                                      num_workers=self.num_workers)
             metrics = metrics_dict(result)
         return self._gather(metrics)[0]
+
+    def measure_attention(self) -> dict[str, Any] | None:
+        """Attention quality of ``A_S`` / ``A_T`` on the held-out test images of each domain
+        (:func:`~edaan_fast.engine.evaluator.evaluate_attention`; rank 0 computes, every rank
+        gets it), or ``None`` when the current stage trains no attention nets."""
+        if self.stage.name == "reid" or not self.model.has_attention:
+            return None
+        result = None
+        if self.dist.is_main:
+            q = evaluate_attention(
+                self.model, {"A_S": self.source.query + self.source.gallery,
+                             "A_T": self.target.query + self.target.gallery},
+                image_size=tuple(self.run.image_size), device=self.device,
+                batch_size=self.run.eval_batch_size)
+            result = {"epoch": self.epoch, **{k: v.to_dict() for k, v in q.items()}}
+        return self._gather(result)[0]
+
+    def _record_attention(self) -> None:
+        """Measure the attention, log it, and keep it as the run's latest (``report.json``)."""
+        quality = self.measure_attention()
+        if quality is None:
+            return
+        self.attention = quality
+        for net in ("A_S", "A_T"):
+            for k, v in quality[net].items():
+                if k != "images":
+                    self._scalar(f"attention/{net}/{k}", v, self.epoch)
+        logger.info("epoch %d attention: A_S %s | A_T %s", self.epoch,
+                    AttentionQuality(**quality["A_S"]).summary(),
+                    AttentionQuality(**quality["A_T"]).summary())
 
     def _record_evaluation(self, metrics: dict[str, float | None]) -> None:
         self.history.append({"epoch": self.epoch, "metrics": metrics})
@@ -1083,6 +1118,7 @@ class Trainer:
         every = self.run.eval_every
         if every and self.epoch % every == 0 and not final:
             self._save_grid()
+            self._record_attention()
             if self.stage.name != "translator":
                 self._record_evaluation(self.evaluate())
         every = self.run.checkpoint_every
@@ -1184,6 +1220,7 @@ class Trainer:
         if self._stop_requested():
             raise KeyboardInterrupt
         self._save_grid()
+        self._record_attention()
         metrics = self.evaluate()
         if self._stop_requested():
             raise KeyboardInterrupt
@@ -1196,6 +1233,7 @@ class Trainer:
         report["precision"] = {None: "float32", torch.bfloat16: "bfloat16",
                                torch.float16: "float16"}[self.precision]
         report["world_size"] = self.dist.world_size
+        report["attention"] = self.attention
         if self.dist.is_main:
             json_path, md_path = write_report(self.output_dir, report)
             logger.info("report: %s, %s (%.0f s)", json_path, md_path, report["seconds"])
