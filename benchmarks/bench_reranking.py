@@ -1,88 +1,277 @@
-"""k-reciprocal re-ranking: batched torch version vs the per-probe float64 loop reference, on
-the same distance blocks (500 queries x 2,000 gallery, 128-d features; quick mode: 60 x 240).
+"""k-reciprocal re-ranking: the fused pipeline vs the naive dense N x N distance matrix, vs the
+distance GEMM alone (2048-d), and vs fast-reid's numpy ``re_ranking``.
 
-    python -m pytest benchmarks/bench_reranking.py --benchmark-only
+    python -m pytest benchmarks/bench_reranking.py --benchmark-only -o python_files='bench_*.py' -s
+    EDAAN_FAST_BENCH_QUICK=1 python -m pytest benchmarks/bench_reranking.py -o python_files='bench_*.py'
+    python benchmarks/bench_reranking.py --profile     # where the time goes (torch.profiler)
 
-The reference (``_reference_re_ranking``) is the classic algorithm: one Python iteration per
-probe for the reciprocal sets, the query expansion and the Jaccard distance, on dense ``N x N``
-arrays.
+Each case runs its implementations *interleaved*, round by round (so a noisy machine slows
+them alike), and reports medians and their ratio; the ratios are checked against the targets
+and printed in the summary table of ``benchmarks/conftest.py``.
+
+* ``market``: 3,368 queries x 15,913 gallery (N = 19,281), 128-d clustered float32 features
+  (identities as clusters, like real embeddings). Baseline: the naive dense N x N distance
+  matrix, one ``addmm`` (what fast-reid's ``re_ranking`` starts with). Target: the whole
+  re-ranking in at most 2x its time.
+* ``gemm2048``: 1,000 x 5,000 (N = 6,000), 2048-d features. Baseline: the N x N distance GEMM
+  alone (``f @ f.T``). Target: at most 1.3x.
+* ``fastreid``: 500 x 2,000 (N = 2,500), 128-d, distance blocks in float32: fast-reid's
+  ``fastreid.evaluation.rerank.re_ranking`` (the package if importable; else the faithful copy
+  below) against :func:`re_ranking` on the same blocks, with all threads and with one (numpy's
+  loop is single-threaded; on a shared 2-core machine the thread pool's wake-ups can cost more
+  than the work). Target: at least 20x (the better of the two).
+
+Quick mode (``EDAAN_FAST_BENCH_QUICK=1``, CI) runs every case on small problems, once, checks
+the results against the float64 per-probe reference, and skips the targets.
 """
 
 from __future__ import annotations
+
+import statistics
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from benchmarks.conftest import QUICK
-from edaan_fast.engine.reranking import _reference_re_ranking, re_ranking
+from benchmarks.conftest import _RESULTS, QUICK
+from edaan_fast.engine.reranking import _reference_re_ranking, re_ranking, re_ranking_features
+from edaan_fast.ops import has_ops
+
+pytestmark = pytest.mark.skipif(not has_ops(), reason="compiled ops not built")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NUM_Q, NUM_G, DIM = (60, 240, 32) if QUICK else (500, 2000, 128)
-GROUP = f"re_ranking {NUM_Q}x{NUM_G}"
+PROBLEMS = {  # name: (Q, G, D, rounds)
+    "market": (60, 240, 32, 1) if QUICK else (3368, 15913, 128, 3),
+    "gemm2048": (40, 200, 256, 1) if QUICK else (1000, 5000, 2048, 3),
+    "fastreid": (50, 200, 32, 1) if QUICK else (500, 2000, 128, 3),
+}
+TARGETS = {"market": 2.0, "gemm2048": 1.3}
+FASTREID_TARGET = 20.0
 
 
-def _blocks():
+def features(name: str, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clustered features: ~8 images per identity around an identity centre, unit norm."""
+    num_q, num_g, dim, _ = PROBLEMS[name]
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, NUM_G // 8, (NUM_Q + NUM_G,), generator=g)
-    centres = torch.randn(NUM_G // 8, DIM, generator=g, dtype=torch.float64)
-    f = centres[ids] + 0.8 * torch.randn(NUM_Q + NUM_G, DIM, generator=g, dtype=torch.float64)
-    d = torch.cdist(f, f)
-    return (
-        d[:NUM_Q, NUM_Q:].contiguous(),
-        d[:NUM_Q, :NUM_Q].contiguous(),
-        d[NUM_Q:, NUM_Q:].contiguous(),
-    )
+    ids = max(2, (num_q + num_g) // 8)
+    centres = torch.randn(ids, dim, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, ids, (num_q + num_g,), generator=g)
+    f = centres[labels] + 0.8 * torch.randn(num_q + num_g, dim, generator=g, dtype=torch.float64)
+    f = torch.nn.functional.normalize(f, dim=1).to(dtype)
+    return f[:num_q].contiguous(), f[num_q:].contiguous()
 
 
-@pytest.fixture(scope="module")
-def blocks():
-    return _blocks()
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
-@pytest.fixture(scope="module")
-def reference(blocks):
-    return _reference_re_ranking(*(b.numpy() for b in blocks))
+def interleaved(cases: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each case, the cases run one after another in every round."""
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for fn in cases.values():  # warm-up: allocator, library, thread pool
+        fn()
+        _sync()
+    for _ in range(rounds):
+        for k, fn in cases.items():
+            t = time.perf_counter()
+            fn()
+            _sync()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _with_threads(n, fn):
+def _report(benchmark, group: str, medians: dict[str, float], baseline: str):
+    benchmark.group = group
+    for k, v in medians.items():
+        _RESULTS[group][k] = {"median": v, "baseline": k == baseline}
+        benchmark.extra_info[f"{k} median s"] = round(v, 4)
+
+
+def _check_small(out: torch.Tensor, qf: torch.Tensor, gf: torch.Tensor, atol: float):
+    f = torch.cat([qf, gf]).double()
+    d = torch.cdist(f, f).numpy()
+    nq = qf.shape[0]
+    ref = _reference_re_ranking(d[:nq, nq:], d[:nq, :nq], d[nq:, nq:])
+    np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["market", "gemm2048"])
+def test_against_the_distance_matrix(benchmark, name):
+    qf, gf = (t.to(DEVICE) for t in features(name))
+    f = torch.cat([qf, gf])
+    sq = (f * f).sum(1)
+    rounds = PROBLEMS[name][3]
+    if name == "market":
+        base = "dense N x N (addmm)"
+        base_fn = lambda: torch.addmm(sq[:, None], f, f.t(), alpha=-2).add_(sq)  # noqa: E731
+    else:
+        base = "N x N GEMM alone"
+        base_fn = lambda: f @ f.t()  # noqa: E731
+    out = {}
+
+    def rerank():
+        out["d"] = re_ranking_features(qf, gf)
+
+    medians = {}
+
     def run():
+        medians.update(interleaved({base: base_fn, "re-ranking (fused)": rerank}, rounds))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    ratio = medians["re-ranking (fused)"] / medians[base]
+    _report(benchmark, f"re_ranking {name} {qf.shape[0]}x{gf.shape[0]} {qf.shape[1]}-d", medians, base)
+    benchmark.extra_info["re-ranking / baseline"] = round(ratio, 3)
+    print(f"\n{name}: {medians} -> re-ranking / baseline = {ratio:.2f}x")
+    assert out["d"].shape == (qf.shape[0], gf.shape[0])
+    if QUICK:
+        _check_small(out["d"], qf.cpu(), gf.cpu(), atol=1e-4)
+    elif ratio > TARGETS[name]:
+        pytest.xfail(f"target {TARGETS[name]}x not met: {ratio:.2f}x")  # reported, not hidden
+
+
+# --- fast-reid's re_ranking -------------------------------------------------------------------
+# fastreid 1.4.0 (pip) pins torch==1.13.1, so it cannot be installed next to torch 2.x; its
+# fastreid/evaluation/rerank.py is plain numpy and is reproduced here line for line (Apache-2.0,
+# based on https://github.com/zhunzhong07/person-re-ranking; torchreid's rerank.py is the same
+# algorithm). When the package is importable, the package's function is used instead.
+
+
+def _fastreid_re_ranking_copy(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
+    original_dist = np.concatenate(
+        [np.concatenate([q_q_dist, q_g_dist], axis=1),
+         np.concatenate([q_g_dist.T, g_g_dist], axis=1)],
+        axis=0)
+    original_dist = np.power(original_dist, 2).astype(np.float32)
+    original_dist = np.transpose(1. * original_dist / np.max(original_dist, axis=0))
+    V = np.zeros_like(original_dist).astype(np.float32)
+    initial_rank = np.argsort(original_dist).astype(np.int32)
+
+    query_num = q_g_dist.shape[0]
+    gallery_num = q_g_dist.shape[0] + q_g_dist.shape[1]
+    all_num = gallery_num
+
+    for i in range(all_num):
+        # k-reciprocal neighbors
+        forward_k_neigh_index = initial_rank[i, :k1 + 1]
+        backward_k_neigh_index = initial_rank[forward_k_neigh_index, :k1 + 1]
+        fi = np.where(backward_k_neigh_index == i)[0]
+        k_reciprocal_index = forward_k_neigh_index[fi]
+        k_reciprocal_expansion_index = k_reciprocal_index
+        for j in range(len(k_reciprocal_index)):
+            candidate = k_reciprocal_index[j]
+            candidate_forward_k_neigh_index = initial_rank[candidate,
+                                              :int(np.around(k1 / 2.)) + 1]
+            candidate_backward_k_neigh_index = initial_rank[candidate_forward_k_neigh_index,
+                                               :int(np.around(k1 / 2.)) + 1]
+            fi_candidate = np.where(candidate_backward_k_neigh_index == candidate)[0]
+            candidate_k_reciprocal_index = candidate_forward_k_neigh_index[fi_candidate]
+            if len(np.intersect1d(candidate_k_reciprocal_index, k_reciprocal_index)) > 2. / 3 * len(
+                    candidate_k_reciprocal_index):
+                k_reciprocal_expansion_index = np.append(k_reciprocal_expansion_index,
+                                                         candidate_k_reciprocal_index)
+
+        k_reciprocal_expansion_index = np.unique(k_reciprocal_expansion_index)
+        weight = np.exp(-original_dist[i, k_reciprocal_expansion_index])
+        V[i, k_reciprocal_expansion_index] = 1. * weight / np.sum(weight)
+    original_dist = original_dist[:query_num, ]
+    if k2 != 1:
+        V_qe = np.zeros_like(V, dtype=np.float32)
+        for i in range(all_num):
+            V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
+        V = V_qe
+        del V_qe
+    del initial_rank
+    invIndex = []
+    for i in range(gallery_num):
+        invIndex.append(np.where(V[:, i] != 0)[0])
+
+    jaccard_dist = np.zeros_like(original_dist, dtype=np.float32)
+
+    for i in range(query_num):
+        temp_min = np.zeros(shape=[1, gallery_num], dtype=np.float32)
+        indNonZero = np.where(V[i, :] != 0)[0]
+        indImages = [invIndex[ind] for ind in indNonZero]
+        for j in range(len(indNonZero)):
+            temp_min[0, indImages[j]] = temp_min[0, indImages[j]] + np.minimum(V[i, indNonZero[j]],
+                                                                               V[indImages[j], indNonZero[j]])
+        jaccard_dist[i] = 1 - temp_min / (2. - temp_min)
+
+    final_dist = jaccard_dist * (1 - lambda_value) + original_dist * lambda_value
+    del original_dist, V, jaccard_dist
+    final_dist = final_dist[:query_num, query_num:]
+    return final_dist
+
+
+try:  # pragma: no cover - fastreid is not installable next to torch 2.x
+    from fastreid.evaluation.rerank import re_ranking as fastreid_re_ranking
+
+    FASTREID = "fastreid.evaluation.rerank.re_ranking (package)"
+except Exception:  # noqa: BLE001 - any import failure: use the copy
+    fastreid_re_ranking = _fastreid_re_ranking_copy
+    FASTREID = "fast-reid re_ranking (copy of fastreid 1.4.0)"
+
+
+def test_against_fastreid(benchmark):
+    qf, gf = features("fastreid")
+    f = torch.cat([qf, gf])
+    d = torch.cdist(f, f)
+    nq = qf.shape[0]
+    blocks = [d[:nq, nq:].contiguous(), d[:nq, :nq].contiguous(), d[nq:, nq:].contiguous()]
+    arrays = [b.numpy() for b in blocks]
+    dev_blocks = [b.to(DEVICE) for b in blocks]
+    out = {}
+
+    def peer():
+        out["peer"] = fastreid_re_ranking(*arrays)
+
+    def ours():
+        out["ours"] = re_ranking(*dev_blocks)
+
+    def ours_1t():  # like for like with the single-threaded numpy loop
         old = torch.get_num_threads()
-        torch.set_num_threads(n)
+        torch.set_num_threads(1)
         try:
-            return fn()
+            re_ranking(*dev_blocks)
         finally:
             torch.set_num_threads(old)
 
-    return run
+    medians = {}
+    mine = "re-ranking (fused)"
+
+    def run():
+        medians.update(interleaved({FASTREID: peer, mine: ours, f"{mine}, 1 thread": ours_1t},
+                                   PROBLEMS["fastreid"][3]))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    speedup = medians[FASTREID] / min(medians[mine], medians[f"{mine}, 1 thread"])
+    _report(benchmark, f"re_ranking vs fast-reid {nq}x{gf.shape[0]}", medians, FASTREID)
+    benchmark.extra_info["speed-up"] = round(speedup, 2)
+    print(f"\nfast-reid: {medians} -> speed-up {speedup:.1f}x")
+    # float32 both: near-ties may swap, so compare in aggregate; float64 exactness is tested
+    diff = np.abs(out["ours"].cpu().numpy() - out["peer"])
+    assert diff.mean() < 1e-5 and (diff > 1e-4).mean() < 0.01
+    if QUICK:  # exact in float64 against the per-probe reference
+        b64 = [b.double() for b in blocks]
+        ref = _reference_re_ranking(*(b.numpy() for b in b64))
+        np.testing.assert_allclose(re_ranking(*b64).numpy(), ref, atol=1e-9, rtol=0)
+    elif speedup < FASTREID_TARGET:
+        pytest.xfail(f"target {FASTREID_TARGET}x not met: {speedup:.1f}x")
 
 
-@pytest.mark.parametrize("threads", [1, torch.get_num_threads()], ids=["1thread", "allthreads"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_batched(benchmark, measure, blocks, reference, dtype, threads):
-    """Single-threaded is the like-for-like comparison with the (single-threaded) numpy loop."""
-    inputs = [b.to(DEVICE, dtype) for b in blocks]
-    name = f"batched {str(dtype).split('.')[-1]} {DEVICE} {threads}t"
-    out = measure(
-        benchmark,
-        GROUP,
-        name,
-        _with_threads(threads, lambda: re_ranking(*inputs)),
-        device=DEVICE,
-        rounds=5,
-    )
-    atol = 1e-9 if dtype == torch.float64 else 1e-4
-    torch.testing.assert_close(out.double().cpu(), torch.from_numpy(reference), atol=atol, rtol=0)
+def _profile() -> None:
+    """Where the time of the Market-sized re-ranking goes (CPU; torch.profiler op totals)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    qf, gf = features("market")
+    re_ranking_features(qf[:500], gf[:2000])  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        re_ranking_features(qf, gf)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
-def test_reference_loop(benchmark, measure, blocks, reference):
-    arrays = [b.numpy() for b in blocks]
-    out = measure(
-        benchmark,
-        GROUP,
-        "reference loop (numpy)",
-        lambda: _reference_re_ranking(*arrays),
-        baseline=True,
-        rounds=1,
-    )
-    np.testing.assert_array_equal(out, reference)
+if __name__ == "__main__":
+    if "--profile" in sys.argv:
+        _profile()

@@ -106,6 +106,32 @@ TORCH_LIBRARY(edaan_fast, m) {
   m.def(
       "_rank_count_preceding(Tensor dist, Tensor q_pids, Tensor g_pids, Tensor pos_offsets, "
       "Tensor pos_dist, Tensor pos_gidx, int g_offset) -> Tensor");
+
+  // k-reciprocal re-ranking (Zhong et al., CVPR 2017), math in csrc/ops/reranking.h.
+  // knn_lists: one tile of rows of the N-column score matrix (distances, or dot products of
+  // features for metric "euclidean"/"cosine") -> per row the k smallest entries of the
+  // row-normalised squared distance M in the stable order on (value, index), their M values and
+  // the row scale (max of the squared row; NaN/inf when the row holds one). kept [B, K] receives
+  // M's last K columns (the query rows' gallery part, which eq. 12 mixes back in; K may be 0).
+  m.def(
+      "knn_lists(Tensor scores, Tensor row_sq, Tensor col_sq, int k, str metric, Tensor(a!) kept) "
+      "-> (Tensor nn, Tensor nn_dist, Tensor scale)");
+  // R*(i) (eq. 6) of rows [row_start, row_end) from the neighbour table, as CSR: ptr [B + 1],
+  // sorted column indices, and their M values where the table knows them (NaN where not).
+  m.def(
+      "k_reciprocal_sets(Tensor nn, Tensor nn_dist, int k1, int row_start, int row_end) "
+      "-> (Tensor ptr, Tensor col, Tensor dist)");
+  // Local query expansion (eq. 11) of rows [row_start, row_end): mean of V (CSR) over the first
+  // k2 neighbours of each row; CSR out.
+  m.def(
+      "query_expansion(Tensor v_ptr, Tensor v_col, Tensor v_val, Tensor nn, int k2, int row_start, "
+      "int row_end) -> (Tensor ptr, Tensor col, Tensor val)");
+  // Jaccard distance (eq. 10) of query rows of V (CSR) to every gallery row of V (CSR), through
+  // the inverted index of the gallery rows; dist [B, G] holds M[q, Q + g] and becomes eq. 12:
+  // d_J (1 - lambda) + M lambda.
+  m.def(
+      "jaccard_rerank_(Tensor(a!) dist, Tensor q_ptr, Tensor q_col, Tensor q_val, Tensor g_ptr, "
+      "Tensor g_col, Tensor g_val, int num_columns, float lambda_value) -> ()");
 }
 
 }  // namespace edaan_fast

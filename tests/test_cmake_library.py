@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 OP_TEST_FILES = sorted(
     str(p.relative_to(ROOT))
-    for name in ("test_mask_blend.py", "test_metric_losses.py", "test_rank_eval.py")
+    for name in ("test_mask_blend.py", "test_metric_losses.py", "test_rank_eval.py",
+                 "test_reranking.py")
     if (p := ROOT / "tests" / name).exists()
 )
 

@@ -1,56 +1,54 @@
 """k-reciprocal re-ranking (Zhong, Zheng, Cao, Li: "Re-ranking Person Re-identification with
-k-reciprocal Encoding", CVPR 2017), batched in torch on the input's device.
+k-reciprocal Encoding", CVPR 2017), exact, from fused ops on the input's device.
 
 Symbols of the paper and where they live here (``N = Q + G`` probes and gallery items together):
 
 * ``d(p, g_i)``: the original distance, squared and normalised by the row maximum
-  (``M[i, j] = d(i, j)^2 / max_j' d(i, j')^2``), as the authors' code does; :class:`_Rows`
-  produces row blocks of ``M`` from the three distance blocks or from features.
-* ``N(p, k)``: the k nearest neighbours, ``nn[:, :k]``, a stable order on (distance, index)
-  (:func:`_smallest_k_stable`; ties: the lower index first).
-* ``R(p, k) = {g in N(p, k) : p in N(g, k)}`` (eq. 4), with ``k = k1 + 1`` (the probe is its
-  own nearest neighbour) and the half-size sets ``R(q, round(k1/2) + 1)`` of eq. 6.
-* ``R*(p, k)`` (eq. 6): ``R(p, k)`` plus every ``R(q, k/2)`` of a ``q in R(p, k)`` sharing more
-  than 2/3 of its members with ``R(p, k)`` (compared exactly as ``3 |∩| > 2 |R(q, k/2)|``).
+  (``M[i, j] = d(i, j)^2 / max_j' d(i, j')^2``), as the authors' code does. Row ``i`` of ``M`` is
+  *column* ``i`` of the stacked matrix ``[[q_q, q_g], [q_g^T, g_g]]`` (the authors normalise
+  columns, then transpose): the same as the row for symmetric ``q_q``/``g_g``, exact for any.
+* ``N(p, k)``: the k nearest neighbours, in the stable order on (distance, index) (ties: the
+  lower index first; the authors' ``argsort`` is not stable).
+* ``R(p, k) = {g in N(p, k) : p in N(g, k)}`` (eq. 4) with ``k = k1 + 1``, and ``R*(p, k)``
+  (eq. 6): plus every ``R(q, round(k1/2) + 1)`` of a ``q in R(p, k)`` sharing more than 2/3 of
+  its members with ``R(p, k)`` (compared exactly, ``3 |∩| > 2 |R(q, k/2)|``).
 * ``V_p`` (eq. 7): weights ``exp(-d(p, g))`` on ``R*(p, k)``, normalised to sum 1; local query
   expansion (eq. 11) averages ``V`` over ``N(p, k2)``.
 * ``d_J`` (eq. 10): ``1 - sum min(V_p, V_g) / sum max(V_p, V_g)`` where ``sum max = 2 - sum min``
   (rows sum to 1); ``d* = (1 - lambda) d_J + lambda d`` (eq. 12).
 
-Batched algorithm (no Python loop per probe or per item; loops run over row *chunks* only):
+Algorithm (the ops are in :mod:`edaan_fast.ops.reranking`, math in ``csrc/ops/reranking.h``):
 
-1. per row chunk of ``M``: a stable top-``max(k1+1, k2)`` selection (``topk`` for the
-   threshold, masks + ``cumsum`` for the ties at it, a small stable sort of the selected);
-2. per row chunk: reciprocity of ``N(p, k)`` by gathering the neighbours' neighbour lists,
-   the expansion test by broadcast comparison, de-duplication by a sort of the candidate list,
-   and the weights gathered from the recomputed row block: ``V`` is kept sparse (padded
-   ``[N, L]`` with ``L = (k1+1) (round(k1/2) + 2)``);
-3. query expansion: gather the ``k2`` neighbours' rows of ``V`` and ``scatter_add`` them into a
-   dense ``[row_chunk, N]`` scratch (duplicate columns merge), read back with ``nonzero``:
-   ``V`` in COO form, sorted by (row, column);
-4. Jaccard distance for the query rows only, against the gallery rows only, through an inverted
-   (column-sorted) index of ``V``: every (query entry, gallery entry) pair sharing a column is
-   expanded with ``repeat_interleave`` and its ``min`` scattered with ``index_add``, in chunks of
-   at most ``pair_budget`` pairs.
+1. per tile of ``row_chunk`` rows: the tile's scores (one GEMM from features, or the tile of the
+   stacked distance blocks), then :func:`~edaan_fast.ops.reranking.knn_lists`: each row's
+   ``max(k1 + 1, k2)`` nearest neighbours, the row scale and, for query rows, ``M[q, Q:]``
+   (kept in the output, which eq. 12 mixes back in);
+2. :func:`~edaan_fast.ops.reranking.k_reciprocal_sets`: ``R*`` of every row, with the ``M``
+   values the neighbour table knows; the few others are computed directly (a dot product per
+   pair from features, a read from the blocks); the weights of eq. 7 in torch; ``V`` as CSR;
+3. :func:`~edaan_fast.ops.reranking.query_expansion` (eq. 11, skipped for ``k2 = 1``);
+4. the inverted index of the gallery rows of ``V`` (a stable sort by column), and per tile of
+   queries :func:`~edaan_fast.ops.reranking.jaccard_distance`, mixed with ``M`` (eq. 12) in place.
 
-Peak memory beyond the inputs and the ``Q x G`` output: one row block of ``M``
-(``row_chunk x N``; about ``row_chunk * N * (itemsize + 10)`` bytes with the tie masks and the
-``cumsum``), the neighbour table ``N * max(k1+1, k2) * 8`` bytes, ``V`` padded
-(``N * L * (8 + itemsize)`` bytes; 252 entries per row with the defaults), the query-expansion
-scratch (``row_chunk * N`` values plus the ``row_chunk * k2 * L`` gathered entries), ``V``
-merged (``nnz * (16 + itemsize)`` bytes, ``nnz <= N * k2 * L``) and its column-sorted copy of
-the gallery rows, the ``Q x G`` Jaccard accumulator, and ``pair_budget * ~40`` bytes for the
-Jaccard pairs. ``row_chunk`` defaults to ``max(1, 2**22 // N)`` rows, so each row-chunk buffer
-is a few tens of MiB. From features, ``M`` is never materialised (each row block is one GEMM);
-from distance blocks the caller holds the ``N x N`` entries already and nothing ``N x N`` is
-added.
+Memory beyond the inputs and the ``Q x G`` output: one score tile (``row_chunk x N``, default
+``2**22`` values), the neighbour table (``N * max(k1+1, k2)`` indices and values), ``V`` and its
+expansion as CSR (``(8 + itemsize)`` bytes per non-zero; ``R*`` has a few dozen members per row
+and ``V`` after expansion a few hundred), the inverted index of its gallery rows, and one
+``jaccard`` tile. Nothing ``N x N`` is ever allocated, from features or from blocks.
 
-Ties are broken by the lower index everywhere (the authors' ``argsort`` is not stable), so the
-result equals :func:`_reference_re_ranking`, the classic per-probe loop, up to float rounding.
+Distributed (``group=``): each process computes the neighbour lists, ``V`` rows, expansions and
+Jaccard rows of its share of the queries and of the gallery; the tables are all-gathered
+(``O(N k)``), and so is the output: every process returns the whole ``[Q, G]`` matrix, equal to
+the single-process result.
+
+Ties are broken by the lower index everywhere and sums add in the order of the authors' loops,
+so in float64 the result equals :func:`_reference_re_ranking`, the classic per-probe loop, to
+float rounding (``tests/test_reranking.py``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -73,118 +71,115 @@ def _as_tensor(x: Any, name: str, device: torch.device | None = None) -> torch.T
     return t
 
 
-class _Rows:
-    """Row blocks of the normalised squared distance ``M`` over all ``N = Q + G`` items.
+class _Source:
+    """Where the scores of the ``N = Q + G`` rows come from (distance blocks or features)."""
 
-    Row ``i`` of ``M`` is *column* ``i`` of the stacked matrix ``[[q_q, q_g], [q_g^T, g_g]]``
-    squared and divided by its maximum (the authors normalise columns, then transpose): the
-    same as the row for symmetric ``q_q``/``g_g``, and exact for any input.
-    """
+    metric = "distance"
+    tile_elements = 1 << 22  # default score tile: row_chunk = tile_elements // N
 
     def __init__(self, num_q: int, num_g: int, dtype: torch.dtype, device: torch.device):
         self.num_q, self.num_g = num_q, num_g
         self.n = num_q + num_g
         self.dtype, self.device = dtype, device
+        self.col_sq: torch.Tensor | None = None
 
-    def raw(self, r0: int, r1: int) -> torch.Tensor:  # pragma: no cover - abstract
+    def tile(self, r0: int, r1: int, buf: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """The ``[r1 - r0, N]`` scores of rows ``r0:r1`` (never straddling the query block)."""
         raise NotImplementedError
 
-    def __call__(self, r0: int, r1: int) -> torch.Tensor:
-        d = self.raw(r0, r1).to(self.dtype)
-        d = d * d
-        if bool(torch.isnan(d).any()):
-            raise ValueError(f"re_ranking: the distances of items {r0}..{r1 - 1} contain NaN")
-        top = d.amax(1, keepdim=True)
-        return d.div_(torch.where(top > 0, top, torch.ones_like(top)))
+    def row_sq(self, r0: int, r1: int) -> torch.Tensor | None:
+        return None
 
-    def entries(
-        self, r0: int, r1: int, idx: torch.Tensor, row_max: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``M[r0 + b, idx[b, c]]`` for a ``[B, C]`` index (default: from the row block)."""
-        return self(r0, r1).gather(1, idx)
+    def squared(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """``d(i, j)^2`` (row ``i`` of ``M`` before normalisation) for index pairs."""
+        raise NotImplementedError
 
-    def query_gallery(self, q0: int, q1: int, row_max: torch.Tensor | None) -> torch.Tensor:
-        """``M[q0:q1, Q:]``."""
-        return self(q0, q1)[:, self.num_q :]
+    def non_finite_error(self, row: int) -> ValueError:  # pragma: no cover
+        raise NotImplementedError
 
 
-class _BlockRows(_Rows):
+class _BlockSource(_Source):
     def __init__(self, q_g, q_q, g_g, dtype):
         super().__init__(q_g.shape[0], q_g.shape[1], dtype, q_g.device)
-        self.q_g, self.q_q, self.g_g = q_g.contiguous(), q_q.contiguous(), g_g.contiguous()
+        self.q_g, self.q_q, self.g_g = q_g, q_q, g_g
 
-    def raw(self, r0, r1):
-        parts = []
-        q0, q1 = min(r0, self.num_q), min(r1, self.num_q)
-        if q1 > q0:  # query rows: [q_q[:, i], q_g[i, :]]
-            parts.append(torch.cat([self.q_q[:, q0:q1].t(), self.q_g[q0:q1]], 1).to(self.dtype))
-        g0, g1 = max(r0, self.num_q) - self.num_q, max(r1, self.num_q) - self.num_q
-        if g1 > g0:  # gallery rows: [q_g[:, j], g_g[:, j]]
-            parts.append(
-                torch.cat([self.q_g[:, g0:g1].t(), self.g_g[:, g0:g1].t()], 1).to(self.dtype)
-            )
-        return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-
-    def entries(self, r0, r1, idx, row_max):
-        # M[i, j] = stacked[j, i]^2 / max_i, read from the block that holds stacked[j, i]
+    def tile(self, r0, r1, buf):
         nq = self.num_q
-        i = torch.arange(r0, r1, device=idx.device)[:, None].expand_as(idx)
-        j = idx
-        iq, jq = i < nq, j < nq
-        qq = self.q_q.reshape(-1)[j.clamp_max(nq - 1) * nq + i.clamp_max(nq - 1)]
-        qg_ji = self.q_g.reshape(-1)[
-            j.clamp_max(nq - 1) * self.num_g + (i - nq).clamp(0, self.num_g - 1)
-        ]
-        qg_ij = self.q_g.reshape(-1)[
-            i.clamp_max(nq - 1) * self.num_g + (j - nq).clamp(0, self.num_g - 1)
-        ]
-        gg = self.g_g.reshape(-1)[(j - nq).clamp_min(0) * self.num_g + (i - nq).clamp_min(0)]
-        v = torch.where(jq, torch.where(iq, qq, qg_ji), torch.where(iq, qg_ij, gg)).to(self.dtype)
-        return v * v / row_max[r0:r1, None]
+        if r1 <= nq:  # query rows: [q_q[:, i], q_g[i, :]]
+            parts = (self.q_q[:, r0:r1].t(), self.q_g[r0:r1])
+        else:  # gallery rows: [q_g[:, j], g_g[:, j]]
+            g0, g1 = r0 - nq, r1 - nq
+            parts = (self.q_g[:, g0:g1].t(), self.g_g[:, g0:g1].t())
+        out = buf[: r1 - r0]
+        torch.cat(parts, 1, out=out) if parts[0].dtype == self.dtype else out.copy_(
+            torch.cat(parts, 1)
+        )
+        return out
 
-    def query_gallery(self, q0, q1, row_max):
-        v = self.q_g[q0:q1].to(self.dtype)
-        return v * v / row_max[q0:q1, None]
+    def squared(self, i, j):
+        # M[i, j] = stacked[j, i]^2: read from the block that holds stacked[j, i]
+        nq, ng = self.num_q, self.num_g
+        v = torch.empty(i.shape, dtype=self.dtype, device=i.device)
+        for iq in (True, False):
+            for jq in (True, False):
+                sel = ((i < nq) == iq) & ((j < nq) == jq)
+                if not bool(sel.any()):
+                    continue
+                a, b = j[sel], i[sel]  # stacked[a, b]
+                if jq and iq:
+                    x = self.q_q[a, b]
+                elif jq:
+                    x = self.q_g[a, b - nq]
+                elif iq:
+                    x = self.q_g[b, a - nq]
+                else:
+                    x = self.g_g[a - nq, b - nq]
+                v[sel] = x.to(self.dtype)
+        return v * v
+
+    def non_finite_error(self, row):
+        nq = self.num_q
+        if row < nq:
+            where = [("q_q_dist", self.q_q[:, row]), ("q_g_dist", self.q_g[row])]
+            item = f"query {row}"
+        else:
+            g = row - nq
+            where = [("q_g_dist", self.q_g[:, g]), ("g_g_dist", self.g_g[:, g])]
+            item = f"gallery item {g}"
+        name = next((n for n, x in where if not bool(torch.isfinite(x).all())), where[-1][0])
+        return ValueError(
+            f"re_ranking: {name} must be finite, got NaN or inf among the distances of {item}"
+        )
 
 
-class _FeatureRows(_Rows):
+class _FeatureSource(_Source):
+    tile_elements = 1 << 24  # the GEMM pays a per-call cost: taller tiles are faster
+
     def __init__(self, qf, gf, metric, dtype):
         super().__init__(qf.shape[0], gf.shape[0], dtype, qf.device)
         f = torch.cat([qf, gf], 0).to(dtype)
         if metric == "cosine":
             f = F.normalize(f, dim=1)
-        self.f, self.metric = f, metric
-        self.sq = (f * f).sum(1)
+        self.f, self.metric = f.contiguous(), metric
+        self.sq = (self.f * self.f).sum(1) if metric == "euclidean" else None
+        self.col_sq = self.sq
 
-    def raw(self, r0, r1):
-        dot = self.f[r0:r1] @ self.f.t()
+    def tile(self, r0, r1, buf):
+        return torch.mm(self.f[r0:r1], self.f.t(), out=buf[: r1 - r0])
+
+    def row_sq(self, r0, r1):
+        return None if self.sq is None else self.sq[r0:r1]
+
+    def squared(self, i, j):
+        dot = (self.f[i] * self.f[j]).sum(1)
         if self.metric == "cosine":
-            return 1.0 - dot
-        d2 = self.sq[r0:r1, None] + self.sq[None, :] - 2.0 * dot
-        return d2.clamp_min(1e-12).sqrt()
+            return (1.0 - dot).clamp_min(0) ** 2
+        return (self.sq[i] + self.sq[j] - 2.0 * dot).clamp_min(0)
 
-
-def _smallest_k_stable(d: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` smallest entries of each row, ordered by (value, index).
-
-    ``topk`` gives the k-th smallest value ``t`` (whatever its tie order); every entry ``< t``
-    is in, and of the entries ``== t`` the lowest-indexed ones fill the remaining slots.
-    """
-    rows = d.shape[0]
-    t = torch.topk(d, k, dim=1, largest=False, sorted=True).values[:, -1:]
-    less = d < t
-    eq = d == t
-    need = k - less.sum(1, keepdim=True)
-    sel = less | (eq & (torch.cumsum(eq, 1, dtype=torch.int32) <= need))
-    idx = sel.nonzero()[:, 1].view(rows, k)  # row-major: ascending index within a row
-    order = torch.sort(d.gather(1, idx), dim=1, stable=True).indices
-    return idx.gather(1, order)
-
-
-def _reciprocal_mask(nn: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
-    """``[B, k]`` bool: ``nn[i, c]`` has ``i`` among its own first ``k`` neighbours."""
-    fwd = nn[rows, :k]
-    return (nn[fwd, :k] == rows[:, None, None]).any(-1)
+    def non_finite_error(self, row):
+        return ValueError(
+            f"re_ranking_features: the squared distances of item {row} overflow or are not finite"
+        )
 
 
 def re_ranking(
@@ -196,6 +191,8 @@ def re_ranking(
     lambda_value: float = 0.3,
     row_chunk: int | None = None,
     pair_budget: int = 1 << 21,
+    *,
+    group: Any = None,
 ) -> torch.Tensor:
     """k-reciprocal re-ranking of a query/gallery distance matrix.
 
@@ -203,12 +200,15 @@ def re_ranking(
         q_g_dist: ``[Q, G]`` query-gallery distances; q_q_dist ``[Q, Q]``; g_g_dist ``[G, G]``
             (numpy arrays or tensors; computed on ``q_g_dist``'s device, in float64 for float64
             input and float32 otherwise). Distances, not squared: they are squared here, as in
-            the authors' code.
-        k1, k2, lambda_value: the paper's ``k1`` (reciprocal neighbourhood), ``k2`` (local
-            query expansion; 1 turns it off) and ``lambda`` (weight of the original distance).
-        row_chunk: rows of the ``N x N`` problem handled at once (default ``2**22 // N``).
-        pair_budget: most (query entry, gallery entry) pairs expanded at once in the Jaccard
-            step.
+            the authors' code. Every entry must be finite.
+        k1, k2, lambda_value: the paper's ``k1 >= 1`` (reciprocal neighbourhood),
+            ``1 <= k2 <= Q + G`` (local query expansion; 1 turns it off) and
+            ``lambda in [0, 1]`` (weight of the original distance).
+        row_chunk: rows of the ``N x N`` problem handled at once (default ``2**22 // N``; from
+            features ``2**24 // N``: each tile is one GEMM, and taller tiles run faster).
+        pair_budget: most (item, neighbour) pairs whose distance is looked up at once.
+        group: a ``torch.distributed`` process group (or ``torch.distributed.group.WORLD``):
+            every process passes the same inputs, computes its share, and gets the whole result.
 
     Returns:
         ``[Q, G]`` re-ranked distances (tensor on the input's device).
@@ -224,7 +224,8 @@ def re_ranking(
             f"q_g_dist {tuple(qg.shape)}, got {tuple(qq.shape)} and {tuple(gg.shape)}"
         )
     dtype = torch.float64 if qg.dtype == torch.float64 else torch.float32
-    return _re_rank(_BlockRows(qg, qq, gg, dtype), k1, k2, lambda_value, row_chunk, pair_budget)
+    src = _BlockSource(qg, qq, gg, dtype)
+    return _re_rank(src, k1, k2, lambda_value, row_chunk, pair_budget, group)
 
 
 def re_ranking_features(
@@ -236,12 +237,14 @@ def re_ranking_features(
     metric: str = "euclidean",
     row_chunk: int | None = None,
     pair_budget: int = 1 << 21,
+    *,
+    group: Any = None,
 ) -> torch.Tensor:
     """:func:`re_ranking` from ``[Q, D]`` query and ``[G, D]`` gallery features.
 
     The distance is the euclidean distance (``"euclidean"``, squared inside as in the paper's
-    code) or ``1 - cos`` (``"cosine"``). Row blocks are computed by one GEMM each, so no
-    ``N x N`` matrix is ever held; only the ``[Q, G]`` result.
+    code: ``max(|q|^2 + |g|^2 - 2 q.g, 0)``) or ``1 - cos`` (``"cosine"``). Each tile of rows is
+    one GEMM, so no ``N x N`` matrix is ever held; only the ``[Q, G]`` result.
     """
     if metric not in _METRICS:
         raise ValueError(
@@ -253,136 +256,157 @@ def re_ranking_features(
         raise ValueError(
             f"re_ranking_features: qf and gf dims differ: {tuple(qf.shape)} vs {tuple(gf.shape)}"
         )
+    for name, t in (("qf", qf), ("gf", gf)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"re_ranking_features: {name} must be finite, got NaN or inf")
     dtype = torch.float64 if torch.float64 in (qf.dtype, gf.dtype) else torch.float32
-    return _re_rank(
-        _FeatureRows(qf, gf, metric, dtype), k1, k2, lambda_value, row_chunk, pair_budget
-    )
+    src = _FeatureSource(qf, gf, metric, dtype)
+    return _re_rank(src, k1, k2, lambda_value, row_chunk, pair_budget, group)
 
 
-def _re_rank(rows_of: _Rows, k1, k2, lambda_value, row_chunk, pair_budget) -> torch.Tensor:
-    if k1 < 1 or k2 < 1:
-        raise ValueError(f"re_ranking: k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
-    if not 0.0 <= lambda_value <= 1.0:
-        raise ValueError(f"re_ranking: lambda_value must be in [0, 1], got {lambda_value}")
-    num_q, n = rows_of.num_q, rows_of.n
-    dev, dtype = rows_of.device, rows_of.dtype
-    if rows_of.num_g == 0 or num_q == 0:
-        return torch.zeros(num_q, rows_of.num_g, dtype=dtype, device=dev)
-    chunk = row_chunk or max(1, (1 << 22) // n)
-    ka = min(k1 + 1, n)  # |N(p, k1 + 1)|, cut to the problem size as argsort[:k] would be
-    kh = min(round(k1 / 2) + 1, n)  # |N(q, k1/2 + 1)| (banker's rounding, like np.around)
-    kq = min(k2, n)
-    kmax = max(ka, kq)
+# --- the pipeline ------------------------------------------------------------------------------
 
-    # 1. neighbour table
-    nn = torch.empty(n, kmax, dtype=torch.int64, device=dev)
-    row_max = torch.empty(n, dtype=dtype, device=dev)  # max_j d(i, j)^2 (1 where 0)
-    for r0 in range(0, n, chunk):
-        r1 = min(r0 + chunk, n)
-        m = rows_of.raw(r0, r1).to(dtype)
-        m = m * m
-        if bool(torch.isnan(m).any()):
-            raise ValueError(f"re_ranking: the distances of items {r0}..{r1 - 1} contain NaN")
-        top = m.amax(1)
-        row_max[r0:r1] = torch.where(top > 0, top, torch.ones_like(top))
-        nn[r0:r1] = _smallest_k_stable(m.div_(row_max[r0:r1, None]), kmax)
 
-    # 2. R(p, k1+1) and R(p, k1/2+1) masks for all rows
-    rec_a = torch.empty(n, ka, dtype=torch.bool, device=dev)
-    rec_h = torch.empty(n, kh, dtype=torch.bool, device=dev)
-    for r0 in range(0, n, chunk):
-        rows = torch.arange(r0, min(r0 + chunk, n), device=dev)
-        rec_a[r0 : r0 + rows.numel()] = _reciprocal_mask(nn, rows, ka)
-        rec_h[r0 : r0 + rows.numel()] = _reciprocal_mask(nn, rows, kh)
+def _check_parameters(k1, k2, lambda_value, n) -> None:
+    if not isinstance(k1, (int, np.integer)) or k1 < 1:
+        raise ValueError(f"re_ranking: k1 must be an integer >= 1, got {k1!r}")
+    if not isinstance(k2, (int, np.integer)) or not 1 <= k2 <= n:
+        raise ValueError(f"re_ranking: k2 must be an integer in [1, N = Q + G = {n}], got {k2!r}")
+    if not 0.0 <= float(lambda_value) <= 1.0:
+        raise ValueError(f"re_ranking: lambda_value must be in [0, 1], got {lambda_value!r}")
 
-    # 3. V (eq. 7) on R*(p, k) (eq. 6): padded [n, L] with sentinel column n
-    width = ka * (kh + 1)
-    v_idx = torch.empty(n, width, dtype=torch.int64, device=dev)
-    v_val = torch.empty(n, width, dtype=dtype, device=dev)
-    for r0 in range(0, n, chunk):
-        r1 = min(r0 + chunk, n)
-        b = r1 - r0
-        cand = nn[r0:r1, :ka]
-        cand_ok = rec_a[r0:r1]  # [b, ka]
-        rset = torch.where(cand_ok, cand, -1)
-        half = nn[cand, :kh]  # [b, ka, kh]
-        half_ok = rec_h[cand]  # [b, ka, kh]
-        inter = ((half[..., None] == rset[:, None, None, :]).any(-1) & half_ok).sum(-1)
-        accept = cand_ok & (3 * inter > 2 * half_ok.sum(-1))
-        ext = torch.where(half_ok & accept[..., None], half, n).reshape(b, ka * kh)
-        idx = torch.cat([torch.where(cand_ok, cand, n), ext], 1)
-        idx = torch.sort(idx, dim=1).values
-        dup = torch.zeros_like(idx, dtype=torch.bool)
-        dup[:, 1:] = idx[:, 1:] == idx[:, :-1]
-        idx = torch.where(dup, n, idx)
-        ok = idx < n
-        w = torch.exp(-rows_of.entries(r0, r1, idx.clamp_max(n - 1), row_max)) * ok
-        s = w.sum(1, keepdim=True)
-        v_idx[r0:r1] = idx
-        v_val[r0:r1] = torch.where(s > 0, w / torch.where(s > 0, s, torch.ones_like(s)), w)
 
-    # 4. local query expansion (eq. 11): per row chunk, the k2 rows summed into a dense
-    #    [B, N] scratch (duplicate columns merge), read back in (row, col) order -> COO
-    coo_r, coo_c, coo_v = [], [], []
-    for r0 in range(0, n, chunk):
-        r1 = min(r0 + chunk, n)
-        b = r1 - r0
-        if kq > 1:
-            nb = nn[r0:r1, :kq]  # [b, kq]
-            cols = v_idx[nb].reshape(b, -1)
-            vals = (v_val[nb] / kq).reshape(b, -1)
-        else:
-            cols, vals = v_idx[r0:r1], v_val[r0:r1]
-        dense = torch.zeros(b, n + 1, dtype=dtype, device=dev)  # column n: the padding
-        dense.scatter_add_(1, cols, vals)
-        dense = dense[:, :n]
-        nz = dense.nonzero()
-        coo_r.append(nz[:, 0] + r0)
-        coo_c.append(nz[:, 1])
-        coo_v.append(dense[nz[:, 0], nz[:, 1]])
-    row, col, val = torch.cat(coo_r), torch.cat(coo_c), torch.cat(coo_v)
+class _Shares:
+    """This process's queries ``[q0, q1)`` and gallery rows ``[g0, g1)`` (global row numbers:
+    queries first), and the all-gather that puts every process's rows back in global order."""
 
-    # 5. Jaccard distance (eq. 10) of query rows against gallery rows, via the inverted index
-    is_g = row >= num_q
-    g_col, order = torch.sort(col[is_g], stable=True)
-    g_row = row[is_g][order] - num_q
-    g_val = val[is_g][order]
-    col_cnt = torch.bincount(g_col, minlength=n)
-    col_ptr = torch.cumsum(col_cnt, 0) - col_cnt
-    is_q = ~is_g
-    q_row, q_col, q_val = row[is_q], col[is_q], val[is_q]
-    pairs = col_cnt[q_col]  # gallery entries sharing each query entry's column
-    num_g = rows_of.num_g
-    inter = torch.zeros(num_q * num_g, dtype=dtype, device=dev)
-    ends = torch.cumsum(pairs, 0)
-    total = int(ends[-1]) if ends.numel() else 0
-    start = 0
-    while start < q_row.numel() and total > 0:
-        base = int(ends[start - 1]) if start > 0 else 0
-        stop = int(torch.searchsorted(ends, base + pair_budget, right=True))
-        stop = max(stop, start + 1)
-        cnt = pairs[start:stop]
-        e = torch.repeat_interleave(torch.arange(start, stop, device=dev), cnt)
-        if e.numel():
-            within = torch.arange(e.numel(), device=dev) - (
-                torch.cumsum(cnt, 0) - cnt
-            ).repeat_interleave(cnt)
-            gpos = col_ptr[q_col[e]] + within
-            mins = torch.minimum(q_val[e], g_val[gpos])
-            inter.index_add_(0, q_row[e] * num_g + g_row[gpos], mins)
-        start = stop
-    inter = inter.view(num_q, num_g)
-    jaccard = 1.0 - inter / (2.0 - inter)
+    def __init__(self, num_q: int, num_g: int, group):
+        self.group = group
+        world, rank = 1, 0
+        if group is not None:
+            import torch.distributed as dist
 
-    # 6. final distance (eq. 12)
-    out = torch.empty(num_q, num_g, dtype=dtype, device=dev)
-    for r0 in range(0, num_q, chunk):
-        r1 = min(r0 + chunk, num_q)
-        out[r0:r1] = (
-            jaccard[r0:r1] * (1.0 - lambda_value)
-            + rows_of.query_gallery(r0, r1, row_max) * lambda_value
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.q0, self.q1 = num_q * rank // world, num_q * (rank + 1) // world
+        self.g0 = num_q + num_g * rank // world
+        self.g1 = num_q + num_g * (rank + 1) // world
+
+    @property
+    def rows(self) -> list[tuple[int, int]]:
+        return [(self.q0, self.q1), (self.g0, self.g1)]
+
+    def gather(self, q_part: torch.Tensor, g_part: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return torch.cat([q_part, g_part])
+        from edaan_fast.ops.evaluation import _all_gather_varlen
+
+        return torch.cat(
+            [_all_gather_varlen(q_part, self.group), _all_gather_varlen(g_part, self.group)]
         )
-    return out
+
+
+def _csr_rows(ptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, a: int, b: int):
+    """Rows ``a:b`` of a CSR matrix (offsets rebased to 0)."""
+    lo, hi = int(ptr[a]), int(ptr[b])
+    return ptr[a : b + 1] - lo, col[lo:hi], val[lo:hi]
+
+
+def _gather_csr(shares: _Shares, ptr, col, val, num_local_q: int):
+    """The local CSR rows (this process's queries, then its gallery rows) -> all rows."""
+    counts = ptr.diff()
+    split = int(ptr[num_local_q])
+    counts = shares.gather(counts[:num_local_q], counts[num_local_q:])
+    col = shares.gather(col[:split], col[split:])
+    val = shares.gather(val[:split], val[split:])
+    full = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+    torch.cumsum(counts, 0, out=full[1:])
+    return full, col, val
+
+
+def _re_rank(src: _Source, k1, k2, lambda_value, row_chunk, pair_budget, group) -> torch.Tensor:
+    from edaan_fast.ops import reranking as ops
+
+    num_q, num_g, n = src.num_q, src.num_g, src.n
+    dev, dtype = src.device, src.dtype
+    if num_g == 0 or num_q == 0:
+        _check_parameters(k1, k2 if k2 < 1 else 1, lambda_value, 1)
+        return torch.zeros(num_q, num_g, dtype=dtype, device=dev)
+    _check_parameters(k1, k2, lambda_value, n)
+    lam = float(lambda_value)
+    chunk = max(1, row_chunk or src.tile_elements // n)
+    kmax = max(min(k1 + 1, n), k2)
+    shares = _Shares(num_q, num_g, group)
+    local_q = shares.q1 - shares.q0
+
+    # 1. neighbour lists, row scales, and M[q, Q:] of this process's queries into `out`
+    out = torch.empty(local_q, num_g, dtype=dtype, device=dev)
+    buf = torch.empty(min(chunk, n), n, dtype=dtype, device=dev)
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for lo, hi in shares.rows:
+        for r0 in range(lo, hi, chunk):
+            r1 = min(r0 + chunk, hi)
+            kept = out[r0 - shares.q0 : r1 - shares.q0] if r0 < num_q else None
+            nn, nd, sc = ops.knn_lists(
+                src.tile(r0, r1, buf), kmax, src.metric, src.row_sq(r0, r1), src.col_sq, kept
+            )
+            bad = ~torch.isfinite(sc)
+            if bool(bad.any()):
+                raise src.non_finite_error(r0 + int(bad.nonzero()[0, 0]))
+            parts.append((nn, nd, sc))
+    del buf
+    split = sum(p[0].shape[0] for p in parts[: _count_tiles(shares.q0, shares.q1, chunk)])
+    nn_l, nd_l, sc_l = (torch.cat([p[i] for p in parts]) for i in range(3))
+    del parts
+    nn = shares.gather(nn_l[:split], nn_l[split:])
+    nd = shares.gather(nd_l[:split], nd_l[split:])
+    scale = shares.gather(sc_l[:split], sc_l[split:])
+    del nn_l, nd_l, sc_l
+
+    # 2. V (eq. 7) on R* (eq. 6) of this process's rows, as CSR
+    csr = [ops.k_reciprocal_sets(nn, nd, k1, lo, hi) for lo, hi in shares.rows]
+    ptr = torch.cat([csr[0][0], csr[1][0][1:] + csr[0][0][-1]])
+    col = torch.cat([csr[0][1], csr[1][1]])
+    d = torch.cat([csr[0][2], csr[1][2]])
+    del csr
+    local_rows = torch.cat([torch.arange(lo, hi, device=dev) for lo, hi in shares.rows])
+    row_of = torch.repeat_interleave(local_rows, ptr.diff())
+    missing = torch.isnan(d).nonzero()[:, 0]
+    step = max(1, pair_budget)
+    for a in range(0, missing.numel(), step):  # members that came in by expansion only
+        e = missing[a : a + step]
+        d[e] = src.squared(row_of[e], col[e]) / scale[row_of[e]]
+    w = torch.exp(-d)
+    sizes = ptr.diff()
+    sums = torch.zeros(local_rows.numel(), dtype=dtype, device=dev)
+    sums.index_add_(0, torch.repeat_interleave(torch.arange(sizes.numel(), device=dev), sizes), w)
+    w /= torch.where(sums > 0, sums, torch.ones_like(sums)).repeat_interleave(sizes)
+    del d, row_of, sums
+    v_ptr, v_col, v_val = _gather_csr(shares, ptr, col, w, local_q)
+    del ptr, col, w
+
+    # 3. local query expansion (eq. 11) of this process's rows
+    if k2 > 1:
+        qe = [ops.query_expansion(v_ptr, v_col, v_val, nn, k2, lo, hi) for lo, hi in shares.rows]
+    else:
+        qe = [_csr_rows(v_ptr, v_col, v_val, lo, hi) for lo, hi in shares.rows]
+    del v_ptr, v_col, v_val
+    (q_ptr, q_col, q_val), (gl_ptr, gl_col, gl_val) = qe
+
+    # 4. Jaccard (eq. 10) of this process's queries against all gallery rows, and eq. 12 in
+    #    place over M[q, Q:]
+    g_counts = shares.gather(gl_ptr[:0], gl_ptr.diff())
+    g_ptr = torch.zeros(num_g + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(g_counts, 0, out=g_ptr[1:])
+    g_col = shares.gather(gl_col[:0], gl_col)
+    g_val = shares.gather(gl_val[:0], gl_val)
+    ops.jaccard_rerank_(out, q_ptr, q_col, q_val, g_ptr, g_col, g_val, n, lam)
+    if group is None:
+        return out
+    return shares.gather(out, out[:0])
+
+
+def _count_tiles(lo: int, hi: int, chunk: int) -> int:
+    return math.ceil((hi - lo) / chunk) if hi > lo else 0
 
 
 def _reference_re_ranking(

@@ -271,6 +271,7 @@ def _dist_shard_layout(num_local: int, group, g_offset: int | None, device) -> t
 
 
 def _all_gather_varlen(t: torch.Tensor, group) -> torch.Tensor:
+    """Every process's ``t`` (sizes may differ along dim 0), concatenated in rank order."""
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
@@ -279,7 +280,7 @@ def _all_gather_varlen(t: torch.Tensor, group) -> torch.Tensor:
     dist.all_gather(sizes, n, group=group)
     sizes = [int(s) for s in sizes]
     width = max(sizes) if sizes else 0
-    padded = torch.zeros(width, dtype=t.dtype, device=t.device)
+    padded = torch.zeros((width,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)

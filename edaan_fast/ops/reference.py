@@ -175,3 +175,97 @@ def rank_metrics(
     m_ap = float(ap[valid].mean())
     m_inp = float(sum(all_inp) / num_valid)
     return cmc, m_ap, m_inp, ap.numpy(), valid.numpy()
+
+
+# --- k-reciprocal re-ranking steps (edaan_fast/ops/reranking.py) ------------------------------
+
+
+def knn_lists(scores, k, metric="distance", row_sq=None, col_sq=None, kept=None):
+    """Twin of :func:`edaan_fast.ops.reranking.knn_lists`: a stable sort of each whole row."""
+    s = scores
+    if metric == "distance":
+        m = s * s
+    elif metric == "euclidean":
+        m = (row_sq[:, None] + col_sq[None, :] - 2 * s).clamp_min(0)
+    elif metric == "cosine":
+        m = (1 - s).clamp_min(0) ** 2
+    else:
+        raise ValueError(f"knn_lists: unknown metric {metric!r}")
+    top = m.amax(1) if m.shape[1] else m.new_zeros(m.shape[0])
+    top = torch.where(m.isnan().any(1), torch.full_like(top, float("nan")), top)
+    scale = torch.where(top > 0, top, torch.where(top.isnan(), top, torch.ones_like(top)))
+    norm = m / scale[:, None]
+    order = torch.sort(norm, dim=1, stable=True).indices[:, :k]
+    if kept is not None and kept.shape[1]:
+        kept.copy_(norm[:, -kept.shape[1] :])
+    return order, norm.gather(1, order), scale
+
+
+def _reciprocal(nn: torch.Tensor, i: int, k: int) -> list[int]:
+    fwd = nn[i, :k]
+    return [int(j) for j in fwd if bool((nn[j, :k] == i).any())]
+
+
+def k_reciprocal_sets(nn, nn_dist, k1, row_start=0, row_end=None):
+    """Twin of :func:`edaan_fast.ops.reranking.k_reciprocal_sets`: the per-probe loop."""
+    n = nn.shape[0]
+    end = n if row_end is None else row_end
+    ka, kh = min(k1 + 1, n), min(round(k1 / 2) + 1, n)
+    ptr, cols, dist = [0], [], []
+    for i in range(row_start, end):
+        r = _reciprocal(nn, i, ka)
+        members = list(r)
+        for q in r:
+            rq = _reciprocal(nn, q, kh)
+            if 3 * len(set(rq) & set(r)) > 2 * len(rq):
+                members += rq
+        members = sorted(set(members))
+        for j in members:
+            hit = (nn[i] == j).nonzero()
+            dist.append(float(nn_dist[i, hit[0, 0]]) if hit.numel() else float("nan"))
+        cols += members
+        ptr.append(len(cols))
+    dev = nn.device
+    return (
+        torch.tensor(ptr, dtype=torch.int64, device=dev),
+        torch.tensor(cols, dtype=torch.int64, device=dev),
+        torch.tensor(dist, dtype=nn_dist.dtype, device=dev),
+    )
+
+
+def _csr_to_dense(ptr, col, val, cols):
+    rows = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff())
+    dense = torch.zeros(ptr.numel() - 1, cols, dtype=val.dtype, device=val.device)
+    dense[rows, col] = val
+    return dense
+
+
+def _dense_to_csr(dense):
+    nz = dense != 0
+    ptr = torch.zeros(dense.shape[0] + 1, dtype=torch.int64, device=dense.device)
+    ptr[1:] = nz.sum(1).cumsum(0)
+    return ptr, nz.nonzero()[:, 1], dense[nz]
+
+
+def query_expansion(v_ptr, v_col, v_val, nn, k2, row_start=0, row_end=None):
+    """Twin of :func:`edaan_fast.ops.reranking.query_expansion`: dense rows, summed in order."""
+    n = nn.shape[0]
+    end = n if row_end is None else row_end
+    dense = _csr_to_dense(v_ptr, v_col, v_val, n)
+    out = torch.zeros(end - row_start, n, dtype=v_val.dtype, device=v_val.device)
+    for t in range(k2):
+        out += dense[nn[row_start:end, t]]
+    return _dense_to_csr(out / k2)
+
+
+def jaccard_rerank_(dist, q_ptr, q_col, q_val, g_ptr, g_col, g_val, num_columns, lambda_value):
+    """Twin of :func:`edaan_fast.ops.reranking.jaccard_rerank_`: dense rows, ``min`` summed over
+    the columns in ascending order, then eq. 12 in place."""
+    vq = _csr_to_dense(q_ptr, q_col, q_val, num_columns)
+    vg = _csr_to_dense(g_ptr, g_col, g_val, num_columns)
+    s = torch.zeros(dist.shape, dtype=dist.dtype, device=dist.device)
+    for c in range(num_columns):
+        s += torch.minimum(vq[:, c : c + 1], vg[None, :, c])
+    jaccard = 1 - s / (2 - s)
+    dist.copy_(jaccard * (1 - lambda_value) + dist * lambda_value)
+    return dist

@@ -1,0 +1,340 @@
+// CPU kernels of the k-reciprocal re-ranking steps (math: csrc/ops/reranking.h).
+//
+// All four are parallel over rows (at::parallel_for) with thread-local scratch:
+//   knn_lists         two passes over a row of the tile: the squared distances and their
+//                     maximum, then the selection: a sorted list of k (value, index) pairs,
+//                     with a test of 16 raw values at a time against a bound derived from the
+//                     list's last value; only a block that may hold a better entry is looked at
+//                     item by item (m / scale, exact comparison). Expected insertions per row:
+//                     O(k log(N / k)); no sort of the row. The two passes are compiled for
+//                     AVX-512, AVX2 and the baseline, picked at load time (target_clones).
+//   k_reciprocal_sets R*(i) of each row into a padded scratch row, then packed as CSR.
+//   query_expansion   counts, prefix sum, fill: a kq-way merge of sorted CSR rows per row.
+//   jaccard_rerank_   a counting sort of the gallery rows by column (the inverted index), then
+//                     per query a dense accumulator of G values and eq. 12 in place.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../ops/reranking.h"
+
+namespace edaan_fast {
+namespace {
+
+using namespace rerank_math;
+
+constexpr int64_t kBlock = 16;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define EDAAN_FAST_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define EDAAN_FAST_SIMD_CLONES
+#endif
+#define EDAAN_FAST_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// One row: m = squared distances, scale, kept columns, and the k smallest of m / scale.
+template <typename scalar_t, int64_t kKind>
+EDAAN_FAST_ALWAYS_INLINE void knn_row(const scalar_t* s, const scalar_t* cs, int64_t N, int64_t k,
+                                      int64_t keep_from, scalar_t row_sq,
+                                      at::opmath_type<scalar_t>* m,
+                                      at::opmath_type<scalar_t>* vals, int64_t* idx,
+                                      int64_t* out_i, scalar_t* out_d, scalar_t* scale,
+                                      scalar_t* kept) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t rs = static_cast<acc_t>(row_sq);
+  acc_t mx = acc_t(0);
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+  for (int64_t j = 0; j < N; ++j) {
+    const acc_t v = squared_distance<acc_t>(static_cast<acc_t>(s[j]), rs,
+                                            kKind == 1 ? static_cast<acc_t>(cs[j]) : acc_t(0), kKind);
+    m[j] = v;
+    mx = v > mx ? v : mx;
+    nan |= v != v;
+  }
+  const acc_t c = row_scale<acc_t>(nan ? std::numeric_limits<acc_t>::quiet_NaN() : mx);
+  *scale = static_cast<scalar_t>(c);
+  if (!std::isfinite(c)) {  // reported by the caller; the lists are placeholders
+    for (int64_t t = 0; t < k; ++t) {
+      out_i[t] = t;
+      out_d[t] = static_cast<scalar_t>(NAN);
+    }
+    return;
+  }
+  for (int64_t j = keep_from; j < N; ++j) kept[j - keep_from] = static_cast<scalar_t>(m[j] / c);
+  int64_t count = 0;
+  for (int64_t j = 0; j < k; ++j) topk_insert<acc_t>(vals, idx, count, k, m[j] / c, j);
+  acc_t bound = candidate_bound<acc_t>(vals[k - 1], c);
+  int64_t j0 = k;
+  for (; j0 + kBlock <= N; j0 += kBlock) {
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t t = 0; t < kBlock; ++t) any |= m[j0 + t] <= bound;
+    if (!any) continue;
+    for (int64_t j = j0; j < j0 + kBlock; ++j) {
+      if (m[j] <= bound && topk_insert<acc_t>(vals, idx, count, k, m[j] / c, j)) {
+        bound = candidate_bound<acc_t>(vals[k - 1], c);
+      }
+    }
+  }
+  for (int64_t j = j0; j < N; ++j) {
+    if (m[j] <= bound && topk_insert<acc_t>(vals, idx, count, k, m[j] / c, j)) {
+      bound = candidate_bound<acc_t>(vals[k - 1], c);
+    }
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    out_i[t] = idx[t];
+    out_d[t] = static_cast<scalar_t>(vals[t]);
+  }
+}
+
+// Non-template entry points, one per (dtype, score kind), each compiled for several ISAs.
+#define EDAAN_FAST_KNN_ROW(NAME, T, KIND)                                                        \
+  EDAAN_FAST_SIMD_CLONES void NAME(const T* s, const T* cs, int64_t N, int64_t k,               \
+                                   int64_t keep_from, T row_sq, at::opmath_type<T>* m,          \
+                                   at::opmath_type<T>* vals, int64_t* idx, int64_t* out_i,       \
+                                   T* out_d, T* scale, T* kept) {                                \
+    knn_row<T, KIND>(s, cs, N, k, keep_from, row_sq, m, vals, idx, out_i, out_d, scale, kept);   \
+  }
+EDAAN_FAST_KNN_ROW(knn_row_f0, float, 0)
+EDAAN_FAST_KNN_ROW(knn_row_f1, float, 1)
+EDAAN_FAST_KNN_ROW(knn_row_f2, float, 2)
+EDAAN_FAST_KNN_ROW(knn_row_d0, double, 0)
+EDAAN_FAST_KNN_ROW(knn_row_d1, double, 1)
+EDAAN_FAST_KNN_ROW(knn_row_d2, double, 2)
+#undef EDAAN_FAST_KNN_ROW
+
+template <typename T>
+using KnnRowFn = void (*)(const T*, const T*, int64_t, int64_t, int64_t, T, at::opmath_type<T>*,
+                          at::opmath_type<T>*, int64_t*, int64_t*, T*, T*, T*);
+
+template <typename T>
+KnnRowFn<T> knn_row_fn(int64_t kind);
+template <>
+KnnRowFn<float> knn_row_fn<float>(int64_t kind) {
+  return kind == 0 ? knn_row_f0 : kind == 1 ? knn_row_f1 : knn_row_f2;
+}
+template <>
+KnnRowFn<double> knn_row_fn<double>(int64_t kind) {
+  return kind == 0 ? knn_row_d0 : kind == 1 ? knn_row_d1 : knn_row_d2;
+}
+
+template <typename scalar_t>
+void knn_rows(const at::Tensor& scores, const scalar_t* row_sq, const scalar_t* col_sq, int64_t k,
+              int64_t kind, int64_t keep_from, int64_t* nn, scalar_t* nn_dist, scalar_t* scale,
+              scalar_t* kept, int64_t kept_ld) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = scores.size(0), N = scores.size(1), ld = scores.stride(0);
+  const scalar_t* base = scores.const_data_ptr<scalar_t>();
+  const KnnRowFn<scalar_t> row_fn = knn_row_fn<scalar_t>(kind);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> m(N), vals(k);
+    std::vector<int64_t> idx(k);
+    for (int64_t r = begin; r < end; ++r) {
+      row_fn(base + r * ld, col_sq, N, k, keep_from, kind == 1 ? row_sq[r] : scalar_t(0), m.data(),
+             vals.data(), idx.data(), nn + r * k, nn_dist + r * k, scale + r, kept + r * kept_ld);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_lists_cpu(
+    const at::Tensor& scores, const at::Tensor& row_sq, const at::Tensor& col_sq, int64_t k,
+    c10::string_view metric, const at::Tensor& kept) {
+  const int64_t kind = rerank_scores_kind(metric);
+  check_knn_lists_inputs(scores, row_sq, col_sq, k, kind, kept);
+  const at::Tensor s = scores.stride(1) == 1 ? scores : scores.contiguous();
+  const int64_t B = s.size(0), N = s.size(1);
+  at::Tensor nn = at::empty({B, k}, s.options().dtype(at::kLong));
+  at::Tensor nn_dist = at::empty({B, k}, s.options());
+  at::Tensor scale = at::empty({B}, s.options());
+  const int64_t keep_from = N - kept.size(1);
+  if (B == 0) return {nn, nn_dist, scale};
+  const at::Tensor rsq = kind == 1 ? row_sq.contiguous() : row_sq;
+  const at::Tensor csq = kind == 1 ? col_sq.contiguous() : col_sq;
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "knn_lists_cpu", [&] {
+    knn_rows<scalar_t>(s, kind == 1 ? rsq.const_data_ptr<scalar_t>() : nullptr,
+                       kind == 1 ? csq.const_data_ptr<scalar_t>() : nullptr, k, kind, keep_from,
+                       nn.mutable_data_ptr<int64_t>(), nn_dist.mutable_data_ptr<scalar_t>(),
+                       scale.mutable_data_ptr<scalar_t>(), kept.mutable_data_ptr<scalar_t>(),
+                       kept.stride(0));
+  });
+  return {nn, nn_dist, scale};
+}
+
+void check_table(const char* op, const at::Tensor& nn) {
+  const int64_t N = nn.size(0), total = nn.numel();
+  const int64_t* p = nn.const_data_ptr<int64_t>();
+  for (int64_t e = 0; e < total; ++e) {
+    TORCH_CHECK(p[e] >= 0 && p[e] < N, op, ": nn entries must be row indices in [0, ", N,
+                "), got ", p[e], " in row ", e / std::max<int64_t>(nn.size(1), 1));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> k_reciprocal_sets_cpu(
+    const at::Tensor& nn_in, const at::Tensor& nn_dist_in, int64_t k1, int64_t row_start,
+    int64_t row_end) {
+  check_k_reciprocal_inputs(nn_in, nn_dist_in, k1, row_start, row_end);
+  const at::Tensor nn = nn_in.contiguous(), nn_dist = nn_dist_in.contiguous();
+  check_table("k_reciprocal_sets", nn);
+  const int64_t N = nn.size(0), ld = nn.size(1), B = row_end - row_start;
+  const int64_t ka = std::min<int64_t>(k1 + 1, N), kh = std::min<int64_t>(half_size(k1), N);
+  const int64_t width = expansion_width(ka, kh);
+  at::Tensor ptr = at::zeros({B + 1}, nn.options());
+  int64_t* p = ptr.mutable_data_ptr<int64_t>();
+  const int64_t* t = nn.const_data_ptr<int64_t>();
+  // R*(i) of every row into a padded scratch (width per row), sizes into ptr[1:]
+  std::vector<int64_t> sets(static_cast<size_t>(B) * width);
+  at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> half(kh);
+    for (int64_t b = begin; b < end; ++b) {
+      p[b + 1] = k_reciprocal_expansion(t, ld, row_start + b, ka, kh, sets.data() + b * width,
+                                        half.data());
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) p[b + 1] += p[b];
+  at::Tensor col = at::empty({p[B]}, nn.options());
+  at::Tensor dist = at::empty({p[B]}, nn_dist.options());
+  int64_t* oc = col.mutable_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(nn_dist.scalar_type(), "k_reciprocal_sets_cpu", [&] {
+    const scalar_t* td = nn_dist.const_data_ptr<scalar_t>();
+    scalar_t* od = dist.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t i = row_start + b;
+        const int64_t* row = sets.data() + b * width;
+        for (int64_t e = p[b]; e < p[b + 1]; ++e) {
+          oc[e] = row[e - p[b]];
+          od[e] = known_distance<scalar_t>(t + i * ld, td + i * ld, ld, oc[e]);
+        }
+      }
+    });
+  });
+  return {ptr, col, dist};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cpu(
+    const at::Tensor& ptr_in, const at::Tensor& col_in, const at::Tensor& val_in,
+    const at::Tensor& nn_in, int64_t k2, int64_t row_start, int64_t row_end) {
+  check_query_expansion_inputs(ptr_in, col_in, val_in, nn_in, k2, row_start, row_end);
+  const at::Tensor ptr = ptr_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
+  const at::Tensor nn = nn_in.contiguous();
+  const int64_t N = nn.size(0), ld = nn.size(1), B = row_end - row_start;
+  check_csr_contents("query_expansion", "v", ptr.const_data_ptr<int64_t>(), N,
+                     col.const_data_ptr<int64_t>(), col.size(0), N);
+  check_table("query_expansion", nn);
+  at::Tensor out_ptr = at::zeros({B + 1}, ptr.options());
+  int64_t* op = out_ptr.mutable_data_ptr<int64_t>();
+  const int64_t* p = ptr.const_data_ptr<int64_t>();
+  const int64_t* c = col.const_data_ptr<int64_t>();
+  const int64_t* t = nn.const_data_ptr<int64_t>();
+  at::Tensor out_col, out_val;
+  AT_DISPATCH_FLOATING_TYPES(val.scalar_type(), "query_expansion_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* v = val.const_data_ptr<scalar_t>();
+    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> cursor(k2);
+      for (int64_t b = begin; b < end; ++b) {
+        op[b + 1] = mean_of_rows<scalar_t, acc_t>(p, c, v, t + (row_start + b) * ld, k2,
+                                                  cursor.data(), nullptr, nullptr);
+      }
+    });
+    for (int64_t b = 0; b < B; ++b) op[b + 1] += op[b];
+    out_col = at::empty({op[B]}, col.options());
+    out_val = at::empty({op[B]}, val.options());
+    int64_t* oc = out_col.mutable_data_ptr<int64_t>();
+    scalar_t* ov = out_val.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> cursor(k2);
+      for (int64_t b = begin; b < end; ++b) {
+        mean_of_rows<scalar_t, acc_t>(p, c, v, t + (row_start + b) * ld, k2, cursor.data(),
+                                      oc + op[b], ov + op[b]);
+      }
+    });
+  });
+  return {out_ptr, out_col, out_val};
+}
+
+void jaccard_rerank_cpu(const at::Tensor& dist, const at::Tensor& q_ptr_in,
+                        const at::Tensor& q_col_in, const at::Tensor& q_val_in,
+                        const at::Tensor& g_ptr_in, const at::Tensor& g_col_in,
+                        const at::Tensor& g_val_in, int64_t num_columns, double lambda) {
+  check_jaccard_inputs(dist, q_ptr_in, q_col_in, q_val_in, g_ptr_in, g_col_in, g_val_in,
+                       num_columns, lambda);
+  const at::Tensor q_ptr = q_ptr_in.contiguous(), q_col = q_col_in.contiguous(),
+                   q_val = q_val_in.contiguous();
+  const at::Tensor g_ptr = g_ptr_in.contiguous(), g_col = g_col_in.contiguous(),
+                   g_val = g_val_in.contiguous();
+  const int64_t B = dist.size(0), G = dist.size(1), C = num_columns;
+  const int64_t* qp = q_ptr.const_data_ptr<int64_t>();
+  const int64_t* qc = q_col.const_data_ptr<int64_t>();
+  const int64_t* gp = g_ptr.const_data_ptr<int64_t>();
+  const int64_t* gc = g_col.const_data_ptr<int64_t>();
+  const int64_t nnz_g = g_col.size(0);
+  check_csr_contents("jaccard_rerank_", "q", qp, B, qc, q_col.size(0), C);
+  check_csr_contents("jaccard_rerank_", "g", gp, G, gc, nnz_g, C);
+  if (B == 0 || G == 0) return;
+  // The inverted index: a counting sort of the gallery entries by column (rows ascending).
+  std::vector<int64_t> col_ptr(C + 1, 0), inv_row(nnz_g);
+  for (int64_t e = 0; e < nnz_g; ++e) ++col_ptr[gc[e] + 1];
+  for (int64_t c = 0; c < C; ++c) col_ptr[c + 1] += col_ptr[c];
+  std::vector<int64_t> fill(col_ptr.begin(), col_ptr.end() - 1), inv_pos(nnz_g);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t e = gp[g]; e < gp[g + 1]; ++e) {
+      const int64_t at = fill[gc[e]]++;
+      inv_row[at] = g;
+      inv_pos[at] = e;
+    }
+  }
+  at::Tensor d = dist.is_contiguous() ? dist : dist.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(q_val.scalar_type(), "jaccard_rerank_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* qv = q_val.const_data_ptr<scalar_t>();
+    const scalar_t* gv_rows = g_val.const_data_ptr<scalar_t>();
+    std::vector<scalar_t> inv_val(nnz_g);
+    for (int64_t a = 0; a < nnz_g; ++a) inv_val[a] = gv_rows[inv_pos[a]];
+    const int64_t* ir = inv_row.data();
+    const int64_t* cp = col_ptr.data();
+    const scalar_t* iv = inv_val.data();
+    scalar_t* o = d.mutable_data_ptr<scalar_t>();
+    const acc_t lam = static_cast<acc_t>(lambda);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(G);
+      for (int64_t q = begin; q < end; ++q) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t e = qp[q]; e < qp[q + 1]; ++e) {
+          const acc_t v = static_cast<acc_t>(qv[e]);
+          const int64_t c = qc[e];
+          for (int64_t f = cp[c]; f < cp[c + 1]; ++f) {
+            const acc_t w = static_cast<acc_t>(iv[f]);
+            acc[ir[f]] += v < w ? v : w;
+          }
+        }
+        scalar_t* row = o + q * G;
+        for (int64_t g = 0; g < G; ++g) {
+          row[g] = static_cast<scalar_t>(
+              reranked_distance<acc_t>(acc[g], static_cast<acc_t>(row[g]), lam));
+        }
+      }
+    });
+  });
+  if (!d.is_same(dist)) dist.copy_(d);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(edaan_fast, CPU, m) {
+  m.impl("knn_lists", &knn_lists_cpu);
+  m.impl("k_reciprocal_sets", &k_reciprocal_sets_cpu);
+  m.impl("query_expansion", &query_expansion_cpu);
+  m.impl("jaccard_rerank_", &jaccard_rerank_cpu);
+}
+
+}  // namespace edaan_fast
