@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser; options left out are absent from the parsed namespace (so a
     ``--config`` file's values are overridden only by options actually given)."""
     from edaan_fast.engine.run_config import (
-        AMP_DTYPES, DATASET_CHOICES, LOADERS, METRIC_LOSSES, PRESET_DEFAULTS, VARIANTS,
-        RunConfig,
+        AMP_DTYPES, ATTENTION_CONSISTENCY, DATASET_CHOICES, LOADERS, METRIC_LOSSES,
+        PAPER_ATTENTION, PRESET_DEFAULTS, VARIANTS, RunConfig,
     )
 
     d = RunConfig()
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta2", type=float, help=_default("Adam beta2", d.beta2))
     g.add_argument("--phase-epoch", type=int, metavar="N", help=_default(
         "epoch at which the attention nets freeze and the discriminators switch to "
-        "backgrounds", "max(1, round(30/200 * epochs))"))
+        "backgrounds", "paper: max(1, round(30/200 * epochs)); tiny: round(0.3 * epochs)"))
     g = p.add_argument_group("objective (eq. 9)")
     g.add_argument("--lambda-cyc", type=float, help=_default(
         "weight of the cycle loss", ", ".join(f"{k} {v['lambda_cyc']:g}"
@@ -135,6 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_default("label smoothing of the identity loss", d.label_smoothing))
     g.add_argument("--pool-size", type=int,
                    help=_default("image pool of the discriminators (0 = off)", d.pool_size))
+    g = p.add_argument_group("attention (paper §III-A; docs/attention.md)")
+    g.add_argument("--attention-lr-scale", type=float, metavar="X", help=_default(
+        "learning rate of the attention nets, as a multiple of --lr", d.attention_lr_scale))
+    g.add_argument("--attention-consistency", choices=ATTENTION_CONSISTENCY, help=_default(
+        "eq. (5): both maps learn (symmetric, as printed), or the real images' or the "
+        "translations' maps are fixed targets",
+        d.attention_consistency))
+    g.add_argument("--lambda-tv", type=float, help=_default(
+        "weight of the attention maps' total variation (a mask regulariser; 0 = off)",
+        d.lambda_tv))
+    g.add_argument("--reid-attention-grad", action=argparse.BooleanOptionalAction,
+                   help=_default("let the re-ID loss on x_ST train the attention nets",
+                                 d.reid_attention_grad))
+    g.add_argument("--paper-attention", action="store_true",
+                   help="the paper's attention training as printed ("
+                        + ", ".join(f"{k}={v}" for k, v in PAPER_ATTENTION.items())
+                        + "); options given explicitly still apply")
     g = p.add_argument_group("execution")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help=(
         "mixed precision (torch.autocast): bfloat16 on CUDA (float16 + GradScaler on GPUs "
@@ -205,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     from edaan_fast.data import DatasetError
     from edaan_fast.engine.checkpoint import CheckpointError, load_checkpoint
     from edaan_fast.engine.report import markdown_table
-    from edaan_fast.engine.run_config import RunConfig, RunConfigError, load_run_file
+    from edaan_fast.engine.run_config import (
+        PAPER_ATTENTION, RunConfig, RunConfigError, load_run_file,
+    )
     from edaan_fast.engine.step import NonFiniteLossError
     from edaan_fast.engine.trainer import TrainingInterrupted, resume_config, train
 
@@ -214,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     resume = options.pop("resume", None)
     overwrite = options.pop("overwrite", False)
     config_file = options.pop("config", None)
+    paper_attention = options.pop("paper_attention", False)
     try:
         merged = load_run_file(config_file) if config_file else {}
+        if paper_attention:
+            merged.update(PAPER_ATTENTION)
         merged.update(options)
         if resume is not None:
             run = resume_config(load_checkpoint(resume, kind="training")["run"], merged)

@@ -111,7 +111,8 @@ def model_and_batch():
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("weights", [LossWeights(), LossWeights(gan=0.5, cycle=3.0, attention=2.0,
-                                                                quartet=0.7, id=1.5)])
+                                                                quartet=0.7, id=1.5,
+                                                                attention_tv=0.4)])
 def test_total_is_the_weighted_sum_of_the_logged_terms(model_and_batch, weights, masked):
     model, x_s, x_t, labels = model_and_batch
     objective = EDAANObjective(BatchHardTriplet(), weights)
@@ -121,7 +122,8 @@ def test_total_is_the_weighted_sum_of_the_logged_terms(model_and_batch, weights,
     t = {k: v.item() for k, v in g.terms().items()}
     assert all(v > 0 for k, v in t.items() if k != "metric")
     expected = (weights.gan * (t["gan_s2t"] + t["gan_t2s"]) + weights.cycle * t["cycle"]
-                + weights.attention * t["attention"] + weights.quartet * t["metric"]
+                + weights.attention * t["attention"] + weights.attention_tv * t["smoothness"]
+                + weights.quartet * t["metric"]
                 + weights.id * t["id"])
     assert t["total"] == pytest.approx(expected, rel=1e-6)
 

@@ -97,7 +97,8 @@ def test_gradients_reach_every_learner_and_no_frozen_module(phase):
         assert all(not p.requires_grad for p in model.attention_S.parameters())
     assert all(p.requires_grad for p in model.discriminator_T.parameters())
     assert log["skipped_G"] == 0.0 and log["skipped_D"] == 0.0
-    assert set(log) == {"gan_s2t", "gan_t2s", "cycle", "attention", "metric", "id", "total",
+    assert set(log) == {"gan_s2t", "gan_t2s", "cycle", "attention", "smoothness", "metric", "id",
+                        "total",
                         "d_S", "d_T", "d_total", "skipped_G", "skipped_D"}
 
 

@@ -10,7 +10,12 @@ like the paper's Table I), plus the method names of the paper's tables.
      "evaluations": [{"epoch": 20, "metrics": {...}}, ...]}
 
 Metrics are fractions in ``[0, 1]`` (``mINP`` is ``null`` where the protocol does not define
-it); ``seconds`` is the wall time of the training run, summed over resumed segments.
+it); ``seconds`` is the wall time of the training run, summed over resumed segments. Runs with
+attention nets add ``"attention": {"epoch": 40, "A_S": {...}, "A_T": {...}}``: the quality of
+each map on its domain's held-out test images at that epoch (the last one measured; for DAAN,
+the end of its translator stage), with the fields of
+:class:`~edaan_fast.metrics.AttentionQuality` (``auc``, ``iou``, ``best_iou``, ``best_t`` against
+the true person masks, ``null`` without them; ``mean``, ``spatial_std``, ``centre_contrast``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRIC_KEYS", "build_report", "markdown_table", "method_name", "metrics_dict",
+__all__ = ["METRIC_KEYS", "attention_markdown", "build_report", "markdown_table", "method_name", "metrics_dict",
            "transfer_name", "write_report"]
 
 METRIC_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
@@ -129,6 +134,26 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def attention_markdown(attention: Mapping[str, Any] | None) -> str:
+    """The report's attention section: one row per map (empty without attention nets)."""
+    if not attention:
+        return ""
+
+    def cell(value, digits=2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = ["", f"## Attention (epoch {attention['epoch']}, held-out test images)", "",
+             "| map | ROC-AUC | IoU @0.5 | best IoU (threshold) | mean | spatial std | "
+             "centre contrast |", "|:---|---:|---:|---:|---:|---:|---:|"]
+    for net, what in (("A_S", "A_S on source"), ("A_T", "A_T on target")):
+        q = attention[net]
+        best = "-" if q["best_iou"] is None else f"{q['best_iou']:.2f} ({q['best_t']:.2f})"
+        lines.append(f"| {what} | {cell(q['auc'])} | {cell(q['iou'])} | {best} | "
+                     f"{cell(q['mean'])} | {cell(q['spatial_std'])} | "
+                     f"{cell(q['centre_contrast'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(output_dir: str | os.PathLike, report: Mapping[str, Any]) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.md`` into ``output_dir``; returns both paths."""
     out = Path(output_dir)
@@ -140,6 +165,7 @@ def write_report(output_dir: str | os.PathLike, report: Mapping[str, Any]) -> tu
           + markdown_table([report], extra_columns=("mINP", "seconds"))
           + f"\nPreset `{report['preset']}`, {report['epochs']} epochs, seed {run['seed']}, "
           f"{report['seconds']:.0f} s. Metrics on the target's query/gallery split "
-          "(R = rank-k accuracy, mAP and mINP in percent).\n")
+          "(R = rank-k accuracy, mAP and mINP in percent).\n"
+          + attention_markdown(report.get("attention")))
     _write_text(md_path, md)
     return json_path, md_path

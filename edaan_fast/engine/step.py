@@ -88,7 +88,8 @@ def resolve_amp_dtype(device_type: str, amp: bool, amp_dtype: torch.dtype | None
     return torch.float16 if device_type == "cuda" else torch.bfloat16
 
 
-GENERATOR_TERMS = ("gan_s2t", "gan_t2s", "cycle", "attention", "metric", "id", "total")
+GENERATOR_TERMS = ("gan_s2t", "gan_t2s", "cycle", "attention", "smoothness", "metric", "id",
+                   "total")
 DISCRIMINATOR_TERMS = ("d_S", "d_T", "d_total")
 
 

@@ -593,7 +593,7 @@ class Trainer:
             self.model_config = model_config(
                 self.run.preset, image_size=tuple(self.run.image_size),
                 num_ids=self.source.num_train_pids, no_attention=not self.run.attention,
-                **self.run.model)
+                **{"reid_attention_grad": self.run.reid_attention_grad, **self.run.model})
         except (TypeError, ValueError) as exc:
             raise RunConfigError(f"model configuration: {exc}") from None
         P = self.run.num_identities_per_batch
@@ -606,9 +606,10 @@ class Trainer:
             (QuartetLoss if self.run.metric_loss == "quartet" else TripletLoss)(self.run.margin),
             LossWeights(gan=self.run.lambda_gan, cycle=self.run.lambda_cyc,
                         attention=self.run.lambda_attn, quartet=self.run.lambda_metric,
+                        attention_tv=self.run.lambda_tv,
                         id=self.run.lambda_id),
             label_smoothing=self.run.label_smoothing,
-            attention_one_sided=self.run.attention_consistency == "one-sided")
+            attention_consistency=self.run.attention_consistency)
         self.stages = _stages(self.run)
         self.total_epochs = sum(s.epochs for s in self.stages)
         self.epoch = 0          # completed epochs over all stages
@@ -697,14 +698,15 @@ class Trainer:
 
     def _generator_groups(self):
         """The generator optimiser's parameters: one group, or the attention nets in a group of
-        their own when ``attention_lr`` differs from ``lr``."""
-        lr = self.run.attention_lr
-        if lr is None or lr == self.run.lr or not self.model.has_attention:
+        their own when ``attention_lr_scale`` is not 1 (their learning rate is
+        ``lr * attention_lr_scale``)."""
+        scale = self.run.attention_lr_scale
+        if scale == 1.0 or not self.model.has_attention:
             return self.model.generator_parameters()
-        attention = {id(p) for net in self.model.attention_nets() for p in net.parameters()}
-        rest = [p for p in self.model.generator_parameters() if id(p) not in attention]
         nets = [p for net in self.model.attention_nets() for p in net.parameters()]
-        return [{"params": rest}, {"params": nets, "lr": lr}]
+        attention = {id(p) for p in nets}
+        rest = [p for p in self.model.generator_parameters() if id(p) not in attention]
+        return [{"params": rest}, {"params": nets, "lr": self.run.lr * scale}]
 
     def _sampler(self, sampler):
         return RankSlice(sampler, self.dist.rank, self.dist.world_size) if self.dist.enabled \

@@ -1,7 +1,7 @@
 """EDAAN's objective (eq. 3-9): adversarial, cycle, attention-consistency, metric and ID terms."""
 
 from .adversarial import discriminator_input, lsgan_discriminator_loss, lsgan_generator_loss
-from .attention import attention_consistency_loss
+from .attention import attention_consistency_loss, attention_smoothness_loss
 from .cycle import cycle_loss
 from .identity import id_loss
 from .metric import CrossEntropyLabelSmooth, QuartetLoss, TripletLoss
@@ -16,6 +16,7 @@ __all__ = [
     "QuartetLoss",
     "TripletLoss",
     "attention_consistency_loss",
+    "attention_smoothness_loss",
     "cycle_loss",
     "discriminator_input",
     "id_loss",

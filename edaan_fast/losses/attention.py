@@ -14,22 +14,49 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_consistency_loss"]
+__all__ = ["CONSISTENCY_MODES", "attention_consistency_loss", "attention_smoothness_loss"]
+
+
+#: How eq. (5)'s two sides learn: ``symmetric`` (as printed: both maps get gradients),
+#: ``real-target`` (the maps of the real images are fixed targets for the maps of the
+#: translations), ``translated-target`` (the other way round).
+CONSISTENCY_MODES = ("symmetric", "real-target", "translated-target")
 
 
 def attention_consistency_loss(attn_s: torch.Tensor, attn_t_of_st: torch.Tensor,
                                attn_t: torch.Tensor, attn_s_of_ts: torch.Tensor,
-                               one_sided: bool = False) -> torch.Tensor:
+                               mode: str = "symmetric") -> torch.Tensor:
     """``mean|A_S(x_S) - A_T(x_ST)| + mean|A_T(x_T) - A_S(x_TS)|`` in float32 (eq. 5).
 
-    With ``one_sided`` the maps of the real images, ``A_S(x_S)`` and ``A_T(x_T)``, are targets
-    (no gradient): each net learns to find on the other domain's translations the person the
-    other net found on its real images, and neither is pulled towards the other's map on its
-    own domain. Both forms have the same value; only the gradient differs. Why: the symmetric
-    form is minimised by any pair of equal constant maps, and at ``λ_attn = 10`` that pull
-    flattens both maps (see docs/attention.md for the measurements).
+    ``mode`` (:data:`CONSISTENCY_MODES`) decides which side of each difference is a target
+    (no gradient); the value is the same in every mode. The symmetric form is minimised by any
+    pair of equal constant maps, and at ``λ_attn = 10`` that pull flattens both maps
+    (docs/attention.md has the measurements). With ``translated-target`` the maps of the real
+    images learn from the maps of their translations, which the cycle loss trains to keep the
+    person (kept exactly by eq. (1)) and re-translate the background.
     """
-    if one_sided:
+    if mode not in CONSISTENCY_MODES:
+        raise ValueError(f"attention_consistency_loss: mode must be one of "
+                         f"{', '.join(CONSISTENCY_MODES)}; got {mode!r}")
+    if mode == "real-target":
         attn_s, attn_t = attn_s.detach(), attn_t.detach()
+    elif mode == "translated-target":
+        attn_t_of_st, attn_s_of_ts = attn_t_of_st.detach(), attn_s_of_ts.detach()
     return (F.l1_loss(attn_t_of_st.float(), attn_s.float())
             + F.l1_loss(attn_s_of_ts.float(), attn_t.float()))
+
+
+def attention_smoothness_loss(*maps: torch.Tensor) -> torch.Tensor:
+    """Total variation of attention maps, ``mean|A[y+1] - A[y]| + mean|A[x+1] - A[x]|``,
+    summed over ``maps`` (each ``[N, 1, H, W]``), in float32.
+
+    The mask regulariser of AttentionGAN (Tang et al., 2019) and GANimation (Pumarola et al.,
+    2018): a map that keeps a whole person and translates the whole background changes only
+    along the person's outline, while a noisy map pays at every pixel.
+    """
+    total = maps[0].new_zeros((), dtype=torch.float32)
+    for a in maps:
+        a = a.float()
+        total = total + (a[..., 1:, :] - a[..., :-1, :]).abs().mean() \
+            + (a[..., 1:] - a[..., :-1]).abs().mean()
+    return total

@@ -7,10 +7,12 @@ Paper symbols -> code (``GeneratorLosses`` field: what it is):
 ``gan_t2s``            ``L_GAN^T``: LSGAN loss of ``F: T -> S`` against ``D_S``
 ``cycle``              ``L_cyc`` (eq. 4), weighted by ``λ_cyc``
 ``attention``          ``L_attn(A_S) + L_attn(A_T)`` (eq. 5), weighted by ``λ_attn``
+``smoothness``         total variation of ``A_S(x_S)`` and ``A_T(x_T)`` (a mask regulariser,
+                       not in eq. 9), weighted by ``λ_tv`` (0 = the paper's objective)
 ``metric``             ``L_quartet`` (eq. 7) or ``L_triplet`` (eq. 6), weighted by ``λ_quartet``
 ``id``                 ``L_id`` (eq. 8), weighted by ``λ_id``
 ``total``              ``gan_s2t + gan_t2s + λ_cyc cycle + λ_attn attention
-                       + λ_quartet metric + λ_id id``
+                       + λ_tv smoothness + λ_quartet metric + λ_id id``
 =====================  ===================================================================
 
 Eq. (9) as printed has no separate cycle term: "an attention loss is used within the
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from .adversarial import discriminator_input, lsgan_discriminator_loss, lsgan_generator_loss
-from .attention import attention_consistency_loss
+from .attention import attention_consistency_loss, attention_smoothness_loss
 from .cycle import cycle_loss
 from .identity import id_loss
 
@@ -41,12 +43,14 @@ __all__ = ["DiscriminatorLosses", "EDAANObjective", "GeneratorLosses", "LossWeig
 @dataclass(frozen=True)
 class LossWeights:
     """The ``λ`` of eq. (9). Defaults: the paper's ``λ_attn = 10, λ_quartet = 1, λ_id = 1``, and
-    CycleGAN's ``λ_cyc = 10``; ``gan`` scales both adversarial terms (1 in the paper)."""
+    CycleGAN's ``λ_cyc = 10``; ``gan`` scales both adversarial terms (1 in the paper);
+    ``attention_tv`` weighs the attention maps' total variation (0 in the paper)."""
 
     gan: float = 1.0
     cycle: float = 10.0
     attention: float = 10.0
     quartet: float = 1.0
+    attention_tv: float = 0.0
     id: float = 1.0
 
     def __post_init__(self):
@@ -64,6 +68,7 @@ class GeneratorLosses:
     gan_t2s: torch.Tensor
     cycle: torch.Tensor
     attention: torch.Tensor
+    smoothness: torch.Tensor
     metric: torch.Tensor
     id: torch.Tensor
     total: torch.Tensor
@@ -93,23 +98,24 @@ class EDAANObjective(nn.Module):
             ``edaan_fast.losses.QuartetLoss(margin=0.3)``; ``None`` leaves it out (term 0).
         weights: the ``λ`` of eq. (9).
         label_smoothing: of the identity loss (0 = plain eq. 8).
-        attention_one_sided: eq. (5) with the real images' maps as targets (see
+        attention_consistency: which side of eq. (5) learns (see
             :func:`~edaan_fast.losses.attention.attention_consistency_loss`).
     """
 
     def __init__(self, metric_loss: nn.Module | None = None,
                  weights: LossWeights | None = None, label_smoothing: float = 0.0,
-                 attention_one_sided: bool = False):
+                 attention_consistency: str = "symmetric"):
         super().__init__()
-        self.attention_one_sided = attention_one_sided
+        self.attention_consistency = attention_consistency
         self.metric_loss = metric_loss
         self.weights = weights if weights is not None else LossWeights()
         self.label_smoothing = label_smoothing
 
-    def weighted_total(self, gan_s2t, gan_t2s, cycle, attention, metric, id_) -> torch.Tensor:
+    def weighted_total(self, gan_s2t, gan_t2s, cycle, attention, metric, id_,
+                       smoothness=0.0) -> torch.Tensor:
         w = self.weights
         return (w.gan * (gan_s2t + gan_t2s) + w.cycle * cycle + w.attention * attention
-                + w.quartet * metric + w.id * id_)
+                + w.attention_tv * smoothness + w.quartet * metric + w.id * id_)
 
     def generator_losses(self, model, out, x_s: torch.Tensor, x_t: torch.Tensor,
                          labels: torch.Tensor | None, masked_discriminator: bool
@@ -133,17 +139,20 @@ class EDAANObjective(nn.Module):
         if out.attention_T_of_ST is not None:
             attn = attention_consistency_loss(out.s2t.attention, out.attention_T_of_ST,
                                               out.t2s.attention, out.attention_S_of_TS,
-                                              self.attention_one_sided)
+                                              self.attention_consistency)
         else:
             attn = zero
+        smooth = zero
+        if out.s2t.attention is not None:  # logged even at λ_tv = 0 (a measure of the maps)
+            smooth = attention_smoothness_loss(out.s2t.attention, out.t2s.attention)
         metric = ident = zero
         if out.reid is not None and labels is not None:
             both = torch.cat([labels, labels])
             ident = id_loss(out.reid.logits, both, self.label_smoothing)
             if self.metric_loss is not None:
                 metric = self.metric_loss(out.reid.embedding.float(), both).float()
-        total = self.weighted_total(gan_s2t, gan_t2s, cyc, attn, metric, ident)
-        return GeneratorLosses(gan_s2t, gan_t2s, cyc, attn, metric, ident, total)
+        total = self.weighted_total(gan_s2t, gan_t2s, cyc, attn, metric, ident, smooth)
+        return GeneratorLosses(gan_s2t, gan_t2s, cyc, attn, smooth, metric, ident, total)
 
     def discriminator_losses(self, model, real_s: torch.Tensor, real_t: torch.Tensor,
                              fake_st: torch.Tensor, fake_ts: torch.Tensor
