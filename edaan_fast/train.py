@@ -32,8 +32,10 @@ __all__ = ["build_parser", "main"]
 EPILOG = """\
 schedule (paper section IV-B): Adam lr 2e-4, betas (0.5, 0.999); lr constant for the first half
 of the epochs, then linear decay to 0. Attention nets learn and discriminators see whole images
-until the phase epoch, max(1, round(30/200 * epochs)) (the paper's 30 of 200; 6 of the tiny
-preset's 40), then the attention nets are frozen and the discriminators see backgrounds only.
+until the phase epoch (paper preset: max(1, round(30/200 * epochs)), the paper's 30 of 200;
+tiny preset: round(0.3 * epochs), 12 of 40), then the attention nets are frozen and the
+discriminators see backgrounds only. Attention training departs from the printed setting in
+three places (docs/attention.md); --paper-attention restores it.
 
 variants: edaan = translator and re-ID trained jointly; daan = translator first, translated
 source set written to <output-dir>/translated/, then re-ID on real + translated; cyclegan =

@@ -84,3 +84,24 @@ def test_bad_inputs():
         roc_auc(np.ones(5), np.ones(5, dtype=bool))
     with pytest.raises(ValueError, match="no attention maps"):
         attention_quality(torch.rand(0, 1, 8, 4))
+
+
+def test_evaluate_attention_uses_masks_where_they_exist():
+    """Synthetic images carry person masks (all fields); real images only the proxies."""
+    from edaan_fast.data import build_dataset
+    from edaan_fast.engine.evaluator import evaluate_attention
+    from edaan_fast.models import build_model
+    from tests.test_data_readers import market_mini
+
+    torch.manual_seed(0)
+    model = build_model("tiny", num_ids=4)
+    target = build_dataset("synthetic", domain="target", preset="tiny", seed=0)
+    splits = {"A_T": target.query + target.gallery}
+    root = market_mini()
+    if root is not None:
+        splits["A_S"] = build_dataset("market1501", root=root).query
+    q = evaluate_attention(model, splits, image_size=(64, 32), max_images=40)
+    assert q["A_T"].images == 40 and q["A_T"].auc is not None and 0 <= q["A_T"].iou <= 1
+    if root is not None:
+        assert q["A_S"].images == 40 and q["A_S"].auc is None and q["A_S"].iou is None
+        assert 0 < q["A_S"].mean < 1

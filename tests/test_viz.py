@@ -105,6 +105,19 @@ def test_attention_grid(tmp_path):
         plot_attention(images, masks[:2], tmp_path / "bad.png")
 
 
+def test_attention_figure_with_true_person(tmp_path):
+    images = torch.rand(2, 3, 64, 32)
+    masks = torch.rand(2, 1, 64, 32)
+    truth = torch.zeros(2, 1, 64, 32)
+    truth[:, :, 16:48, 8:24] = 1.0
+    px = _png(plot_attention(images, masks, tmp_path / "attn.png", truth=truth))
+    assert px.shape == (20 + 2 * 64 + 4, 5 * 32 + 4 * 4, 3)
+    fifth = px[20:84, 4 * 36 : 4 * 36 + 32]
+    assert (fifth[30, 16] == 255).all() and (fifth[5, 2] == 0).all()  # the true person, white
+    with pytest.raises(ValueError, match="truth must be"):
+        plot_attention(images, masks, tmp_path / "bad.png", truth=truth[:1])
+
+
 def test_translation_grid(tmp_path):
     src, ed, na = (torch.rand(4, 3, 32, 16) for _ in range(3))
     px = _png(plot_translations(src, ed, na, tmp_path / "tr.png"))
