@@ -53,6 +53,7 @@ import numpy as np
 from PIL import Image
 
 from .base import DatasetError, ReIDDataset, read_mask
+from .market_layout import MARKET_LAYOUT, MARKET_PATTERN, read_market_layout
 
 logger = logging.getLogger(__name__)
 
@@ -547,7 +548,6 @@ def render(root: str | Path | None = None, preset: str | SyntheticPreset = "tiny
 def synthetic(root: str | Path | None = None, domain: str = "source",
               preset: str | SyntheticPreset = "tiny", seed: int = 0) -> ReIDDataset:
     """Render (if needed) and read one domain of the synthetic set."""
-    from .datasets import MARKET_LAYOUT, MARKET_PATTERN, read_market_layout
 
     if domain not in DOMAINS:
         raise ValueError(f"synthetic: domain must be one of {DOMAINS}, got {domain!r}")
