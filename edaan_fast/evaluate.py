@@ -36,11 +36,8 @@ import importlib
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +45,15 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from edaan_fast.metrics.features import (  # noqa: F401  (re-exported: the CLI's file format)
+    FEATURES_FORMAT,
+    FEATURES_VERSION,
+    PRID_TASKS,
+    EvaluationError,
+    load_features,
+    save_features,
+)
 
 logger = logging.getLogger("edaan_fast.evaluate")
 
@@ -60,13 +66,6 @@ DATASET_NAMES = {"market1501": "Market-1501", "dukemtmcreid": "DukeMTMC-reID",
 VARIANT_NAMES = {"edaan": "EDAAN", "daan": "DAAN", "cyclegan": "CycleGAN",
                  "direct": "Direct Transfer"}
 TABLE_COLUMNS = ("R-1", "R-5", "R-10", "mAP", "mINP")
-FEATURES_FORMAT = "edaan_fast.features"
-FEATURES_VERSION = 1
-PRID_TASKS = (("a2b", "cam1/cam2"), ("b2a", "cam2/cam1"))
-
-
-class EvaluationError(Exception):
-    """A problem with the inputs: reported as one line on stderr, exit code 2."""
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -278,133 +277,6 @@ def plan_from_dataset(args, run: dict) -> Plan:
 
 
 # ---------------------------------------------------------------------------------- features
-
-
-def save_features(path: Path, protocol: str, dataset: str, features: dict, meta: dict) -> Path:
-    """Writes ``features`` (task name -> (query, gallery) :class:`Features`) as ``.npz``.
-
-    Layout (``format = "edaan_fast.features"``, ``version = 1``): ``query_features`` ``[Q, D]``
-    float32, ``query_pids``/``query_camids`` int64 ``[Q]``, ``query_paths`` (strings), the same
-    for ``gallery_*``, plus ``protocol``, ``dataset`` and ``meta`` (JSON text). PRID2011's two
-    directions are prefixed ``a2b_`` / ``b2a_``. The file is written atomically, at ``path``
-    exactly (no suffix is added).
-    """
-    arrays: dict[str, np.ndarray] = {
-        "format": np.array(FEATURES_FORMAT), "version": np.array(FEATURES_VERSION),
-        "protocol": np.array(protocol), "dataset": np.array(dataset),
-        "meta": np.array(json.dumps(meta, default=str)),
-    }
-    for task, pair in features.items():
-        prefix = "" if task == "target" else f"{task}_"
-        for split, f in zip(("query", "gallery"), pair):
-            arrays[f"{prefix}{split}_features"] = f.features.float().numpy()
-            arrays[f"{prefix}{split}_pids"] = f.pids.numpy().astype(np.int64)
-            arrays[f"{prefix}{split}_camids"] = f.camids.numpy().astype(np.int64)
-            if f.paths is not None:
-                arrays[f"{prefix}{split}_paths"] = np.array(f.paths, dtype=str)
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise EvaluationError(f"cannot write features file {path}: {exc.strerror or exc}") \
-            from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise EvaluationError(f"cannot write features file {path}: "
-                                  f"{exc.strerror or exc}") from None
-        raise
-    return path
-
-
-def load_features(path: Path, protocol: str | None = None) -> tuple[str, str, dict, dict]:
-    """Reads a features file: ``(protocol, dataset, {task: (query, gallery)}, meta)``.
-
-    Files from other tools need only ``query_features``, ``query_pids``, ``query_camids`` and
-    the ``gallery_*`` three (protocol ``market`` unless ``protocol`` says otherwise).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise EvaluationError(f"features file {path} is a folder; expected an .npz file written "
-                              "by --export-features")
-    if not path.is_file():
-        raise EvaluationError(f"features file {path} does not exist")
-    expected = ("an .npz archive (written by --export-features, or np.savez with query_features, "
-                "query_pids, query_camids and the gallery_* three)")
-    with open(path, "rb") as fh:
-        magic = fh.read(6)
-    if magic == b"\x93NUMPY":
-        raise EvaluationError(f"features file {path} is a single .npy array; expected {expected}")
-    if not magic.startswith(b"PK"):
-        raise EvaluationError(f"features file {path} cannot be read as .npz: it is not a zip "
-                              f"archive (starts with {magic[:4]!r}); expected {expected}")
-    try:
-        data = np.load(path, allow_pickle=False)
-        files = set(data.files)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise EvaluationError(f"features file {path} cannot be read as .npz (written by "
-                              f"--export-features): {type(exc).__name__}: {exc}") from None
-    try:
-        with data:
-            return _read_features(path, data, files, protocol)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # object arrays, damage
-        raise EvaluationError(f"features file {path} cannot be read: {type(exc).__name__}: "
-                              f"{exc}") from None
-
-
-def _read_features(path: Path, data, files: set, protocol: str | None):
-    from edaan_fast.engine.evaluator import Features
-
-    stored = str(data["protocol"]) if "protocol" in files else None
-    protocol = protocol or stored or "market"
-    if protocol not in ("market", "cuhk03", "prid2011"):
-        raise EvaluationError(f"features file {path} names protocol {protocol!r}; expected "
-                              "market, cuhk03 or prid2011")
-    dataset = str(data["dataset"]) if "dataset" in files else path.stem
-    meta = json.loads(str(data["meta"])) if "meta" in files else {}
-    tasks = [t for t, _ in PRID_TASKS] if protocol == "prid2011" else ["target"]
-    out = {}
-    for task in tasks:
-        prefix = "" if task == "target" else f"{task}_"
-        pair = []
-        for split in ("query", "gallery"):
-            keys = [f"{prefix}{split}_{k}" for k in ("features", "pids", "camids")]
-            if not all(k in files for k in keys):
-                raise EvaluationError(
-                    f"features file {path} has no {prefix}{split} split: expected arrays "
-                    f"{', '.join(keys)}; found {', '.join(sorted(files))}")
-            feats, pids, camids = (data[k] for k in keys)
-            if not np.issubdtype(feats.dtype, np.floating):
-                raise EvaluationError(f"features file {path}: {keys[0]} must be floating "
-                                      f"point, got {feats.dtype}")
-            if feats.ndim != 2 or feats.shape[1] == 0:
-                raise EvaluationError(f"features file {path}: {keys[0]} must be [N, D] with "
-                                      f"D >= 1, got shape {list(feats.shape)}")
-            for k, ids in zip(keys[1:], (pids, camids)):
-                if not np.issubdtype(ids.dtype, np.integer):
-                    raise EvaluationError(f"features file {path}: {k} must hold integer "
-                                          f"ids, got {ids.dtype}")
-                if ids.shape != feats.shape[:1]:
-                    raise EvaluationError(f"features file {path}: {k} must be 1-D with one id "
-                                          f"per row of {keys[0]} ([{feats.shape[0]}]), got "
-                                          f"shape {list(ids.shape)}")
-            paths_key = f"{prefix}{split}_paths"
-            paths = [str(s) for s in data[paths_key]] if paths_key in files else None
-            if feats.shape[0:1] == (0,):
-                raise EvaluationError(f"features file {path} has an empty {prefix}{split} "
-                                      f"split ({keys[0]} has shape {list(feats.shape)})")
-            feats = feats.astype(np.float32) if feats.dtype == np.float16 else feats
-            pair.append(Features(torch.from_numpy(np.ascontiguousarray(feats)),
-                                 torch.from_numpy(pids.astype(np.int64)).reshape(-1),
-                                 torch.from_numpy(camids.astype(np.int64)).reshape(-1),
-                                 paths))
-        out[task] = tuple(pair)
-    return protocol, dataset, out, meta
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -889,7 +761,7 @@ def run(args) -> dict:
             logger.info("wrote %s", args.export_features)
 
     from edaan_fast.engine.evaluator import ReRanking, distance_matrix
-    from edaan_fast.engine.protocols import format_table
+    from edaan_fast.metrics.protocols import format_table
 
     rerank = ReRanking(args.k1, args.k2, args.lambda_value) if args.rerank else None
     t0 = time.perf_counter()

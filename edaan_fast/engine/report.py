@@ -66,7 +66,7 @@ def transfer_name(run: Mapping[str, Any]) -> str:
 
 
 def metrics_dict(result) -> dict[str, float | None]:
-    """``rank1, rank5, rank10, mAP, mINP`` of a :class:`~edaan_fast.engine.protocols
+    """``rank1, rank5, rank10, mAP, mINP`` of a :class:`~edaan_fast.metrics.protocols
     .ProtocolResult` (or a mapping with those keys) as plain floats."""
     def get(key: str):
         value = result.get(key) if isinstance(result, Mapping) else getattr(result, key)
