@@ -400,3 +400,38 @@ def target_dataset(run: dict[str, Any]) -> ReIDDataset:
     domain="target", preset=<run preset>, seed=run["seed"])``.
     """
     return _dataset(run, "target")
+
+
+#: Options that may differ between a checkpoint's run and the run that resumes it: where and
+#: how output goes, and how data are read. Everything else defines the training and must match.
+RESUMABLE_KEYS = frozenset({"output_dir", "progress", "num_workers", "eval_every",
+                            "checkpoint_every", "eval_batch_size", "device"})
+
+
+def resume_config(checkpoint_run: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
+    """The run configuration of a resumed run: the checkpoint's, with ``overrides`` applied.
+
+    Only :data:`RESUMABLE_KEYS` may change (plus ``resume`` itself); a different value of any
+    other option raises :class:`RunConfigError` naming it, since it would change the training
+    the checkpoint is part of.
+    """
+    base = RunConfig.from_dict({k: v for k, v in checkpoint_run.items()
+                                if k not in RunConfig.DERIVED}, "checkpoint run")
+    base_resolved = base.resolve().to_dict()
+    changed = {}
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key in RESUMABLE_KEYS:
+            continue
+        candidate = base.replace(**{key: value}).resolve().to_dict()[key]
+        if candidate != base_resolved[key]:
+            changed[key] = (base_resolved[key], value)
+    if changed:
+        detail = ", ".join(f"{k}={old!r} in the checkpoint but {new!r} given"
+                           for k, (old, new) in sorted(changed.items()))
+        raise RunConfigError(
+            f"--resume continues the checkpoint's run; these options differ: {detail}. Only "
+            f"{', '.join(sorted(RESUMABLE_KEYS))} may change on resume.")
+    allowed = {k.replace("-", "_"): v for k, v in overrides.items()
+               if k.replace("-", "_") in RESUMABLE_KEYS}
+    return base.replace(**allowed).resolve()

@@ -1,5 +1,7 @@
-"""One EDAAN training iteration: the generator step, then the discriminator step (paper §III,
-§IV-B), in float32 or under autocast.
+"""The training steps, both behind one call signature (:meth:`EDAANTrainStep.run_batch`):
+:class:`EDAANTrainStep` is one EDAAN iteration -- the generator step, then the discriminator
+step (paper §III, §IV-B) -- and :class:`ReIDStep` one re-ID-only iteration, in float32 or
+under autocast.
 
 What one call of :class:`EDAANTrainStep` does, given a labelled source batch ``(x_S, y_S)``, an
 unlabelled target batch ``x_T`` and the caller's two optimisers:
@@ -19,9 +21,10 @@ must restore with the model: the two image pools and the grad scalers
 (:meth:`state_dict` / :meth:`load_state_dict`).
 
 Precision (``amp``): float32 by default. ``amp=True`` runs the forward passes under
-``torch.autocast``: bfloat16 on CPU; float16 on CUDA with one ``GradScaler`` per optimiser (so a
-discriminator overflow does not skip the generator's update), or bfloat16 with
-``amp_dtype=torch.bfloat16``. The losses themselves are reduced in float32.
+``torch.autocast`` in the dtype of :func:`~edaan_fast.engine.precision.resolve_precision`:
+bfloat16 on CPU and on CUDA devices that support it; float16 on older GPUs, with one
+``GradScaler`` per optimiser (so a discriminator overflow does not skip the generator's update).
+``amp_dtype`` forces either. The losses themselves are reduced in float32.
 
 Non-finite rule: every logged loss term is checked after the forward pass and *before* any
 backward. A NaN/inf term raises :class:`NonFiniteLossError` naming the step, the phase (generator
@@ -44,12 +47,14 @@ import torch
 from torch import nn
 
 from edaan_fast.losses.adversarial import discriminator_input
+from edaan_fast.losses.identity import id_loss
 from edaan_fast.losses.objective import EDAANObjective
 from edaan_fast.models.blocks import set_requires_grad
 
 from .image_pool import ImagePool
+from .precision import resolve_precision
 
-__all__ = ["EDAANTrainStep", "NonFiniteLossError", "Phase", "resolve_amp_dtype"]
+__all__ = ["EDAANTrainStep", "NonFiniteLossError", "Phase", "ReIDStep", "resolve_amp_dtype"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,14 +83,9 @@ class Phase:
 
 def resolve_amp_dtype(device_type: str, amp: bool, amp_dtype: torch.dtype | None
                       ) -> torch.dtype | None:
-    """``None`` without AMP; else ``amp_dtype`` or the default (CPU: bfloat16, CUDA: float16)."""
-    if not amp:
-        return None
-    if amp_dtype is not None:
-        if amp_dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"amp_dtype must be torch.float16 or torch.bfloat16, got {amp_dtype}")
-        return amp_dtype
-    return torch.float16 if device_type == "cuda" else torch.bfloat16
+    """``None`` without AMP; else ``amp_dtype`` or the device's default
+    (:func:`~edaan_fast.engine.precision.resolve_precision`)."""
+    return resolve_precision(amp, amp_dtype, device_type)
 
 
 GENERATOR_TERMS = ("gan_s2t", "gan_t2s", "cycle", "attention", "smoothness", "metric", "id",
@@ -187,6 +187,15 @@ class EDAANTrainStep:
 
     # ------------------------------------------------------------------ the step
 
+    #: The step reads a target batch (the trainer's loop draws one only when it does).
+    uses_target = True
+
+    def run_batch(self, x_s: torch.Tensor, labels: torch.Tensor | None,
+                  x_t: torch.Tensor | None, optimizers: dict[str, torch.optim.Optimizer],
+                  phase: Phase) -> dict[str, float]:
+        """The trainer's one call signature for every step; ``optimizers`` by name."""
+        return self(x_s, labels, x_t, optimizers["G"], optimizers["D"], phase)
+
     def __call__(self, x_s: torch.Tensor, labels: torch.Tensor | None, x_t: torch.Tensor,
                  optimizer_G: torch.optim.Optimizer, optimizer_D: torch.optim.Optimizer,
                  phase: Phase = Phase()) -> dict[str, float]:
@@ -263,3 +272,44 @@ class EDAANTrainStep:
                 self.scaler_D.load_state_dict(scalers[1])
             else:  # created lazily on the first step, when the device is known
                 self._pending_scalers = scalers
+
+
+class ReIDStep(EDAANTrainStep):
+    """One re-ID-only iteration: ``E_S`` + re-ID head on labelled images, ``λ_id L_id +
+    λ_metric L_metric`` (eq. 6-8), one optimiser.
+
+    The re-ID stage of ``daan`` / ``cyclegan`` and the whole of ``direct``. It reuses the
+    training step's autocast, grad scaler, gradient sync and non-finite check, and has no
+    image pools.
+    """
+
+    TERMS = ("metric", "id", "total")
+
+    uses_target = False
+
+    def __init__(self, model: nn.Module, objective: EDAANObjective, **kwargs):
+        super().__init__(model, objective, pool_size=0, **kwargs)
+
+    def run_batch(self, x_s: torch.Tensor, labels: torch.Tensor | None,
+                  x_t: torch.Tensor | None, optimizers: dict[str, torch.optim.Optimizer],
+                  phase: Phase) -> dict[str, float]:
+        return self(x_s, labels, optimizers["reid"])
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor,
+                 optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        model, objective = self.model, self.objective
+        device_type = x.device.type
+        dtype = self._setup(device_type)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with self._autocast(device_type, dtype):
+            out = model.reid(x)
+            ident = id_loss(out.logits, labels, objective.label_smoothing)
+            metric = (objective.metric_loss(out.embedding.float(), labels).float()
+                      if objective.metric_loss is not None else ident.new_zeros(()))
+            total = objective.weights.id * ident + objective.weights.quartet * metric
+        log = self._to_floats("re-ID", self.TERMS, [metric, ident, total], dtype)
+        skipped = self._optimise(total, optimizer, self.scaler_G)
+        self.num_steps += 1
+        log["skipped_G"] = float(skipped)
+        return log

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the protocols (and the ops they rank with) load when a pair
 __all__ = [
     "FEATURES_FORMAT", "FEATURES_VERSION", "PROTOCOLS", "PRID_TASKS", "EvaluationError",
     "FeatureMismatchError", "Features", "ReRanking", "distance_matrix", "evaluate_features",
-    "evaluate_prid2011", "load_features", "save_features",
+    "evaluate_prid2011", "evaluate_tasks", "load_features", "save_features",
 ]
 
 FEATURES_FORMAT = "edaan_fast.features"
@@ -206,6 +206,20 @@ def evaluate_prid2011(a2b: tuple[Features, Features], b2a: tuple[Features, Featu
                     metric=metric, max_rank=max_rank)
 
 
+def evaluate_tasks(protocol: str, features: dict[str, tuple[Features, Features]], *,
+                   metric: str = "euclidean", rerank: ReRanking | None = None,
+                   repeats: int = 10, seed: int = 0, max_rank: int = 50,
+                   distmat: torch.Tensor | None = None) -> dict[str, ProtocolResult]:
+    """``{task: ProtocolResult}`` of a plan's feature pairs (plus ``"mean"`` for PRID2011,
+    whose tasks are ``a2b`` and ``b2a``; otherwise the one task ``target``). ``distmat``: the
+    first pair's distances when already computed (see :func:`evaluate_features`)."""
+    if protocol == "prid2011":
+        return evaluate_prid2011(features["a2b"], features["b2a"], metric=metric,
+                                 rerank=rerank, max_rank=max_rank)
+    q, g = features["target"]
+    return {"target": evaluate_features(q, g, protocol, metric=metric, rerank=rerank,
+                                        repeats=repeats, seed=seed, max_rank=max_rank,
+                                        distmat=distmat)}
 
 # ---------------------------------------------------------------------------------- the file
 
