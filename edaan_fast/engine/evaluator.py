@@ -1,21 +1,14 @@
-"""Feature extraction and the target-domain evaluation used during and after training.
+"""Feature extraction and attention probes: the part of evaluation that runs the model.
 
 :func:`extract_features` runs ``encoder + embedding`` (the test-time path of §III-B) over a
 split; :func:`extract_split_features` does it for several splits at once, reading an image that
-several splits share (CUHK03's query = gallery, PRID2011's two directions) only once.
-:func:`evaluate_features` ranks query against gallery features under one of the paper's
-protocols, optionally after k-reciprocal re-ranking; :func:`evaluate_prid2011` scores both
-PRID2011 directions and their mean; :func:`evaluate_model` extracts and ranks a data set's
-query/gallery split in one call (Market-1501/Duke protocol: single query, same-camera matches
-of the query's identity ignored).
+several splits share (CUHK03's query = gallery, PRID2011's two directions) only once;
+:func:`evaluate_model` extracts and ranks a data set's query/gallery split in one call
+(Market-1501/Duke protocol); :func:`evaluate_attention` scores the attention maps on held-out
+images against the true person (:mod:`edaan_fast.metrics.attention`).
 
-Protocol names (:data:`PROTOCOLS`):
-
-* ``"market"`` -- Market-1501 / DukeMTMC-reID single query (also the synthetic set and
-  CUHK03's 767/700 split), :func:`~edaan_fast.metrics.protocols.market_duke`;
-* ``"cuhk03"`` -- CUHK03 1,367/100 single-gallery-shot CMC averaged over ``repeats`` draws,
-  :func:`~edaan_fast.metrics.protocols.cuhk03_single_gallery_shot`;
-* ``"prid2011"`` -- PRID2011 cam_a -> cam_b and cam_b -> cam_a, :func:`evaluate_prid2011`.
+Ranking the features (:class:`Features`, :func:`evaluate_features`, :func:`evaluate_prid2011`,
+:data:`PROTOCOLS`) lives in :mod:`edaan_fast.metrics.features`; it is re-exported here.
 """
 
 from __future__ import annotations
