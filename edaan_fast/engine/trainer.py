@@ -4,19 +4,11 @@ resume and the final report; everything around the loop is a hook (:mod:`.hooks`
 :class:`Trainer` owns what a run needs around the per-iteration step
 (:mod:`.steps`, one call signature for every stage): the data (PK-sampled labelled source
 batches, random target batches), the model, the Adam optimisers and their schedule, and the
-state a checkpoint holds. Precision comes from :mod:`.precision`, processes and collectives
-from :mod:`.distributed`, the evaluation plan from :mod:`.targets`, the output folder's rules
-from :mod:`.run_dir`.
+state a checkpoint holds; the evaluation plan comes from :mod:`.targets`, the output folder's
+rules from :mod:`.run_dir`.
 
-**Schedule and variants**: see :mod:`.stages` (and the phase switch, :mod:`.hooks`).
-
-**Precision.** ``amp`` runs the step under ``torch.autocast`` in the dtype of
-:func:`~edaan_fast.engine.precision.resolve_precision` (``amp_dtype="auto"``: bfloat16 where
-it is native, float16 with one ``GradScaler`` per optimiser on older GPUs, float32 with a
-warning on CPUs without native bfloat16).
-
-**Distribution** over ``torchrun`` processes: see :mod:`.distributed` (the global batch is
-split between ranks; gradients are averaged by one flat all-reduce per optimiser step).
+Schedule and variants: :mod:`.stages`; phase switch: :mod:`.hooks`; ``amp`` dtype:
+:func:`~edaan_fast.engine.precision.resolve_precision`; ``torchrun``: :mod:`.distributed`.
 
 **Checkpoints** (:func:`~edaan_fast.engine.checkpoint.save_checkpoint`, atomic) are written
 every ``checkpoint_every`` epochs and at the end to ``<output-dir>/checkpoint.pt``; the end
