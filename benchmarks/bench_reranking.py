@@ -36,7 +36,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import _RESULTS, QUICK
-from edaan_fast.engine.reranking import _reference_re_ranking, re_ranking, re_ranking_features
+from edaan_fast.metrics.reranking import _reference_re_ranking, re_ranking, re_ranking_features
 from edaan_fast.ops import has_ops
 
 pytestmark = pytest.mark.skipif(not has_ops(), reason="compiled ops not built")

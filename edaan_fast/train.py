@@ -55,12 +55,9 @@ def _default(text: str, value) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser; options left out are absent from the parsed namespace (so a
     ``--config`` file's values are overridden only by options actually given)."""
-    from edaan_fast.engine.run_config import (
-        AMP_DTYPES, ATTENTION_CONSISTENCY, DATASET_CHOICES, LOADERS, METRIC_LOSSES,
-        PAPER_ATTENTION, PRESET_DEFAULTS, VARIANTS, RunConfig,
-    )
+    from edaan_fast.engine import run_config as c
 
-    d = RunConfig()
+    d = c.RunConfig()
     p = argparse.ArgumentParser(
         prog="python -m edaan_fast.train", argument_default=argparse.SUPPRESS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -70,11 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.yaml",
                    help="YAML file of options (keys = option names); options given on the "
                         "command line override it")
+    for add in (_data_options, _model_options, _schedule_options, _objective_options,
+                _attention_options, _execution_options, _output_options):
+        add(p, d, c)
+    return p
+
+
+def _data_options(p: argparse.ArgumentParser, d, c) -> None:
+    """The data options (``d``: the defaults; ``c``: the run configuration module)."""
     g = p.add_argument_group("data")
-    g.add_argument("--source", choices=DATASET_CHOICES,
+    g.add_argument("--source", choices=c.DATASET_CHOICES,
                    help=_default("labelled source data set", "synthetic, the embedded set's "
                                  "source domain"))
-    g.add_argument("--target", choices=DATASET_CHOICES,
+    g.add_argument("--target", choices=c.DATASET_CHOICES,
                    help=_default("unlabelled target data set, evaluated on its query/gallery",
                                  "synthetic, the embedded set's target domain"))
     g.add_argument("--data-root", metavar="DIR",
@@ -86,28 +91,36 @@ def build_parser() -> argparse.ArgumentParser:
                    "(overrides --data-root for it)")
     g.add_argument("--seed", type=int, help=_default(
         "seed of the weights, the samplers, the augmentation and the synthetic set", d.seed))
-    g.add_argument("--loader", choices=LOADERS,
+    g.add_argument("--loader", choices=c.LOADERS,
                    help=_default("image loader: torch DataLoader or NVIDIA DALI", d.loader))
     g.add_argument("--num-workers", type=int, metavar="N", help=_default(
         "loader worker processes / DALI threads", "0 on CPU (bit-for-bit resume), 4 on CUDA"))
+
+
+def _model_options(p: argparse.ArgumentParser, d, c) -> None:
+    """The model options (``d``: the defaults; ``c``: the run configuration module)."""
     g = p.add_argument_group("model")
-    g.add_argument("--preset", choices=tuple(PRESET_DEFAULTS), help=_default(
+    g.add_argument("--preset", choices=tuple(c.PRESET_DEFAULTS), help=_default(
         "network widths and input size: tiny = 64x32, CPU-sized; paper = 256x128, CycleGAN's "
         "ResNet-9 / PatchGAN widths", d.preset))
-    g.add_argument("--variant", choices=tuple(VARIANTS), help=_default(
+    g.add_argument("--variant", choices=tuple(c.VARIANTS), help=_default(
         "what to train (see 'variants' below)", d.variant))
     g.add_argument("--attention", action=argparse.BooleanOptionalAction,
                    help="with / without the attention nets (--no-attention: the paper's 'w/o "
                         "attention' rows; edaan and daan only) (default: with)")
-    g.add_argument("--metric-loss", choices=METRIC_LOSSES,
+    g.add_argument("--metric-loss", choices=c.METRIC_LOSSES,
                    help=_default("metric loss of the re-ID module: eq. (7) or eq. (6)",
                                  d.metric_loss))
     g.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                    help=_default("input size", "the preset's: tiny 64 32, paper 256 128"))
+
+
+def _schedule_options(p: argparse.ArgumentParser, d, c) -> None:
+    """The schedule options (``d``: the defaults; ``c``: the run configuration module)."""
     g = p.add_argument_group("schedule")
     g.add_argument("--epochs", type=int, metavar="N", help=_default(
         "training epochs (per stage for daan/cyclegan)",
-        ", ".join(f"{k} {v['epochs']}" for k, v in PRESET_DEFAULTS.items())))
+        ", ".join(f"{k} {v['epochs']}" for k, v in c.PRESET_DEFAULTS.items())))
     g.add_argument("--iters-per-epoch", type=int, metavar="N", help=_default(
         "iterations per epoch", "one pass of the PK sampler over the source set"))
     g.add_argument("--batch-size", type=int, metavar="N", help=_default(
@@ -120,10 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--phase-epoch", type=int, metavar="N", help=_default(
         "epoch at which the attention nets freeze and the discriminators switch to "
         "backgrounds", "paper: max(1, round(30/200 * epochs)); tiny: round(0.3 * epochs)"))
+
+
+def _objective_options(p: argparse.ArgumentParser, d, c) -> None:
+    """The objective options (``d``: the defaults; ``c``: the run configuration module)."""
     g = p.add_argument_group("objective (eq. 9)")
     g.add_argument("--lambda-cyc", type=float, help=_default(
         "weight of the cycle loss", ", ".join(f"{k} {v['lambda_cyc']:g}"
-                                             for k, v in PRESET_DEFAULTS.items())))
+                                             for k, v in c.PRESET_DEFAULTS.items())))
     g.add_argument("--lambda-attn", type=float,
                    help=_default("weight of the attention loss (eq. 5)", d.lambda_attn))
     g.add_argument("--lambda-metric", type=float,
@@ -137,10 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_default("label smoothing of the identity loss", d.label_smoothing))
     g.add_argument("--pool-size", type=int,
                    help=_default("image pool of the discriminators (0 = off)", d.pool_size))
+
+
+def _attention_options(p: argparse.ArgumentParser, d, c) -> None:
+    """The attention options (``d``: the defaults; ``c``: the run configuration module)."""
     g = p.add_argument_group("attention (paper §III-A; docs/attention.md)")
     g.add_argument("--attention-lr-scale", type=float, metavar="X", help=_default(
         "learning rate of the attention nets, as a multiple of --lr", d.attention_lr_scale))
-    g.add_argument("--attention-consistency", choices=ATTENTION_CONSISTENCY, help=_default(
+    g.add_argument("--attention-consistency", choices=c.ATTENTION_CONSISTENCY, help=_default(
         "eq. (5): both maps learn (symmetric, as printed), or the real images' or the "
         "translations' maps are fixed targets",
         d.attention_consistency))
@@ -152,18 +173,26 @@ def build_parser() -> argparse.ArgumentParser:
                                  d.reid_attention_grad))
     g.add_argument("--paper-attention", action="store_true",
                    help="the paper's attention training as printed ("
-                        + ", ".join(f"{k}={v}" for k, v in PAPER_ATTENTION.items())
+                        + ", ".join(f"{k}={v}" for k, v in c.PAPER_ATTENTION.items())
                         + "); options given explicitly still apply")
+
+
+def _execution_options(p: argparse.ArgumentParser, d, c) -> None:
+    """The execution options (``d``: the defaults; ``c``: the run configuration module)."""
     g = p.add_argument_group("execution")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help=(
         "mixed precision (torch.autocast): bfloat16 on CUDA (float16 + GradScaler on GPUs "
         "without it) and on CPUs with native bfloat16; float32 with a warning on other CPUs "
         "(default: off)"))
-    g.add_argument("--amp-dtype", choices=AMP_DTYPES, help=_default(
+    g.add_argument("--amp-dtype", choices=c.AMP_DTYPES, help=_default(
         "autocast dtype; bfloat16/float16 force it", d.amp_dtype))
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile every sub-network (default: off)")
     g.add_argument("--device", help=_default("torch device", "cuda if available, else cpu"))
+
+
+def _output_options(p: argparse.ArgumentParser, d, c) -> None:
+    """The output options (``d``: the defaults; ``c``: the run configuration module)."""
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", metavar="DIR",
                    help=_default("where the run writes its files", d.output_dir))
@@ -181,7 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints and report (default: refuse)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction,
                    help="show progress bars (default: on)")
-    return p
 
 
 def _setup_logging() -> None:

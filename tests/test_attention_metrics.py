@@ -91,7 +91,7 @@ def test_evaluate_attention_uses_masks_where_they_exist():
     from edaan_fast.data import build_dataset
     from edaan_fast.engine.evaluator import evaluate_attention
     from edaan_fast.models import build_model
-    from tests.test_data_readers import market_mini
+    from tests.oracles import market_mini
 
     torch.manual_seed(0)
     model = build_model("tiny", num_ids=4)

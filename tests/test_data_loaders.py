@@ -4,8 +4,6 @@ sampler order and resume, the optional-dependency message."""
 from __future__ import annotations
 
 import importlib.util
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,19 +17,7 @@ from edaan_fast.data import (
     build_loader,
 )
 from edaan_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-
-def market_mini() -> Path | None:
-    """The real Market-1501 subset (``../shared/data`` or ``$EDAAN_FAST_SHARED_DATA``)."""
-    candidates = []
-    if os.environ.get("EDAAN_FAST_SHARED_DATA"):
-        env = Path(os.environ["EDAAN_FAST_SHARED_DATA"])
-        candidates += [env / "market1501-mini", env]
-    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "data"
-                      / "market1501-mini")
-    return next((c for c in candidates
-                 if (c / "Market-1501-v15.09.15" / "bounding_box_train").is_dir()), None)
-
+from tests.oracles import market_mini
 
 MICRO = SyntheticPreset("loadertest", 32, 16, num_train_ids=12, num_test_ids=4, num_cams=2,
                         images_per_cam=2, num_distractors=0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -12,21 +11,7 @@ import pytest
 from PIL import Image
 
 from edaan_fast.data import DATASETS, DatasetError, build_dataset, build_loader
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def market_mini() -> Path | None:
-    """The real Market-1501 subset, if this machine has it (never part of the repo)."""
-    candidates = []
-    if os.environ.get("EDAAN_FAST_SHARED_DATA"):
-        env = Path(os.environ["EDAAN_FAST_SHARED_DATA"])
-        candidates += [env / "market1501-mini", env]
-    candidates.append(REPO.parent / "shared" / "data" / "market1501-mini")
-    for c in candidates:
-        if (c / "Market-1501-v15.09.15" / "bounding_box_train").is_dir():
-            return c
-    return None
+from tests.oracles import market_mini
 
 
 def write_image(path: Path, seed: int = 0, size=(8, 4), fmt=None) -> None:

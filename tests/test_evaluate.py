@@ -22,23 +22,13 @@ from edaan_fast.engine.evaluator import (
 from edaan_fast.engine.reranking import _reference_re_ranking
 from edaan_fast.evaluate import load_features, method_name, save_features
 from tests.conftest import requires_ops
+from tests.oracles import market_loop
 
 
 def _numpy_market(d, qp, gp, qc, gc):
     """torchreid's eval_market1501 (stable argsort), with mINP: the independent reference."""
-    cmcs, aps, inps = [], [], []
-    for i in range(d.shape[0]):
-        order = np.argsort(d[i], kind="stable")
-        keep = ~((gp[order] == qp[i]) & (gc[order] == qc[i]))
-        raw = (gp[order] == qp[i])[keep].astype(np.float64)
-        if not raw.any():
-            continue
-        cmcs.append(np.minimum(raw.cumsum(), 1)[:50])
-        aps.append(((raw.cumsum() / np.arange(1, len(raw) + 1)) * raw).sum() / raw.sum())
-        inps.append(raw.sum() / (np.nonzero(raw)[0][-1] + 1))
-    cmc = np.mean(cmcs, 0)
-    return {"rank1": cmc[0], "rank5": cmc[4], "rank10": cmc[9], "mAP": np.mean(aps),
-            "mINP": np.mean(inps)}
+    cmc, mAP, mINP, _ = market_loop(d, qp, gp, qc, gc, max_rank=50)
+    return {"rank1": cmc[0], "rank5": cmc[4], "rank10": cmc[9], "mAP": mAP, "mINP": mINP}
 
 
 def _assert_metrics(result, ref, tol=1e-6):

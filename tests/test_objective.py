@@ -18,22 +18,7 @@ from edaan_fast.losses import (
     lsgan_generator_loss,
 )
 from edaan_fast.models import build_model
-
-
-class BatchHardTriplet(nn.Module):
-    """A small pure-torch batch-hard triplet loss (the test stand-in for QuartetLoss)."""
-
-    def __init__(self, margin: float = 0.3):
-        super().__init__()
-        self.margin = margin
-
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        d = torch.cdist(emb, emb)
-        same = labels[:, None] == labels[None, :]
-        eye = torch.eye(len(labels), dtype=torch.bool, device=emb.device)
-        hardest_pos = d.masked_fill(~same | eye, float("-inf")).amax(1)
-        hardest_neg = d.masked_fill(same, float("inf")).amin(1)
-        return F.relu(hardest_pos - hardest_neg + self.margin).mean()
+from tests.oracles import BatchHardTriplet
 
 
 class Recorder(nn.Module):

@@ -18,6 +18,7 @@ from edaan_fast.engine.protocols import (
     prid2011,
 )
 from tests.conftest import DEVICES, requires_ops
+from tests.oracles import market_loop
 
 pytestmark = requires_ops
 
@@ -32,24 +33,6 @@ def _problem(seed, num_q=20, num_g=60, ids=8, cams=3, ties=False):
     if ties:
         d = np.round(d * 6) / 6
     return d, q_pids, g_pids, q_cams, g_cams
-
-
-def _market_loop(d, qp, gp, qc, gc, max_rank):
-    """torchreid's eval_market1501, with a stable argsort, one query at a time."""
-    cmcs, aps, inps = [], [], []
-    for i in range(d.shape[0]):
-        order = np.argsort(d[i], kind="stable")
-        keep = ~((gp[order] == qp[i]) & (gc[order] == qc[i]))
-        raw = (gp[order] == qp[i])[keep].astype(np.float64)
-        if not raw.any():
-            continue
-        cmc = np.minimum(raw.cumsum(), 1)
-        cmcs.append(cmc[:max_rank])
-        prec = raw.cumsum() / np.arange(1, len(raw) + 1)
-        aps.append((prec * raw).sum() / raw.sum())
-        last = np.nonzero(raw)[0][-1]
-        inps.append(raw.sum() / (last + 1))
-    return np.mean(cmcs, 0), float(np.mean(aps)), float(np.mean(inps)), len(cmcs)
 
 
 def _cuhk03_loop(d, qp, gp, qc, gc, repeats, seed, max_rank):
@@ -83,7 +66,7 @@ def _cuhk03_loop(d, qp, gp, qc, gc, repeats, seed, max_rank):
 def test_market_duke_matches_loop(device, ties):
     d, qp, gp, qc, gc = _problem(0, ties=ties)
     res = market_duke(torch.tensor(d, device=device), qp, gp, qc, gc, max_rank=20)
-    cmc, mAP, mINP, n = _market_loop(d, qp, gp, qc, gc, 20)
+    cmc, mAP, mINP, n = market_loop(d, qp, gp, qc, gc, 20)
     np.testing.assert_allclose(res.cmc, cmc, atol=1e-6)
     assert res.mAP == pytest.approx(mAP, abs=1e-9)
     assert res.mINP == pytest.approx(mINP, abs=1e-9)
@@ -123,7 +106,7 @@ def test_cuhk03_matches_loop(device, ties):
     assert len(res.cmc) == min(10, len(np.unique(gp)))
     np.testing.assert_allclose(res.cmc, expected, atol=1e-6)
     # AP/mINP: the whole junk-free gallery, as torchreid's eval_cuhk03 computes AP
-    _, mAP, mINP, n = _market_loop(d, qp, gp, qc, gc, 10)
+    _, mAP, mINP, n = market_loop(d, qp, gp, qc, gc, 10)
     assert res.mAP == pytest.approx(mAP, abs=1e-9)
     assert res.mINP == pytest.approx(mINP, abs=1e-9)
     assert res.num_valid == n
@@ -176,8 +159,8 @@ def test_prid2011_directions_and_mean():
     d_ab, d_ba = rng.random((10, len(g_b))), rng.random((10, len(g_a)))
     out = prid2011(d_ab, test_ids, g_b, d_ba, test_ids, g_a)
     assert set(out) == {"a2b", "b2a", "mean"}
-    ref_ab = _market_loop(d_ab, test_ids, g_b, np.zeros(10, int), np.ones(len(g_b), int), 20)
-    ref_ba = _market_loop(d_ba, test_ids, g_a, np.zeros(10, int), np.ones(len(g_a), int), 20)
+    ref_ab = market_loop(d_ab, test_ids, g_b, np.zeros(10, int), np.ones(len(g_b), int), 20)
+    ref_ba = market_loop(d_ba, test_ids, g_a, np.zeros(10, int), np.ones(len(g_a), int), 20)
     np.testing.assert_allclose(out["a2b"].cmc, ref_ab[0], atol=1e-6)
     np.testing.assert_allclose(out["b2a"].cmc, ref_ba[0][:15], atol=1e-6)
     assert len(out["b2a"].cmc) == 15  # gallery of 15: the CMC is cut there

@@ -9,31 +9,15 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edaan_fast.engine import EDAANTrainStep, ImagePool, NonFiniteLossError, Phase
 from edaan_fast.losses import EDAANObjective
 from edaan_fast.models import build_model
+from tests.oracles import BatchHardTriplet
 
 PHASES = [pytest.param(Phase(True, False), id="attention-whole"),
           pytest.param(Phase(False, True), id="frozen-masked")]
-
-
-class BatchHardTriplet(nn.Module):
-    """A small pure-torch batch-hard triplet loss (the test stand-in for QuartetLoss)."""
-
-    def __init__(self, margin: float = 0.3):
-        super().__init__()
-        self.margin = margin
-
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        d = torch.cdist(emb, emb)
-        same = labels[:, None] == labels[None, :]
-        eye = torch.eye(len(labels), dtype=torch.bool, device=emb.device)
-        hardest_pos = d.masked_fill(~same | eye, float("-inf")).amax(1)
-        hardest_neg = d.masked_fill(same, float("inf")).amin(1)
-        return F.relu(hardest_pos - hardest_neg + self.margin).mean()
 
 
 class SpyAdam(torch.optim.Adam):

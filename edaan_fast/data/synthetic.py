@@ -53,6 +53,7 @@ import numpy as np
 from PIL import Image
 
 from .base import DatasetError, ReIDDataset, read_mask
+from .market_layout import MARKET_LAYOUT, MARKET_PATTERN, read_market_layout
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +235,34 @@ class _Canvas:
         self.alpha[win] = self.alpha[win] + c * (1.0 - self.alpha[win])
 
 
+def _head_and_bag(canvas: _Canvas, yy, xx, ident: Identity, h: float, top: float,
+                  r_head: float, cx: float, facing: int, sw: float, shoulder_y: float,
+                  hip_y: float, shade) -> None:
+    """The head (hair, hat) and the bag with its strap, placed on the drawn body."""
+    # head, hair, hat
+    hy = top + r_head
+    canvas.paint(_capsule(yy, xx, hy, cx, hy, cx, r_head), ident.skin)
+    hair = _capsule(yy, xx, hy - r_head * 0.25, cx - facing * r_head * 0.15, hy - r_head * 0.25,
+                    cx - facing * r_head * 0.15, r_head * 0.95) * (yy < hy - r_head * 0.1)
+    canvas.paint(hair, ident.hair)
+    if ident.hat is not None:
+        crown = _trapezoid(yy, xx, top - r_head * 0.55, hy - r_head * 0.35, cx, r_head * 0.8,
+                           r_head * 1.0)
+        brim = _trapezoid(yy, xx, hy - r_head * 0.5, hy - r_head * 0.2, cx + facing * r_head * 0.4,
+                          r_head * 1.4, r_head * 1.4)
+        canvas.paint(np.maximum(crown, brim), ident.hat)
+
+    # bag on one side (mirrors with the view) with its strap across the torso
+    if ident.bag is not None:
+        side = ident.bag_side * facing
+        bx = cx + side * (sw + 0.02 * h)
+        strap = _capsule(yy, xx, shoulder_y + 0.01 * h, cx - side * sw * 0.7, hip_y - 0.02 * h, bx,
+                         max(0.012 * h, 0.6))
+        canvas.paint(strap, ident.bag * 0.7)
+        bag = _trapezoid(yy, xx, hip_y - 0.1 * h, hip_y + 0.04 * h, bx, 0.06 * h, 0.065 * h)
+        canvas.paint(bag, ident.bag, shade=None)
+
+
 def _person(canvas: _Canvas, yy, xx, ident: Identity, rng: np.random.Generator,
             cam_scale: float) -> None:
     H, W = canvas.alpha.shape
@@ -299,29 +328,8 @@ def _person(canvas: _Canvas, yy, xx, ident: Identity, rng: np.random.Generator,
         canvas.paint(_capsule(yy, xx, shoulder_y + aw, sx, hy - aw, hx, aw), ident.upper, shade)
         canvas.paint(_capsule(yy, xx, hy, hx, hy, hx, aw * 1.05), ident.skin)
 
-    # head, hair, hat
-    hy = top + r_head
-    canvas.paint(_capsule(yy, xx, hy, cx, hy, cx, r_head), ident.skin)
-    hair = _capsule(yy, xx, hy - r_head * 0.25, cx - facing * r_head * 0.15, hy - r_head * 0.25,
-                    cx - facing * r_head * 0.15, r_head * 0.95) * (yy < hy - r_head * 0.1)
-    canvas.paint(hair, ident.hair)
-    if ident.hat is not None:
-        crown = _trapezoid(yy, xx, top - r_head * 0.55, hy - r_head * 0.35, cx, r_head * 0.8,
-                           r_head * 1.0)
-        brim = _trapezoid(yy, xx, hy - r_head * 0.5, hy - r_head * 0.2, cx + facing * r_head * 0.4,
-                          r_head * 1.4, r_head * 1.4)
-        canvas.paint(np.maximum(crown, brim), ident.hat)
-
-    # bag on one side (mirrors with the view) with its strap across the torso
-    if ident.bag is not None:
-        side = ident.bag_side * facing
-        bx = cx + side * (sw + 0.02 * h)
-        strap = _capsule(yy, xx, shoulder_y + 0.01 * h, cx - side * sw * 0.7, hip_y - 0.02 * h, bx,
-                         max(0.012 * h, 0.6))
-        canvas.paint(strap, ident.bag * 0.7)
-        bag = _trapezoid(yy, xx, hip_y - 0.1 * h, hip_y + 0.04 * h, bx, 0.06 * h, 0.065 * h)
-        canvas.paint(bag, ident.bag, shade=None)
-
+    _head_and_bag(canvas, yy, xx, ident, h, top, r_head, cx, facing, sw, shoulder_y, hip_y,
+                  shade)
 
 def _camera(rng: np.random.Generator, style: DomainStyle) -> dict:
     """Scene layout and tint fixed per camera."""
@@ -547,7 +555,6 @@ def render(root: str | Path | None = None, preset: str | SyntheticPreset = "tiny
 def synthetic(root: str | Path | None = None, domain: str = "source",
               preset: str | SyntheticPreset = "tiny", seed: int = 0) -> ReIDDataset:
     """Render (if needed) and read one domain of the synthetic set."""
-    from .datasets import MARKET_LAYOUT, MARKET_PATTERN, read_market_layout
 
     if domain not in DOMAINS:
         raise ValueError(f"synthetic: domain must be one of {DOMAINS}, got {domain!r}")

@@ -23,6 +23,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def to_unit_range(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Normalised images ``[N, C, H, W]`` back to float32 pixels in [0, 1] (the inverse of the
+    last transform step, clamped): what figures and the translated set show."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x.float() * s + m).clamp(0.0, 1.0)
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Augmentation settings shared by the torch and DALI pipelines."""

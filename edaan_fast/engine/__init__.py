@@ -1,4 +1,10 @@
-"""edaan_fast.engine: the training step, the trainer, checkpoints and evaluation.
+"""edaan_fast.engine: everything that runs a model -- the typed run configuration
+(``run_config``), the training steps (``steps``), the stages of a variant (``stages``), the
+trainer's loop (``trainer``) and its hooks (``hooks``), processes (``distributed``), precision
+(``precision``), checkpoints and output folders (``checkpoint``, ``run_dir``), feature
+extraction (``evaluator``), the one evaluation plan (``targets``), the evaluation job and its
+figures (``evaluation``, ``figures``) and the run report (``report``). How good the numbers
+are is measured in :mod:`edaan_fast.metrics`; see docs/architecture.md.
 
 The names below are imported on first use (PEP 562), so importing one engine module (say
 ``edaan_fast.engine.checkpoint`` or ``.evaluator`` for exported features) does not pull in the
@@ -12,11 +18,12 @@ from typing import Any
 
 _EXPORTS = {
     # one training iteration (generator + discriminator updates, AMP, image pools)
-    "EDAANTrainStep": "step", "NonFiniteLossError": "step", "Phase": "step",
-    "resolve_amp_dtype": "step", "ImagePool": "image_pool",
+    "EDAANTrainStep": "steps", "NonFiniteLossError": "steps", "Phase": "steps",
+    "ReIDStep": "steps", "resolve_amp_dtype": "steps", "resolve_precision": "precision",
+    "ImagePool": "image_pool",
     # the training job (python -m edaan_fast.train)
     "RunConfig": "run_config", "RunConfigError": "run_config", "source_dataset": "run_config",
-    "target_dataset": "run_config", "HookBase": "trainer", "Trainer": "trainer",
+    "target_dataset": "run_config", "HookBase": "hooks", "Trainer": "trainer",
     "TrainingInterrupted": "trainer", "train": "trainer",
     # checkpoints
     "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint",
@@ -26,6 +33,8 @@ _EXPORTS = {
     "distance_matrix": "evaluator", "evaluate_features": "evaluator",
     "evaluate_model": "evaluator", "evaluate_prid2011": "evaluator",
     "extract_features": "evaluator", "extract_split_features": "evaluator",
+    "EvaluateOptions": "evaluation", "run_evaluation": "evaluation",
+    "Plan": "targets", "evaluate_target": "targets",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -27,29 +27,37 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRIC_KEYS", "attention_markdown", "build_report", "markdown_table", "method_name", "metrics_dict",
-           "transfer_name", "write_report"]
+__all__ = ["DATASET_NAMES", "METRIC_KEYS", "VARIANT_NAMES", "attention_markdown", "build_report",
+           "markdown_table", "method_name", "metrics_dict", "transfer_name", "write_report"]
 
 METRIC_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
 DATASET_NAMES = {"market1501": "Market-1501", "dukemtmcreid": "DukeMTMC-reID",
                  "cuhk03": "CUHK03", "prid2011": "PRID2011"}
+VARIANT_NAMES = {"edaan": "EDAAN", "daan": "DAAN", "cyclegan": "CycleGAN",
+                 "direct": "Direct Transfer"}
 
 
-def method_name(run: Mapping[str, Any]) -> str:
+def method_name(run: Mapping[str, Any], no_attention: bool | None = None,
+                metric_loss: bool = True) -> str:
     """The row name the paper's tables use for a run: ``EDAAN with Quartet``, ``EDAAN w/o
-    attention``, ``DAAN with attention``, ``CycleGAN``, ``Direct Transfer``."""
-    variant = run["variant"]
-    loss = str(run.get("metric_loss", "quartet")).capitalize()
+    attention``, ``DAAN with attention``, ``CycleGAN``, ``Direct Transfer`` (``model`` for a
+    run that records no variant). ``no_attention`` (the model's) stands in for a run that does
+    not record ``attention``; ``metric_loss=False`` gives the short form of the figures
+    (``EDAAN``, ``EDAAN w/o attention``)."""
+    variant = run.get("variant")
+    if variant is None:
+        return "model"
+    attention = run.get("attention", True if no_attention is None else not no_attention)
+    if variant in ("edaan", "daan") and not attention:
+        return f"{VARIANT_NAMES[variant]} w/o attention"
+    if not metric_loss:
+        return VARIANT_NAMES.get(variant, str(variant))
     if variant == "edaan":
-        return f"EDAAN with {loss}" if run.get("attention", True) else "EDAAN w/o attention"
+        return f"EDAAN with {str(run.get('metric_loss', 'quartet')).capitalize()}"
     if variant == "daan":
-        return "DAAN with attention" if run.get("attention", True) else "DAAN w/o attention"
-    if variant == "cyclegan":
-        return "CycleGAN"
-    if variant == "direct":
-        return "Direct Transfer"
-    return str(variant)
+        return "DAAN with attention"
+    return VARIANT_NAMES.get(variant, str(variant))
 
 
 def _dataset_name(name: str, run: Mapping[str, Any], domain: str) -> str:
@@ -66,7 +74,7 @@ def transfer_name(run: Mapping[str, Any]) -> str:
 
 
 def metrics_dict(result) -> dict[str, float | None]:
-    """``rank1, rank5, rank10, mAP, mINP`` of a :class:`~edaan_fast.engine.protocols
+    """``rank1, rank5, rank10, mAP, mINP`` of a :class:`~edaan_fast.metrics.protocols
     .ProtocolResult` (or a mapping with those keys) as plain floats."""
     def get(key: str):
         value = result.get(key) if isinstance(result, Mapping) else getattr(result, key)

@@ -38,16 +38,17 @@ from pathlib import Path
 from typing import Any
 
 from edaan_fast.data import ReIDDataset, build_dataset
+from edaan_fast.losses.metric import METRIC_LOSSES as METRIC_LOSS_REGISTRY
 
 __all__ = [
     "ATTENTION_CONSISTENCY", "DATASET_CHOICES", "METRIC_LOSSES", "PAPER_ATTENTION",
     "PRESET_DEFAULTS", "VARIANTS", "RunConfig",
     "RunConfigError", "VariantFlags", "load_run_file", "phase_epochs", "source_dataset",
-    "synthetic_preset", "target_dataset",
+    "RESUMABLE_KEYS", "resume_config", "synthetic_preset", "target_dataset",
 ]
 
 DATASET_CHOICES = ("market1501", "dukemtmcreid", "cuhk03", "prid2011", "synthetic")
-METRIC_LOSSES = ("quartet", "triplet")
+METRIC_LOSSES = tuple(METRIC_LOSS_REGISTRY)  # the names of edaan_fast.losses.METRIC_LOSSES
 LOADERS = ("torch", "dali")
 AMP_DTYPES = ("auto", "bfloat16", "float16")
 ATTENTION_CONSISTENCY = ("symmetric", "real-target", "translated-target")
@@ -237,19 +238,7 @@ class RunConfig:
             RunConfigError: for an unknown name or an out-of-range value; the message names the
                 option, what was expected and what came.
         """
-        def choice(name: str, value: Any, choices) -> None:
-            if value not in choices:
-                raise RunConfigError(f"{name} must be one of {', '.join(map(str, choices))}; "
-                                     f"got {value!r}")
-
-        choice("variant", self.variant, tuple(VARIANTS))
-        choice("metric_loss", self.metric_loss, METRIC_LOSSES)
-        choice("preset", self.preset, tuple(PRESET_DEFAULTS))
-        choice("source", self.source, DATASET_CHOICES)
-        choice("target", self.target, DATASET_CHOICES)
-        choice("loader", self.loader, LOADERS)
-        choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
-        choice("attention_consistency", self.attention_consistency, ATTENTION_CONSISTENCY)
+        self._check_names()
         flags = VARIANTS[self.variant]
         defaults = PRESET_DEFAULTS[self.preset]
         epochs = defaults["epochs"] if self.epochs is None else self.epochs
@@ -285,20 +274,7 @@ class RunConfig:
         phase = (phase_epochs(epochs, defaults["phase_fraction"]) if self.phase_epoch is None
                  else self.phase_epoch)
         integer("phase_epoch", phase, 0)
-        for name in ("lr", "attention_lr_scale", "lambda_gan", "lambda_attn", "lambda_tv", "lambda_metric", "lambda_id", "margin",
-                     "label_smoothing"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise RunConfigError(f"{name} must be a number >= 0; got {value!r}")
-        if not isinstance(lambda_cyc, (int, float)) or lambda_cyc < 0:
-            raise RunConfigError(f"lambda_cyc must be a number >= 0; got {lambda_cyc!r}")
-        for name in ("beta1", "beta2", "flip_p"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise RunConfigError(f"{name} must be a number in [0, 1]; got {value!r}")
-        if not isinstance(self.model, dict):
-            raise RunConfigError(f"model must be a mapping of ModelConfig overrides; got "
-                                 f"{type(self.model).__name__}")
+        self._check_numbers(lambda_cyc)
         image_size = self.image_size
         if image_size is None:
             from edaan_fast.models import model_config
@@ -319,6 +295,35 @@ class RunConfig:
             reid_attention_grad=bool(self.reid_attention_grad),
             progress=bool(self.progress), model=dict(self.model),
         )
+
+    def _check_names(self) -> None:
+        """Every option that names something names one of its choices."""
+        for name, choices in (("variant", tuple(VARIANTS)), ("metric_loss", METRIC_LOSSES),
+                              ("preset", tuple(PRESET_DEFAULTS)), ("source", DATASET_CHOICES),
+                              ("target", DATASET_CHOICES), ("loader", LOADERS),
+                              ("amp_dtype", AMP_DTYPES),
+                              ("attention_consistency", ATTENTION_CONSISTENCY)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise RunConfigError(f"{name} must be one of {', '.join(map(str, choices))}; "
+                                     f"got {value!r}")
+
+    def _check_numbers(self, lambda_cyc: Any) -> None:
+        """Weights, rates and probabilities in range; ``model`` a mapping."""
+        for name in ("lr", "attention_lr_scale", "lambda_gan", "lambda_attn", "lambda_tv",
+                     "lambda_metric", "lambda_id", "margin", "label_smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise RunConfigError(f"{name} must be a number >= 0; got {value!r}")
+        if not isinstance(lambda_cyc, (int, float)) or lambda_cyc < 0:
+            raise RunConfigError(f"lambda_cyc must be a number >= 0; got {lambda_cyc!r}")
+        for name in ("beta1", "beta2", "flip_p"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise RunConfigError(f"{name} must be a number in [0, 1]; got {value!r}")
+        if not isinstance(self.model, dict):
+            raise RunConfigError(f"model must be a mapping of ModelConfig overrides; got "
+                                 f"{type(self.model).__name__}")
 
     @property
     def flags(self) -> VariantFlags:
@@ -400,3 +405,38 @@ def target_dataset(run: dict[str, Any]) -> ReIDDataset:
     domain="target", preset=<run preset>, seed=run["seed"])``.
     """
     return _dataset(run, "target")
+
+
+#: Options that may differ between a checkpoint's run and the run that resumes it: where and
+#: how output goes, and how data are read. Everything else defines the training and must match.
+RESUMABLE_KEYS = frozenset({"output_dir", "progress", "num_workers", "eval_every",
+                            "checkpoint_every", "eval_batch_size", "device"})
+
+
+def resume_config(checkpoint_run: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
+    """The run configuration of a resumed run: the checkpoint's, with ``overrides`` applied.
+
+    Only :data:`RESUMABLE_KEYS` may change (plus ``resume`` itself); a different value of any
+    other option raises :class:`RunConfigError` naming it, since it would change the training
+    the checkpoint is part of.
+    """
+    base = RunConfig.from_dict({k: v for k, v in checkpoint_run.items()
+                                if k not in RunConfig.DERIVED}, "checkpoint run")
+    base_resolved = base.resolve().to_dict()
+    changed = {}
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key in RESUMABLE_KEYS:
+            continue
+        candidate = base.replace(**{key: value}).resolve().to_dict()[key]
+        if candidate != base_resolved[key]:
+            changed[key] = (base_resolved[key], value)
+    if changed:
+        detail = ", ".join(f"{k}={old!r} in the checkpoint but {new!r} given"
+                           for k, (old, new) in sorted(changed.items()))
+        raise RunConfigError(
+            f"--resume continues the checkpoint's run; these options differ: {detail}. Only "
+            f"{', '.join(sorted(RESUMABLE_KEYS))} may change on resume.")
+    allowed = {k.replace("-", "_"): v for k, v in overrides.items()
+               if k.replace("-", "_") in RESUMABLE_KEYS}
+    return base.replace(**allowed).resolve()

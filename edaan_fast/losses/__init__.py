@@ -3,8 +3,8 @@
 from .adversarial import discriminator_input, lsgan_discriminator_loss, lsgan_generator_loss
 from .attention import attention_consistency_loss, attention_smoothness_loss
 from .cycle import cycle_loss
-from .identity import id_loss
-from .metric import CrossEntropyLabelSmooth, QuartetLoss, TripletLoss
+from .identity import CrossEntropyLabelSmooth, id_loss
+from .metric import METRIC_LOSSES, QuartetLoss, TripletLoss, build_metric_loss
 from .objective import DiscriminatorLosses, EDAANObjective, GeneratorLosses, LossWeights
 
 __all__ = [
@@ -13,10 +13,12 @@ __all__ = [
     "EDAANObjective",
     "GeneratorLosses",
     "LossWeights",
+    "METRIC_LOSSES",
     "QuartetLoss",
     "TripletLoss",
     "attention_consistency_loss",
     "attention_smoothness_loss",
+    "build_metric_loss",
     "cycle_loss",
     "discriminator_input",
     "id_loss",

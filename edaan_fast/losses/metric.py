@@ -1,8 +1,8 @@
-"""Re-ID losses of EDAAN's re-ID module: quartet (eq. 7), triplet (eq. 6) and the softmax ID loss.
+"""Metric losses of EDAAN's re-ID module -- quartet (eq. 7) and triplet (eq. 6) -- and their
+registry :data:`METRIC_LOSSES` (the run option ``metric_loss`` picks one by name).
 
 ``QuartetLoss`` and ``TripletLoss`` wrap the fused ops :func:`edaan_fast.ops.quartet_loss` and
-:func:`edaan_fast.ops.triplet_loss` (batch-hard mining, backward from the selected pairs only);
-``CrossEntropyLabelSmooth`` is torchreid's label-smoothed cross entropy (``L_id``).
+:func:`edaan_fast.ops.triplet_loss` (batch-hard mining, backward from the selected pairs only).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 
 from ..ops import metric_losses
 
-__all__ = ["CrossEntropyLabelSmooth", "QuartetLoss", "TripletLoss"]
+__all__ = ["METRIC_LOSSES", "QuartetLoss", "TripletLoss", "build_metric_loss"]
 
 
 class QuartetLoss(nn.Module):
@@ -60,35 +60,19 @@ class TripletLoss(nn.Module):
         return f"margin={self.margin}, metric={self.metric!r}, soft_margin={self.soft_margin}"
 
 
-class CrossEntropyLabelSmooth(nn.Module):
-    """Cross entropy with label smoothing (torchreid's), the ID loss ``L_id``.
+#: The metric losses by run-option name.
+METRIC_LOSSES: dict[str, type[nn.Module]] = {"quartet": QuartetLoss, "triplet": TripletLoss}
 
-    Targets ``(1 - epsilon) * onehot(y) + epsilon / num_classes``; ``epsilon = 0`` is plain
-    cross entropy. ``forward(logits [B, num_classes], targets [B] int64) -> 0-dim loss`` (the
-    mean over the batch, computed in float32 for float16/bfloat16 logits).
+
+def build_metric_loss(name: str, margin: float) -> nn.Module:
+    """The registered metric loss ``name`` with ``margin``.
+
+    Raises:
+        ValueError: an unknown name, listing the choices.
     """
-
-    def __init__(self, num_classes: int, epsilon: float = 0.1) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"CrossEntropyLabelSmooth: num_classes must be >= 1, got {num_classes}")
-        if not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"CrossEntropyLabelSmooth: epsilon must be in [0, 1], got {epsilon}")
-        self.num_classes = int(num_classes)
-        self.epsilon = float(epsilon)
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(
-                f"CrossEntropyLabelSmooth: logits must be [B, {self.num_classes}], got "
-                f"{list(logits.shape)}"
-            )
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
-        log_probs = torch.log_softmax(logits, dim=1)
-        onehot = torch.zeros_like(log_probs).scatter_(1, targets.unsqueeze(1), 1.0)
-        smoothed = (1.0 - self.epsilon) * onehot + self.epsilon / self.num_classes
-        return (-smoothed * log_probs).mean(0).sum()
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, epsilon={self.epsilon}"
+    try:
+        cls = METRIC_LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown metric loss {name!r}; choices: "
+                         f"{', '.join(METRIC_LOSSES)}") from None
+    return cls(margin)

@@ -1,6 +1,6 @@
 """The fused steps of k-reciprocal re-ranking (Zhong, Zheng, Cao, Li, CVPR 2017).
 
-:func:`edaan_fast.engine.reranking.re_ranking` and ``re_ranking_features`` are built from these
+:func:`edaan_fast.metrics.reranking.re_ranking` and ``re_ranking_features`` are built from these
 four ops (math: ``csrc/ops/reranking.h``; pure-PyTorch twins: :mod:`edaan_fast.ops.reference`).
 With ``N = Q + G`` items and ``M[i, j] = d(i, j)^2 / max_j' d(i, j')^2`` the paper's
 row-normalised original distance:

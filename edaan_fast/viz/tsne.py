@@ -64,7 +64,6 @@ def plot_tsne(
 
     Returns ``(path, keep)``: the PNG path and the boolean mask of the points plotted.
     """
-    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -93,6 +92,21 @@ def plot_tsne(
     fig = Figure(figsize=((w + 1e-3) / dpi, (h + 1e-3) / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    _scatter(ax, xy, p, d, chosen, (domain_names or {}) if domains is not None else None)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, out_path, dpi), keep
+
+
+def _scatter(ax, xy: np.ndarray, p: np.ndarray, d: np.ndarray, chosen: np.ndarray,
+             domain_names: dict[int, str] | None) -> None:
+    """One colour per identity, one marker per domain, and the legend (domains named when
+    ``domain_names`` is not ``None``)."""
+    import matplotlib
+
     colors = matplotlib.colormaps["tab10"]
     for ci, pid in enumerate(chosen):
         for di, dom in enumerate(np.unique(d)):
@@ -110,11 +124,11 @@ def plot_tsne(
                 edgecolors="none",
             )
     handles, labels = ax.get_legend_handles_labels()
-    if domains is not None:
+    if domain_names is not None:
         from matplotlib.lines import Line2D
 
         for di, dom in enumerate(np.unique(d)):
-            name = (domain_names or {}).get(int(dom), f"domain {dom}")
+            name = domain_names.get(int(dom), f"domain {dom}")
             handles.append(
                 Line2D([], [], color="k", marker=MARKERS[di % len(MARKERS)], linestyle="none")
             )
@@ -122,9 +136,3 @@ def plot_tsne(
     ax.legend(
         handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False
     )
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return save_figure(fig, out_path, dpi), keep

@@ -1,0 +1,458 @@
+"""k-reciprocal re-ranking (Zhong, Zheng, Cao, Li: "Re-ranking Person Re-identification with
+k-reciprocal Encoding", CVPR 2017), exact, from fused ops on the input's device.
+
+Symbols of the paper and where they live here (``N = Q + G`` probes and gallery items together):
+
+* ``d(p, g_i)``: the original distance, squared and normalised by the row maximum
+  (``M[i, j] = d(i, j)^2 / max_j' d(i, j')^2``), as the authors' code does. Row ``i`` of ``M`` is
+  *column* ``i`` of the stacked matrix ``[[q_q, q_g], [q_g^T, g_g]]`` (the authors normalise
+  columns, then transpose): the same as the row for symmetric ``q_q``/``g_g``, exact for any.
+* ``N(p, k)``: the k nearest neighbours, in the stable order on (distance, index) (ties: the
+  lower index first; the authors' ``argsort`` is not stable).
+* ``R(p, k) = {g in N(p, k) : p in N(g, k)}`` (eq. 4) with ``k = k1 + 1``, and ``R*(p, k)``
+  (eq. 6): plus every ``R(q, round(k1/2) + 1)`` of a ``q in R(p, k)`` sharing more than 2/3 of
+  its members with ``R(p, k)`` (compared exactly, ``3 |∩| > 2 |R(q, k/2)|``).
+* ``V_p`` (eq. 7): weights ``exp(-d(p, g))`` on ``R*(p, k)``, normalised to sum 1; local query
+  expansion (eq. 11) averages ``V`` over ``N(p, k2)``.
+* ``d_J`` (eq. 10): ``1 - sum min(V_p, V_g) / sum max(V_p, V_g)`` where ``sum max = 2 - sum min``
+  (rows sum to 1); ``d* = (1 - lambda) d_J + lambda d`` (eq. 12).
+
+Algorithm (the ops are in :mod:`edaan_fast.ops.reranking`, math in ``csrc/ops/reranking.h``):
+
+1. per tile of ``row_chunk`` rows: the tile's scores (one GEMM from features, or the tile of the
+   stacked distance blocks), then :func:`~edaan_fast.ops.reranking.knn_lists`: each row's
+   ``max(k1 + 1, k2)`` nearest neighbours, the row scale and, for query rows, ``M[q, Q:]``
+   (kept in the output, which eq. 12 mixes back in);
+2. :func:`~edaan_fast.ops.reranking.k_reciprocal_sets`: ``R*`` of every row, with the ``M``
+   values the neighbour table knows; the few others are computed directly (a dot product per
+   pair from features, a read from the blocks); the weights of eq. 7 in torch; ``V`` as CSR;
+3. :func:`~edaan_fast.ops.reranking.query_expansion` (eq. 11, skipped for ``k2 = 1``);
+4. the inverted index of the gallery rows of ``V`` (a stable sort by column), and per tile of
+   queries :func:`~edaan_fast.ops.reranking.jaccard_distance`, mixed with ``M`` (eq. 12) in place.
+
+Memory beyond the inputs and the ``Q x G`` output: one score tile (``row_chunk x N``, default
+``2**22`` values), the neighbour table (``N * max(k1+1, k2)`` indices and values), ``V`` and its
+expansion as CSR (``(8 + itemsize)`` bytes per non-zero; ``R*`` has a few dozen members per row
+and ``V`` after expansion a few hundred), the inverted index of its gallery rows, and one
+``jaccard`` tile. Nothing ``N x N`` is ever allocated, from features or from blocks.
+
+Distributed (``group=``): each process computes the neighbour lists, ``V`` rows, expansions and
+Jaccard rows of its share of the queries and of the gallery; the tables are all-gathered
+(``O(N k)``), and so is the output: every process returns the whole ``[Q, G]`` matrix, equal to
+the single-process result.
+
+Ties are broken by the lower index everywhere and sums add in the order of the authors' loops,
+so in float64 the result equals :func:`_reference_re_ranking`, the classic per-probe loop, to
+float rounding (``tests/test_reranking.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edaan_fast.ops.evaluation import as_tensor
+
+__all__ = ["re_ranking", "re_ranking_features"]
+
+_METRICS = ("euclidean", "cosine")
+
+
+def _as_tensor(x: Any, name: str, device: torch.device | None = None) -> torch.Tensor:
+    """A 2-D floating matrix from ``x``, through the evaluation inputs' one converter."""
+    t = as_tensor(x, name)
+    if device is not None:
+        t = t.to(device)
+    if not t.dtype.is_floating_point:
+        t = t.to(torch.float64)
+    if t.dim() != 2:
+        raise ValueError(f"re_ranking: {name} must be 2-D, got shape {tuple(t.shape)}")
+    return t
+
+
+class _Source:
+    """Where the scores of the ``N = Q + G`` rows come from (distance blocks or features)."""
+
+    metric = "distance"
+    tile_elements = 1 << 22  # default score tile: row_chunk = tile_elements // N
+
+    def __init__(self, num_q: int, num_g: int, dtype: torch.dtype, device: torch.device):
+        self.num_q, self.num_g = num_q, num_g
+        self.n = num_q + num_g
+        self.dtype, self.device = dtype, device
+        self.col_sq: torch.Tensor | None = None
+
+    def tile(self, r0: int, r1: int, buf: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """The ``[r1 - r0, N]`` scores of rows ``r0:r1`` (never straddling the query block)."""
+        raise NotImplementedError
+
+    def row_sq(self, r0: int, r1: int) -> torch.Tensor | None:
+        return None
+
+    def squared(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """``d(i, j)^2`` (row ``i`` of ``M`` before normalisation) for index pairs."""
+        raise NotImplementedError
+
+    def non_finite_error(self, row: int) -> ValueError:  # pragma: no cover
+        raise NotImplementedError
+
+
+class _BlockSource(_Source):
+    def __init__(self, q_g, q_q, g_g, dtype):
+        super().__init__(q_g.shape[0], q_g.shape[1], dtype, q_g.device)
+        self.q_g, self.q_q, self.g_g = q_g, q_q, g_g
+
+    def tile(self, r0, r1, buf):
+        nq = self.num_q
+        if r1 <= nq:  # query rows: [q_q[:, i], q_g[i, :]]
+            parts = (self.q_q[:, r0:r1].t(), self.q_g[r0:r1])
+        else:  # gallery rows: [q_g[:, j], g_g[:, j]]
+            g0, g1 = r0 - nq, r1 - nq
+            parts = (self.q_g[:, g0:g1].t(), self.g_g[:, g0:g1].t())
+        out = buf[: r1 - r0]
+        torch.cat(parts, 1, out=out) if parts[0].dtype == self.dtype else out.copy_(
+            torch.cat(parts, 1)
+        )
+        return out
+
+    def squared(self, i, j):
+        # M[i, j] = stacked[j, i]^2: read from the block that holds stacked[j, i]
+        nq, ng = self.num_q, self.num_g
+        v = torch.empty(i.shape, dtype=self.dtype, device=i.device)
+        for iq in (True, False):
+            for jq in (True, False):
+                sel = ((i < nq) == iq) & ((j < nq) == jq)
+                if not bool(sel.any()):
+                    continue
+                a, b = j[sel], i[sel]  # stacked[a, b]
+                if jq and iq:
+                    x = self.q_q[a, b]
+                elif jq:
+                    x = self.q_g[a, b - nq]
+                elif iq:
+                    x = self.q_g[b, a - nq]
+                else:
+                    x = self.g_g[a - nq, b - nq]
+                v[sel] = x.to(self.dtype)
+        return v * v
+
+    def non_finite_error(self, row):
+        nq = self.num_q
+        if row < nq:
+            where = [("q_q_dist", self.q_q[:, row]), ("q_g_dist", self.q_g[row])]
+            item = f"query {row}"
+        else:
+            g = row - nq
+            where = [("q_g_dist", self.q_g[:, g]), ("g_g_dist", self.g_g[:, g])]
+            item = f"gallery item {g}"
+        name = next((n for n, x in where if not bool(torch.isfinite(x).all())), where[-1][0])
+        return ValueError(
+            f"re_ranking: {name} must be finite, got NaN or inf among the distances of {item}"
+        )
+
+
+class _FeatureSource(_Source):
+    tile_elements = 1 << 24  # the GEMM pays a per-call cost: taller tiles are faster
+
+    def __init__(self, qf, gf, metric, dtype):
+        super().__init__(qf.shape[0], gf.shape[0], dtype, qf.device)
+        f = torch.cat([qf, gf], 0).to(dtype)
+        if metric == "cosine":
+            f = F.normalize(f, dim=1)
+        self.f, self.metric = f.contiguous(), metric
+        self.sq = (self.f * self.f).sum(1) if metric == "euclidean" else None
+        self.col_sq = self.sq
+
+    def tile(self, r0, r1, buf):
+        return torch.mm(self.f[r0:r1], self.f.t(), out=buf[: r1 - r0])
+
+    def row_sq(self, r0, r1):
+        return None if self.sq is None else self.sq[r0:r1]
+
+    def squared(self, i, j):
+        dot = (self.f[i] * self.f[j]).sum(1)
+        if self.metric == "cosine":
+            return (1.0 - dot).clamp_min(0) ** 2
+        return (self.sq[i] + self.sq[j] - 2.0 * dot).clamp_min(0)
+
+    def non_finite_error(self, row):
+        return ValueError(
+            f"re_ranking_features: the squared distances of item {row} overflow or are not finite"
+        )
+
+
+def re_ranking(
+    q_g_dist: Any,
+    q_q_dist: Any,
+    g_g_dist: Any,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    row_chunk: int | None = None,
+    pair_budget: int = 1 << 21,
+    *,
+    group: Any = None,
+) -> torch.Tensor:
+    """k-reciprocal re-ranking of a query/gallery distance matrix.
+
+    Args:
+        q_g_dist: ``[Q, G]`` query-gallery distances; q_q_dist ``[Q, Q]``; g_g_dist ``[G, G]``
+            (numpy arrays or tensors; computed on ``q_g_dist``'s device, in float64 for float64
+            input and float32 otherwise). Distances, not squared: they are squared here, as in
+            the authors' code. Every entry must be finite.
+        k1, k2, lambda_value: the paper's ``k1 >= 1`` (reciprocal neighbourhood),
+            ``1 <= k2 <= Q + G`` (local query expansion; 1 turns it off) and
+            ``lambda in [0, 1]`` (weight of the original distance).
+        row_chunk: rows of the ``N x N`` problem handled at once (default ``2**22 // N``; from
+            features ``2**24 // N``: each tile is one GEMM, and taller tiles run faster).
+        pair_budget: most (item, neighbour) pairs whose distance is looked up at once.
+        group: a ``torch.distributed`` process group (or ``torch.distributed.group.WORLD``):
+            every process passes the same inputs, computes its share, and gets the whole result.
+
+    Returns:
+        ``[Q, G]`` re-ranked distances (tensor on the input's device).
+    """
+    qg = _as_tensor(q_g_dist, "q_g_dist")
+    dev = qg.device
+    qq = _as_tensor(q_q_dist, "q_q_dist", dev)
+    gg = _as_tensor(g_g_dist, "g_g_dist", dev)
+    num_q, num_g = qg.shape
+    if qq.shape != (num_q, num_q) or gg.shape != (num_g, num_g):
+        raise ValueError(
+            f"re_ranking: expected q_q_dist [{num_q}, {num_q}] and g_g_dist [{num_g}, {num_g}] for "
+            f"q_g_dist {tuple(qg.shape)}, got {tuple(qq.shape)} and {tuple(gg.shape)}"
+        )
+    dtype = torch.float64 if qg.dtype == torch.float64 else torch.float32
+    src = _BlockSource(qg, qq, gg, dtype)
+    return _re_rank(src, k1, k2, lambda_value, row_chunk, pair_budget, group)
+
+
+def re_ranking_features(
+    qf: Any,
+    gf: Any,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    metric: str = "euclidean",
+    row_chunk: int | None = None,
+    pair_budget: int = 1 << 21,
+    *,
+    group: Any = None,
+) -> torch.Tensor:
+    """:func:`re_ranking` from ``[Q, D]`` query and ``[G, D]`` gallery features.
+
+    The distance is the euclidean distance (``"euclidean"``, squared inside as in the paper's
+    code: ``max(|q|^2 + |g|^2 - 2 q.g, 0)``) or ``1 - cos`` (``"cosine"``). Each tile of rows is
+    one GEMM, so no ``N x N`` matrix is ever held; only the ``[Q, G]`` result.
+    """
+    if metric not in _METRICS:
+        raise ValueError(
+            f"re_ranking_features: unknown metric {metric!r}; choices: {list(_METRICS)}"
+        )
+    qf = _as_tensor(qf, "qf")
+    gf = _as_tensor(gf, "gf", qf.device)
+    if qf.shape[1] != gf.shape[1]:
+        raise ValueError(
+            f"re_ranking_features: qf and gf dims differ: {tuple(qf.shape)} vs {tuple(gf.shape)}"
+        )
+    for name, t in (("qf", qf), ("gf", gf)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"re_ranking_features: {name} must be finite, got NaN or inf")
+    dtype = torch.float64 if torch.float64 in (qf.dtype, gf.dtype) else torch.float32
+    src = _FeatureSource(qf, gf, metric, dtype)
+    return _re_rank(src, k1, k2, lambda_value, row_chunk, pair_budget, group)
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+
+
+def _check_parameters(k1, k2, lambda_value, n) -> None:
+    if not isinstance(k1, (int, np.integer)) or k1 < 1:
+        raise ValueError(f"re_ranking: k1 must be an integer >= 1, got {k1!r}")
+    if not isinstance(k2, (int, np.integer)) or not 1 <= k2 <= n:
+        raise ValueError(f"re_ranking: k2 must be an integer in [1, N = Q + G = {n}], got {k2!r}")
+    if not 0.0 <= float(lambda_value) <= 1.0:
+        raise ValueError(f"re_ranking: lambda_value must be in [0, 1], got {lambda_value!r}")
+
+
+class _Shares:
+    """This process's queries ``[q0, q1)`` and gallery rows ``[g0, g1)`` (global row numbers:
+    queries first), and the all-gather that puts every process's rows back in global order."""
+
+    def __init__(self, num_q: int, num_g: int, group):
+        self.group = group
+        world, rank = 1, 0
+        if group is not None:
+            import torch.distributed as dist
+
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.q0, self.q1 = num_q * rank // world, num_q * (rank + 1) // world
+        self.g0 = num_q + num_g * rank // world
+        self.g1 = num_q + num_g * (rank + 1) // world
+
+    @property
+    def rows(self) -> list[tuple[int, int]]:
+        return [(self.q0, self.q1), (self.g0, self.g1)]
+
+    def gather(self, q_part: torch.Tensor, g_part: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return torch.cat([q_part, g_part])
+        from edaan_fast.ops.evaluation import _all_gather_varlen
+
+        return torch.cat(
+            [_all_gather_varlen(q_part, self.group), _all_gather_varlen(g_part, self.group)]
+        )
+
+
+def _csr_rows(ptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, a: int, b: int):
+    """Rows ``a:b`` of a CSR matrix (offsets rebased to 0)."""
+    lo, hi = int(ptr[a]), int(ptr[b])
+    return ptr[a : b + 1] - lo, col[lo:hi], val[lo:hi]
+
+
+def _gather_csr(shares: _Shares, ptr, col, val, num_local_q: int):
+    """The local CSR rows (this process's queries, then its gallery rows) -> all rows."""
+    counts = ptr.diff()
+    split = int(ptr[num_local_q])
+    counts = shares.gather(counts[:num_local_q], counts[num_local_q:])
+    col = shares.gather(col[:split], col[split:])
+    val = shares.gather(val[:split], val[split:])
+    full = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+    torch.cumsum(counts, 0, out=full[1:])
+    return full, col, val
+
+
+def _re_rank(src: _Source, k1, k2, lambda_value, row_chunk, pair_budget, group) -> torch.Tensor:
+    from edaan_fast.ops import reranking as ops
+
+    num_q, num_g, n = src.num_q, src.num_g, src.n
+    dev, dtype = src.device, src.dtype
+    if num_g == 0 or num_q == 0:
+        _check_parameters(k1, k2 if k2 < 1 else 1, lambda_value, 1)
+        return torch.zeros(num_q, num_g, dtype=dtype, device=dev)
+    _check_parameters(k1, k2, lambda_value, n)
+    lam = float(lambda_value)
+    chunk = max(1, row_chunk or src.tile_elements // n)
+    kmax = max(min(k1 + 1, n), k2)
+    shares = _Shares(num_q, num_g, group)
+    local_q = shares.q1 - shares.q0
+
+    # 1. neighbour lists, row scales, and M[q, Q:] of this process's queries into `out`
+    out = torch.empty(local_q, num_g, dtype=dtype, device=dev)
+    buf = torch.empty(min(chunk, n), n, dtype=dtype, device=dev)
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for lo, hi in shares.rows:
+        for r0 in range(lo, hi, chunk):
+            r1 = min(r0 + chunk, hi)
+            kept = out[r0 - shares.q0 : r1 - shares.q0] if r0 < num_q else None
+            nn, nd, sc = ops.knn_lists(
+                src.tile(r0, r1, buf), kmax, src.metric, src.row_sq(r0, r1), src.col_sq, kept
+            )
+            bad = ~torch.isfinite(sc)
+            if bool(bad.any()):
+                raise src.non_finite_error(r0 + int(bad.nonzero()[0, 0]))
+            parts.append((nn, nd, sc))
+    del buf
+    split = sum(p[0].shape[0] for p in parts[: _count_tiles(shares.q0, shares.q1, chunk)])
+    nn_l, nd_l, sc_l = (torch.cat([p[i] for p in parts]) for i in range(3))
+    del parts
+    nn = shares.gather(nn_l[:split], nn_l[split:])
+    nd = shares.gather(nd_l[:split], nd_l[split:])
+    scale = shares.gather(sc_l[:split], sc_l[split:])
+    del nn_l, nd_l, sc_l
+
+    # 2. V (eq. 7) on R* (eq. 6) of this process's rows, as CSR
+    csr = [ops.k_reciprocal_sets(nn, nd, k1, lo, hi) for lo, hi in shares.rows]
+    ptr = torch.cat([csr[0][0], csr[1][0][1:] + csr[0][0][-1]])
+    col = torch.cat([csr[0][1], csr[1][1]])
+    d = torch.cat([csr[0][2], csr[1][2]])
+    del csr
+    local_rows = torch.cat([torch.arange(lo, hi, device=dev) for lo, hi in shares.rows])
+    row_of = torch.repeat_interleave(local_rows, ptr.diff())
+    missing = torch.isnan(d).nonzero()[:, 0]
+    step = max(1, pair_budget)
+    for a in range(0, missing.numel(), step):  # members that came in by expansion only
+        e = missing[a : a + step]
+        d[e] = src.squared(row_of[e], col[e]) / scale[row_of[e]]
+    w = torch.exp(-d)
+    sizes = ptr.diff()
+    sums = torch.zeros(local_rows.numel(), dtype=dtype, device=dev)
+    sums.index_add_(0, torch.repeat_interleave(torch.arange(sizes.numel(), device=dev), sizes), w)
+    w /= torch.where(sums > 0, sums, torch.ones_like(sums)).repeat_interleave(sizes)
+    del d, row_of, sums
+    v_ptr, v_col, v_val = _gather_csr(shares, ptr, col, w, local_q)
+    del ptr, col, w
+
+    # 3. local query expansion (eq. 11) of this process's rows
+    if k2 > 1:
+        qe = [ops.query_expansion(v_ptr, v_col, v_val, nn, k2, lo, hi) for lo, hi in shares.rows]
+    else:
+        qe = [_csr_rows(v_ptr, v_col, v_val, lo, hi) for lo, hi in shares.rows]
+    del v_ptr, v_col, v_val
+    (q_ptr, q_col, q_val), (gl_ptr, gl_col, gl_val) = qe
+
+    # 4. Jaccard (eq. 10) of this process's queries against all gallery rows, and eq. 12 in
+    #    place over M[q, Q:]
+    g_counts = shares.gather(gl_ptr[:0], gl_ptr.diff())
+    g_ptr = torch.zeros(num_g + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(g_counts, 0, out=g_ptr[1:])
+    g_col = shares.gather(gl_col[:0], gl_col)
+    g_val = shares.gather(gl_val[:0], gl_val)
+    ops.jaccard_rerank_(out, q_ptr, q_col, q_val, g_ptr, g_col, g_val, n, lam)
+    if group is None:
+        return out
+    return shares.gather(out, out[:0])
+
+
+def _count_tiles(lo: int, hi: int, chunk: int) -> int:
+    return math.ceil((hi - lo) / chunk) if hi > lo else 0
+
+
+def _reference_re_ranking(
+    q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3
+) -> np.ndarray:
+    """The classic per-probe algorithm of the paper in float64 numpy (slow; for tests and
+    benchmarks). Stable ``argsort`` (ties: lower index first) and the exact 2/3 test."""
+    qg = np.asarray(q_g_dist, dtype=np.float64)
+    qq = np.asarray(q_q_dist, dtype=np.float64)
+    gg = np.asarray(g_g_dist, dtype=np.float64)
+    num_q = qg.shape[0]
+    d = np.block([[qq, qg], [qg.T, gg]]) ** 2
+    top = d.max(axis=0)
+    d = np.transpose(d / np.where(top > 0, top, 1.0))
+    n = d.shape[0]
+    rank = np.argsort(d, axis=1, kind="stable")
+
+    def reciprocal(i, k):
+        fwd = rank[i, : k + 1]
+        bwd = rank[fwd, : k + 1]
+        return fwd[np.any(bwd == i, axis=1)]
+
+    half = int(np.around(k1 / 2.0))
+    V = np.zeros((n, n))
+    for i in range(n):
+        r = reciprocal(i, k1)
+        expanded = list(r)
+        for c in r:
+            rc = reciprocal(c, half)
+            if 3 * len(np.intersect1d(rc, r)) > 2 * len(rc):
+                expanded.extend(rc)
+        expanded = np.unique(np.asarray(expanded, dtype=np.int64))
+        w = np.exp(-d[i, expanded])
+        if w.sum() > 0:
+            V[i, expanded] = w / w.sum()
+    if k2 != 1:
+        V = np.stack([V[rank[i, :k2]].mean(axis=0) for i in range(n)])
+    jaccard = np.zeros((num_q, n))
+    for i in range(num_q):
+        inter = np.zeros(n)
+        for k in np.nonzero(V[i])[0]:
+            js = np.nonzero(V[:, k])[0]
+            inter[js] += np.minimum(V[i, k], V[js, k])
+        jaccard[i] = 1.0 - inter / (2.0 - inter)
+    final = jaccard * (1.0 - lambda_value) + d[:num_q] * lambda_value
+    return final[:, num_q:]
