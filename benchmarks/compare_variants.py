@@ -103,7 +103,7 @@ def summarise(reports: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[st
     for name in names:
         rs = [reports[name][s] for s in seeds]
         metrics = {k: [r["metrics"][k] for r in rs] for k in METRIC_KEYS}
-        att = [r.get("attention") for r in rs]
+        att = [r.get("attention_quality") for r in rs]
         has_att = all(a is not None for a in att)
 
         def att_values(net, key):

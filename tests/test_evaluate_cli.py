@@ -246,8 +246,9 @@ def test_figures(ckpt, synthetic_cache, tmp_path):
     row = 20 + 128 + 2 * 4  # labels + 128 x 64 cells with 4-pixel frames
     assert _png_shape(figs / "rank_list.png") == (3 * row + 2 * 8, 11 * 72 + 16 + 9 * 4, 3)
     # 64 x 32 inputs are shown 3x enlarged (192 x 96): 4 columns / 3 columns, 2 rows
-    assert _png_shape(figs / "attention_target.png") == (20 + 2 * 192 + 4, 4 * 96 + 3 * 4, 3)
-    assert _png_shape(figs / "attention_source.png") == (20 + 2 * 192 + 4, 4 * 96 + 3 * 4, 3)
+    # image, attention, foreground, background and the true person (synthetic masks)
+    assert _png_shape(figs / "attention_target.png") == (20 + 2 * 192 + 4, 5 * 96 + 4 * 4, 3)
+    assert _png_shape(figs / "attention_source.png") == (20 + 2 * 192 + 4, 5 * 96 + 4 * 4, 3)
     assert _png_shape(figs / "translation_s2t.png") == (20 + 2 * 192 + 4, 3 * 96 + 2 * 4, 3)
     assert _png_shape(figs / "tsne.png") == (800, 800, 3)
 

@@ -121,6 +121,13 @@ def test_learning_rate_is_constant_then_decays_linearly_to_zero():
                                               (3, 1), (1, 1)])
 def test_phase_switch_scales_the_papers_30_of_200_epochs(epochs, expected):
     assert phase_epochs(epochs) == expected
+    assert RunConfig(preset="paper", epochs=epochs).resolve().phase_epoch == expected
+
+
+@pytest.mark.parametrize("epochs, expected", [(40, 12), (10, 3), (8, 2), (3, 1), (1, 1)])
+def test_tiny_preset_switches_phase_at_30_percent(epochs, expected):
+    """The tiny preset's attention nets learn for 30% of the run (docs/attention.md)."""
+    assert phase_epochs(epochs, 0.3) == expected
     assert RunConfig(epochs=epochs).resolve().phase_epoch == expected
 
 
@@ -216,6 +223,10 @@ def test_report_json_markdown_and_config(straight):
     assert "| Method | Source→Target | R1 | R5 | R10 | mAP |" in md
     assert "| EDAAN with Quartet | synthetic-source → synthetic-target |" in md
     assert f"{100 * data['metrics']['rank1']:.1f}" in md
+    quality = data["attention_quality"]
+    assert quality["epoch"] == 3 and set(quality) == {"epoch", "A_S", "A_T"}
+    assert 0.0 <= quality["A_T"]["auc"] <= 1.0 and quality["A_S"]["images"] > 0
+    assert "## Attention (epoch 3" in md and "| A_T on target |" in md
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved == data["config"] and saved["phase_epoch"] == 1
     assert (out / "images" / "epoch0001.png").is_file()

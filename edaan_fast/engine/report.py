@@ -11,7 +11,7 @@ like the paper's Table I), plus the method names of the paper's tables.
 
 Metrics are fractions in ``[0, 1]`` (``mINP`` is ``null`` where the protocol does not define
 it); ``seconds`` is the wall time of the training run, summed over resumed segments. Runs with
-attention nets add ``"attention": {"epoch": 40, "A_S": {...}, "A_T": {...}}``: the quality of
+attention nets add ``"attention_quality": {"epoch": 40, "A_S": {...}, "A_T": {...}}``: the quality of
 each map on its domain's held-out test images at that epoch (the last one measured; for DAAN,
 the end of its translator stage), with the fields of
 :class:`~edaan_fast.metrics.AttentionQuality` (``auc``, ``iou``, ``best_iou``, ``best_t`` against
@@ -174,6 +174,6 @@ def write_report(output_dir: str | os.PathLike, report: Mapping[str, Any]) -> tu
           + f"\nPreset `{report['preset']}`, {report['epochs']} epochs, seed {run['seed']}, "
           f"{report['seconds']:.0f} s. Metrics on the target's query/gallery split "
           "(R = rank-k accuracy, mAP and mINP in percent).\n"
-          + attention_markdown(report.get("attention")))
+          + attention_markdown(report.get("attention_quality")))
     _write_text(md_path, md)
     return json_path, md_path

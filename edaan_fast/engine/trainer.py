@@ -385,7 +385,7 @@ class Trainer:
                               self.history)
         report["precision"] = PRECISION_NAMES[self.precision]
         report["world_size"] = self.dist.world_size
-        report["attention"] = self.attention
+        report["attention_quality"] = self.attention
         if self.dist.is_main:
             json_path, md_path = write_report(self.output_dir, report)
             logger.info("report: %s, %s (%.0f s)", json_path, md_path, report["seconds"])
