@@ -4,7 +4,6 @@ image pools, and a short training run on the embedded synthetic data."""
 from __future__ import annotations
 
 import copy
-import time
 
 import numpy as np
 import pytest
@@ -200,16 +199,6 @@ def test_step_state_dict_restores_the_pools():
 
 # ----------------------------------------------------------------------------- training run
 
-def _roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
-    """Pixel-level ROC AUC of ``score`` for ``positive`` (0.5 = chance)."""
-    score, positive = score.flatten().double(), positive.flatten()
-    ranks = torch.empty_like(score)
-    ranks[score.argsort()] = torch.arange(1, len(score) + 1, dtype=score.dtype)
-    n_pos = positive.sum().item()
-    n_neg = len(positive) - n_pos
-    return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
-
-
 @pytest.fixture(scope="module")
 def synthetic_tiny(tmp_path_factory):
     data = pytest.importorskip("edaan_fast.data.synthetic")
@@ -231,38 +220,23 @@ def synthetic_tiny(tmp_path_factory):
     return x_s, y_s, x_t, masks.unsqueeze(1) > 0.5
 
 
-def test_short_training_lowers_cycle_loss_and_finds_the_person(synthetic_tiny):
-    """~150 steps of the tiny preset on the synthetic set: the cycle loss falls, and A_S ranks
-    person pixels above background pixels (ROC AUC against the ground-truth masks above chance)."""
-    x_s, y_s, x_t, fg = synthetic_tiny
+def test_short_training_lowers_cycle_loss(synthetic_tiny):
+    """~150 steps of the tiny preset on the synthetic set: the cycle loss falls by half.
+
+    (That the attention nets find the person is checked through the trainer, with the runs'
+    schedule and attention settings, in tests/test_attention_training.py: at this step-level
+    setup's batch of 8 + 8 images and 5x learning rate the maps do not, and a ROC-AUC "above
+    chance" here used to pass only because the untrained net's output followed brightness,
+    which version 2 of the embedded set correlated with the person.)"""
+    x_s, y_s, x_t, _ = synthetic_tiny
     torch.manual_seed(0)
-    # One global average as the re-ID feature (a faster-learning re-ID head is not needed for
-    # what this test checks).
-    # The attention training of the runs' defaults (docs/attention.md): eq. (5) with the real
-    # images' maps as targets and the re-ID loss stopped at the map; as printed, the maps
-    # stay flat (tests/test_attention_training.py).
-    model = build_model("tiny", num_ids=int(y_s.max()) + 1, reid_stripes=1,
-                        reid_attention_grad=False)
-    step = EDAANTrainStep(model, EDAANObjective(BatchHardTriplet(),
-                                                attention_consistency="real-target"))
-    attention = {id(p) for net in model.attention_nets() for p in net.parameters()}
-    opt_g = torch.optim.Adam(
-        [{"params": [p for p in model.generator_parameters() if id(p) not in attention]},
-         {"params": [p for net in model.attention_nets() for p in net.parameters()],
-          "lr": 2e-3}],  # the runs' attention learning rate, 10 x 2e-4
-        1e-3, betas=(0.5, 0.999))
+    model = build_model("tiny", num_ids=int(y_s.max()) + 1, reid_stripes=1)
+    step = EDAANTrainStep(model, EDAANObjective(BatchHardTriplet()))
+    opt_g = torch.optim.Adam(model.generator_parameters(), 1e-3, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(model.discriminator_parameters(), 1e-3, betas=(0.5, 0.999))
-    probe = slice(0, 96)
-
-    def auc() -> float:
-        with torch.no_grad():
-            return _roc_auc(model.attention_S(x_s[probe]), fg[probe])
-
-    auc_before = auc()
     g = torch.Generator().manual_seed(0)
     pids = y_s.unique()
     cycle = []
-    start = time.perf_counter()
     for _ in range(150):
         # PK batch: 4 identities x 2 images, and 8 random target images
         chosen = pids[torch.randperm(len(pids), generator=g)[:4]]
@@ -271,7 +245,4 @@ def test_short_training_lowers_cycle_loss_and_finds_the_person(synthetic_tiny):
         idt = torch.randint(len(x_t), (8,), generator=g)
         log = step(x_s[idx], y_s[idx], x_t[idt], opt_g, opt_d, Phase())
         cycle.append(log["cycle"])
-    seconds = time.perf_counter() - start
-    auc_after = auc()
     assert np.mean(cycle[-25:]) < 0.5 * np.mean(cycle[:10]), cycle
-    assert auc_after > 0.6 and auc_after > auc_before + 0.05, (auc_before, auc_after, seconds)
