@@ -571,6 +571,16 @@ def mask_path(image_path: str | Path) -> Path:
     return p.parent.parent / "masks" / p.parent.name / f"{p.stem}.png"
 
 
+def load_masks(records):
+    """The ground-truth person masks ``[N, 1, H, W]`` (float32) of records of the synthetic
+    set, or ``None`` when any of them has no mask (other data sets)."""
+    import torch
+
+    if not records or not all(mask_path(r.path).is_file() for r in records):
+        return None
+    return torch.stack([torch.from_numpy(load_mask(r.path)) for r in records])[:, None]
+
+
 def load_mask(image_path: str | Path) -> np.ndarray:
     """Ground-truth foreground mask of a synthetic image: float32 ``[H, W]`` in ``[0, 1]``.
 

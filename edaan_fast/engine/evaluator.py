@@ -175,7 +175,7 @@ def evaluate_attention(model: nn.Module, splits: Mapping[str, Sequence[Record]],
     import torch.nn.functional as F
 
     from edaan_fast.data import build_loader
-    from edaan_fast.data.synthetic import load_mask, mask_path
+    from edaan_fast.data.synthetic import load_masks
     from edaan_fast.metrics import attention_quality
 
     device = torch.device(device)
@@ -188,12 +188,10 @@ def evaluate_attention(model: nn.Module, splits: Mapping[str, Sequence[Record]],
         dl = build_loader(probe, train=False, batch_size=batch_size, num_workers=0,
                           image_size=image_size)
         maps = torch.cat([nets[name](b.images.to(device)).float().cpu() for b in dl])
-        masks = None
-        if all(mask_path(r.path).is_file() for r in probe):
-            masks = torch.stack([torch.from_numpy(load_mask(r.path)) for r in probe])[:, None]
-            if masks.shape[-2:] != maps.shape[-2:]:
-                masks = F.interpolate(masks, size=maps.shape[-2:], mode="bilinear",
-                                      align_corners=False)
+        masks = load_masks(probe)
+        if masks is not None and masks.shape[-2:] != maps.shape[-2:]:
+            masks = F.interpolate(masks, size=maps.shape[-2:], mode="bilinear",
+                                  align_corners=False)
         out[name] = attention_quality(maps, masks)
     model.train(was_training)
     return out

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edaan_fast.data.synthetic import load_masks
 from edaan_fast.data.transforms import to_unit_range
 from edaan_fast.metrics.features import EvaluationError
 
@@ -92,15 +93,6 @@ def _to_unit(x: torch.Tensor, cfg, min_height: int = 192) -> torch.Tensor:
 
 def _enlarge(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(a.float(), size=like.shape[-2:], mode="nearest").cpu()
-
-
-def _true_masks(records: Sequence) -> torch.Tensor | None:
-    """The ground-truth person masks ``[N, 1, H, W]`` of synthetic images, else ``None``."""
-    from edaan_fast.data.synthetic import load_mask, mask_path
-
-    if not records or not all(mask_path(r.path).is_file() for r in records):
-        return None
-    return torch.stack([torch.from_numpy(load_mask(r.path)) for r in records])[:, None]
 
 
 def _source_records(run: dict, n: int) -> list:
@@ -209,7 +201,7 @@ def _model_figures(out: Path, q, model, run: dict, label: str, compare: Compared
             if x is None:
                 continue
             img = _to_unit(x, cfg)
-            truth = _true_masks(records)
+            truth = load_masks(records)
             written.append(viz.plot_attention(
                 img, _enlarge(net(x), img), out / f"attention_{name}.png", value_range=(0, 1),
                 truth=None if truth is None else _enlarge(truth, img)))
