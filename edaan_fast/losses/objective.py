@@ -143,8 +143,10 @@ class EDAANObjective(nn.Module):
         else:
             attn = zero
         smooth = zero
-        if out.s2t.attention is not None:  # logged even at λ_tv = 0 (a measure of the maps)
-            smooth = attention_smoothness_loss(out.s2t.attention, out.t2s.attention)
+        if out.s2t.attention is not None:
+            # logged even at λ_tv = 0 (a measure of the maps), without a backward then
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.weights.attention_tv > 0):
+                smooth = attention_smoothness_loss(out.s2t.attention, out.t2s.attention)
         metric = ident = zero
         if out.reid is not None and labels is not None:
             both = torch.cat([labels, labels])
