@@ -12,8 +12,8 @@ like the paper's Table I), plus the method names of the paper's tables.
 Metrics are fractions in ``[0, 1]`` (``mINP`` is ``null`` where the protocol does not define
 it); ``seconds`` is the wall time of the training run, summed over resumed segments. Runs with
 attention nets add ``"attention_quality": {"epoch": 40, "A_S": {...}, "A_T": {...}}``: the
-quality of each map on its domain's held-out test images at that epoch (the last one measured; for DAAN,
-the end of its translator stage), with the fields of
+quality of each map on its domain's held-out test images at that epoch (the last one measured;
+for DAAN, the end of its translator stage), with the fields of
 :class:`~edaan_fast.metrics.AttentionQuality` (``auc``, ``iou``, ``best_iou``, ``best_t`` against
 the true person masks, ``null`` without them; ``mean``, ``spatial_std``, ``centre_contrast``).
 """
