@@ -100,7 +100,7 @@ def _data_options(p: argparse.ArgumentParser, d, c) -> None:
 def _model_options(p: argparse.ArgumentParser, d, c) -> None:
     """The model options (``d``: the defaults; ``c``: the run configuration module)."""
     g = p.add_argument_group("model")
-    g.add_argument("--preset", choices=tuple(c.PRESET_DEFAULTS), help=_default(
+    g.add_argument("--preset", choices=tuple(c.RUN_PRESETS), help=_default(
         "network widths and input size: tiny = 64x32, CPU-sized; paper = 256x128, CycleGAN's "
         "ResNet-9 / PatchGAN widths", d.preset))
     g.add_argument("--variant", choices=tuple(c.VARIANTS), help=_default(
@@ -120,7 +120,7 @@ def _schedule_options(p: argparse.ArgumentParser, d, c) -> None:
     g = p.add_argument_group("schedule")
     g.add_argument("--epochs", type=int, metavar="N", help=_default(
         "training epochs (per stage for daan/cyclegan)",
-        ", ".join(f"{k} {v['epochs']}" for k, v in c.PRESET_DEFAULTS.items())))
+        ", ".join(f"{k} {v.epochs}" for k, v in c.RUN_PRESETS.items())))
     g.add_argument("--iters-per-epoch", type=int, metavar="N", help=_default(
         "iterations per epoch", "one pass of the PK sampler over the source set"))
     g.add_argument("--batch-size", type=int, metavar="N", help=_default(
@@ -139,8 +139,8 @@ def _objective_options(p: argparse.ArgumentParser, d, c) -> None:
     """The objective options (``d``: the defaults; ``c``: the run configuration module)."""
     g = p.add_argument_group("objective (eq. 9)")
     g.add_argument("--lambda-cyc", type=float, help=_default(
-        "weight of the cycle loss", ", ".join(f"{k} {v['lambda_cyc']:g}"
-                                             for k, v in c.PRESET_DEFAULTS.items())))
+        "weight of the cycle loss", ", ".join(f"{k} {v.lambda_cyc:g}"
+                                             for k, v in c.RUN_PRESETS.items())))
     g.add_argument("--lambda-attn", type=float,
                    help=_default("weight of the attention loss (eq. 5)", d.lambda_attn))
     g.add_argument("--lambda-metric", type=float,
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edaan_fast._allocator import pin_malloc_thresholds
     from edaan_fast.data import DatasetError
-    from edaan_fast.engine.checkpoint import CheckpointError, load_checkpoint
+    from edaan_fast.engine.checkpoint import CheckpointError, ResumePoint
     from edaan_fast.engine.report import markdown_table
     from edaan_fast.engine.run_config import (
         PAPER_ATTENTION, RunConfig, RunConfigError, load_run_file,
@@ -269,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         if paper_attention:
             merged.update(PAPER_ATTENTION)
         merged.update(options)
-        if resume is not None:
-            run = resume_config(load_checkpoint(resume, kind="training")["run"], merged)
+        if resume is not None:  # read once: the run's options and the states to continue
+            resume = ResumePoint.read(resume)
+            run = resume_config(resume.checkpoint["run"], merged)
         else:
             run = RunConfig.from_dict(merged, "options").resolve()
         with logging_redirect_tqdm():

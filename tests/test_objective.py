@@ -78,7 +78,7 @@ def test_discriminator_input_masks_the_foreground_without_gradient_to_the_mask()
 
 def test_loss_weights_defaults_and_validation():
     w = LossWeights()
-    assert (w.attention, w.quartet, w.id, w.cycle, w.gan) == (10.0, 1.0, 1.0, 10.0, 1.0)
+    assert (w.attention, w.metric, w.id, w.cycle, w.gan) == (10.0, 1.0, 1.0, 10.0, 1.0)
     with pytest.raises(ValueError, match="LossWeights.cycle must be a non-negative number"):
         LossWeights(cycle=-1)
 
@@ -96,7 +96,7 @@ def model_and_batch():
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("weights", [LossWeights(), LossWeights(gan=0.5, cycle=3.0, attention=2.0,
-                                                                quartet=0.7, id=1.5,
+                                                                metric=0.7, id=1.5,
                                                                 attention_tv=0.4)])
 def test_total_is_the_weighted_sum_of_the_logged_terms(model_and_batch, weights, masked):
     model, x_s, x_t, labels = model_and_batch
@@ -108,7 +108,7 @@ def test_total_is_the_weighted_sum_of_the_logged_terms(model_and_batch, weights,
     assert all(v > 0 for k, v in t.items() if k != "metric")
     expected = (weights.gan * (t["gan_s2t"] + t["gan_t2s"]) + weights.cycle * t["cycle"]
                 + weights.attention * t["attention"] + weights.attention_tv * t["smoothness"]
-                + weights.quartet * t["metric"]
+                + weights.metric * t["metric"]
                 + weights.id * t["id"])
     assert t["total"] == pytest.approx(expected, rel=1e-6)
 
@@ -140,7 +140,7 @@ def test_metric_loss_sees_real_and_translated_source_with_source_labels(model_an
     rec = Recorder()
     with torch.no_grad():
         out = model(x_s, x_t)
-        g = EDAANObjective(rec, LossWeights(quartet=2.0)).generator_losses(
+        g = EDAANObjective(rec, LossWeights(metric=2.0)).generator_losses(
             model, out, x_s, x_t, labels, False)
     (emb, lab), = rec.calls
     assert emb.shape == (8, model.config.embedding_dim)

@@ -103,7 +103,7 @@ def test_logged_total_is_the_weighted_sum():
                torch.optim.Adam(model.discriminator_parameters()))
     w = objective.weights
     expected = (w.gan * (log["gan_s2t"] + log["gan_t2s"]) + w.cycle * log["cycle"]
-                + w.attention * log["attention"] + w.quartet * log["metric"] + w.id * log["id"])
+                + w.attention * log["attention"] + w.metric * log["metric"] + w.id * log["id"])
     assert log["total"] == pytest.approx(expected, rel=1e-6)
     assert log["d_total"] == pytest.approx(log["d_S"] + log["d_T"], rel=1e-6)
 

@@ -37,6 +37,7 @@ import torch
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CheckpointError", "CheckpointWriteError",
+    "ResumePoint",
     "check_checkpoint", "load_checkpoint", "load_model_state", "model_config_from_dict",
     "model_config_to_dict", "model_from_checkpoint", "remove_stale_temporaries",
     "save_checkpoint",
@@ -350,6 +351,20 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         except FileNotFoundError:
             pass
     return removed
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """A training checkpoint read (and checked) once, for a run that continues it: the CLI
+    takes the run configuration from it and the trainer its states."""
+
+    path: Path
+    checkpoint: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> ResumePoint:
+        """:func:`load_checkpoint` with ``kind="training"``; raises :class:`CheckpointError`."""
+        return cls(Path(path), load_checkpoint(path, kind="training"))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",

@@ -106,7 +106,7 @@ def _source_records(run: dict, n: int) -> list:
         root = run.get("source_root") or run.get("data_root")
         if source == "synthetic":
             ds = build_dataset("synthetic", root=root, domain="source",
-                               preset=synthetic_preset({"preset": "tiny", **run}),
+                               preset=synthetic_preset(run),
                                seed=int(run.get("seed", 0)))
         elif not root:
             return []

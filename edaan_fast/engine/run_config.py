@@ -42,7 +42,7 @@ from edaan_fast.losses.metric import METRIC_LOSSES as METRIC_LOSS_REGISTRY
 
 __all__ = [
     "ATTENTION_CONSISTENCY", "DATASET_CHOICES", "METRIC_LOSSES", "PAPER_ATTENTION",
-    "PRESET_DEFAULTS", "VARIANTS", "RunConfig",
+    "RUN_PRESETS", "VARIANTS", "RunConfig", "RunPreset",
     "RunConfigError", "VariantFlags", "load_run_file", "phase_epochs", "source_dataset",
     "RESUMABLE_KEYS", "resume_config", "synthetic_preset", "target_dataset",
 ]
@@ -98,14 +98,38 @@ VARIANTS: dict[str, VariantFlags] = {
     "direct": VariantFlags(False, False, "real", False, "Direct Transfer"),
 }
 
-#: What the model preset changes in the run's defaults. Epochs: the paper's 200; 40 for ``tiny``,
-#: about 6 minutes on a 2-core CPU (15 PK batches per epoch on the embedded set). ``λ_cyc``:
-#: CycleGAN's 10 for ``paper``; 1 for ``tiny``, where the cycle term (about 1-2 in the first
-#: epochs) then weighs as much as each adversarial term rather than ten times more.
-PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": {"epochs": 40, "lambda_cyc": 1.0, "phase_fraction": 0.3},
-    "paper": {"epochs": PAPER_EPOCHS, "lambda_cyc": 10.0,
-              "phase_fraction": PAPER_PHASE_EPOCHS / PAPER_EPOCHS},
+@dataclass(frozen=True)
+class RunPreset:
+    """One ``--preset``: everything the name selects, in one record.
+
+    Attributes:
+        name: the option value.
+        model: the network preset (a key of :data:`edaan_fast.models.MODEL_PRESETS`).
+        synthetic: the embedded set's size when a domain is ``synthetic`` (a key of
+            :data:`edaan_fast.data.synthetic.PRESETS`).
+        epochs: default epochs (per stage for the two-stage variants).
+        lambda_cyc: default ``λ_cyc``.
+        phase_fraction: the phase switch as a fraction of the epochs.
+    """
+
+    name: str
+    model: str
+    synthetic: str
+    epochs: int
+    lambda_cyc: float
+    phase_fraction: float
+
+
+#: The presets of a run. Epochs: the paper's 200; 40 for ``tiny``, about 5 minutes on a 2-core
+#: CPU (15 PK batches per epoch on the embedded set). ``λ_cyc``: CycleGAN's 10 for ``paper``;
+#: 1 for ``tiny``, where the cycle term (about 1-2 in the first epochs) then weighs as much as
+#: each adversarial term rather than ten times more. Phase switch: the paper's 30 of 200; 0.3
+#: for ``tiny`` (see :func:`phase_epochs`).
+RUN_PRESETS: dict[str, RunPreset] = {
+    "tiny": RunPreset("tiny", model="tiny", synthetic="tiny", epochs=40, lambda_cyc=1.0,
+                      phase_fraction=0.3),
+    "paper": RunPreset("paper", model="paper", synthetic="paper", epochs=PAPER_EPOCHS,
+                       lambda_cyc=10.0, phase_fraction=PAPER_PHASE_EPOCHS / PAPER_EPOCHS),
 }
 
 
@@ -126,9 +150,10 @@ def phase_epochs(epochs: int, fraction: float = PAPER_PHASE_EPOCHS / PAPER_EPOCH
 
 
 def synthetic_preset(run: dict[str, Any]) -> str:
-    """The synthetic data set's preset for a run: the same name as the model preset
-    (``tiny`` -> 64x32 images, 60 + 40 identities per domain; ``paper`` -> 256x128)."""
-    return str(run["preset"])
+    """The synthetic data set's preset for a run (``tiny`` -> 64x32 images, 60 + 40
+    identities per domain; ``paper`` -> 256x128); a run dict without ``preset`` is ``tiny``
+    (the default)."""
+    return RUN_PRESETS[str(run.get("preset") or RunConfig.preset)].synthetic
 
 
 @dataclass
@@ -240,9 +265,9 @@ class RunConfig:
         """
         self._check_names()
         flags = VARIANTS[self.variant]
-        defaults = PRESET_DEFAULTS[self.preset]
-        epochs = defaults["epochs"] if self.epochs is None else self.epochs
-        lambda_cyc = defaults["lambda_cyc"] if self.lambda_cyc is None else self.lambda_cyc
+        preset = RUN_PRESETS[self.preset]
+        epochs = preset.epochs if self.epochs is None else self.epochs
+        lambda_cyc = preset.lambda_cyc if self.lambda_cyc is None else self.lambda_cyc
 
         def integer(name: str, value: Any, low: int) -> int:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -271,7 +296,7 @@ class RunConfig:
                 f"a PK batch needs at least 2 identities for the metric loss; batch_size="
                 f"{self.batch_size} / num_instances={self.num_instances} gives "
                 f"{self.batch_size // self.num_instances}")
-        phase = (phase_epochs(epochs, defaults["phase_fraction"]) if self.phase_epoch is None
+        phase = (phase_epochs(epochs, preset.phase_fraction) if self.phase_epoch is None
                  else self.phase_epoch)
         integer("phase_epoch", phase, 0)
         self._check_numbers(lambda_cyc)
@@ -279,13 +304,13 @@ class RunConfig:
         if image_size is None:
             from edaan_fast.models import model_config
 
-            image_size = list(model_config(self.preset).image_size)
+            image_size = list(model_config(preset.model).image_size)
         if (not isinstance(image_size, (list, tuple)) or len(image_size) != 2
                 or not all(isinstance(v, int) and v > 0 for v in image_size)):
             raise RunConfigError(f"image_size must be [H, W] (two positive integers); got "
                                  f"{image_size!r}")
         attention = bool(self.attention and flags.attention)
-        _check_model(self.preset, [int(v) for v in image_size], attention, self.model)
+        _check_model(preset.model, [int(v) for v in image_size], attention, self.model)
         return self.replace(
             attention=attention,
             epochs=int(epochs), lambda_cyc=float(lambda_cyc), phase_epoch=int(phase),
@@ -299,7 +324,7 @@ class RunConfig:
     def _check_names(self) -> None:
         """Every option that names something names one of its choices."""
         for name, choices in (("variant", tuple(VARIANTS)), ("metric_loss", METRIC_LOSSES),
-                              ("preset", tuple(PRESET_DEFAULTS)), ("source", DATASET_CHOICES),
+                              ("preset", tuple(RUN_PRESETS)), ("source", DATASET_CHOICES),
                               ("target", DATASET_CHOICES), ("loader", LOADERS),
                               ("amp_dtype", AMP_DTYPES),
                               ("attention_consistency", ATTENTION_CONSISTENCY)):
@@ -335,14 +360,14 @@ class RunConfig:
         return self.batch_size // self.num_instances
 
 
-def _check_model(preset: str, image_size: list[int], attention: bool,
+def _check_model(model_preset: str, image_size: list[int], attention: bool,
                  overrides: dict[str, Any]) -> None:
     """The networks' own rules (:class:`~edaan_fast.models.ModelConfig`: field types, ranges,
     the smallest image size) applied to a run's ``model`` overrides and ``image_size``."""
     from edaan_fast.models import model_config
 
     try:
-        model_config(preset, image_size=tuple(image_size), no_attention=not attention,
+        model_config(model_preset, image_size=tuple(image_size), no_attention=not attention,
                      **overrides)
     except (TypeError, ValueError) as exc:
         raise RunConfigError(f"model configuration: {str(exc).removeprefix('ModelConfig: ')}") \

@@ -44,7 +44,7 @@ from .checkpoint import (
     model_config_to_dict, save_checkpoint,
 )
 from .distributed import DistInfo, RankSlice, all_reduce_gradients, barrier, gather, set_rng_state
-from .run_config import RunConfig, RunConfigError, resume_config
+from .run_config import RUN_PRESETS, RunConfig, RunConfigError, resume_config
 from .run_dir import TRANSLATED_DIR, TRANSLATOR_NAME
 from .steps import EDAANTrainStep, ReIDStep
 
@@ -104,7 +104,7 @@ def build_objective(run: RunConfig) -> EDAANObjective:
     return EDAANObjective(
         build_metric_loss(run.metric_loss, run.margin),
         LossWeights(gan=run.lambda_gan, cycle=run.lambda_cyc, attention=run.lambda_attn,
-                    quartet=run.lambda_metric, attention_tv=run.lambda_tv, id=run.lambda_id),
+                    metric=run.lambda_metric, attention_tv=run.lambda_tv, id=run.lambda_id),
         label_smoothing=run.label_smoothing, attention_consistency=run.attention_consistency)
 
 
@@ -112,7 +112,7 @@ def run_model_config(run: RunConfig, num_ids: int) -> ModelConfig:
     """The model of a run: its preset with the run's image size, identities, attention and
     ``model`` overrides."""
     try:
-        return model_config(run.preset, image_size=tuple(run.image_size), num_ids=num_ids,
+        return model_config(RUN_PRESETS[run.preset].model, image_size=tuple(run.image_size), num_ids=num_ids,
                             no_attention=not run.attention,
                             **{"reid_attention_grad": run.reid_attention_grad, **run.model})
     except (TypeError, ValueError) as exc:

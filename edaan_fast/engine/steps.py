@@ -307,7 +307,7 @@ class ReIDStep(EDAANTrainStep):
             ident = id_loss(out.logits, labels, objective.label_smoothing)
             metric = (objective.metric_loss(out.embedding.float(), labels).float()
                       if objective.metric_loss is not None else ident.new_zeros(()))
-            total = objective.weights.id * ident + objective.weights.quartet * metric
+            total = objective.weights.id * ident + objective.weights.metric * metric
         log = self._to_floats("re-ID", self.TERMS, [metric, ident, total], dtype)
         skipped = self._optimise(total, optimizer, self.scaler_G)
         self.num_steps += 1

@@ -133,7 +133,7 @@ def _synthetic_plan(options: TargetOptions, run: dict, same_as_run: bool) -> Pla
             root = run.get("target_root") or run.get("data_root")
         ds = build_dataset(
             "synthetic", root=root, domain="target",
-            preset=options.synthetic_preset or synthetic_preset({"preset": "tiny", **run}),
+            preset=options.synthetic_preset or synthetic_preset(run),
             seed=options.synthetic_seed if options.synthetic_seed is not None
             else int(run.get("seed", 0)))
     return _plan("synthetic", {"target": ds}, dict(ds.info))

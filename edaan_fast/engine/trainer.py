@@ -1,14 +1,11 @@
 """The EDAAN training loop: stages, model, optimisers, the loop itself, checkpoint state,
 resume and the final report; everything around the loop is a hook (:mod:`.hooks`).
 
-:class:`Trainer` owns what a run needs around the per-iteration step
-(:mod:`.steps`, one call signature for every stage): the data (PK-sampled labelled source
-batches, random target batches), the model, the Adam optimisers and their schedule, and the
-state a checkpoint holds; the evaluation plan comes from :mod:`.targets`, the output folder's
-rules from :mod:`.run_dir`.
-
-Schedule and variants: :mod:`.stages`; phase switch: :mod:`.hooks`; ``amp`` dtype:
-:func:`~edaan_fast.engine.precision.resolve_precision`; ``torchrun``: :mod:`.distributed`.
+:class:`Trainer` owns what a run needs around the per-iteration step (:mod:`.steps`): the
+data (PK-sampled source batches, random target batches), the model, the optimisers and their
+schedule, and the state a checkpoint holds. Evaluation plan: :mod:`.targets`; output folder:
+:mod:`.run_dir`; schedule and variants: :mod:`.stages`; phase switch: :mod:`.hooks`; ``amp``
+dtype: :mod:`.precision`; ``torchrun``: :mod:`.distributed`.
 
 **Checkpoints** (:func:`~edaan_fast.engine.checkpoint.save_checkpoint`, atomic) are written
 every ``checkpoint_every`` epochs and at the end to ``<output-dir>/checkpoint.pt``; the end
@@ -39,7 +36,7 @@ import torch.distributed as dist
 from edaan_fast.data import PKSampler, RandomBatchSampler
 from edaan_fast.data.translated import write_translated_set  # noqa: F401  (re-exported)
 
-from .checkpoint import load_checkpoint, load_model_state, model_config_to_dict, save_checkpoint
+from .checkpoint import ResumePoint, load_model_state, model_config_to_dict, save_checkpoint
 from .distributed import (  # noqa: F401  (RankSlice, all_reduce_gradients: re-exported)
     RankSlice, all_reduce_gradients, barrier, gather, init_distributed, resolve_device,
     rng_state, seed_everything,
@@ -78,8 +75,8 @@ class Trainer:
     Args:
         run: the run configuration (resolved here).
         hooks: :class:`HookBase` instances, run after the built-in ones.
-        resume: a checkpoint written by a run of the same configuration (see
-            :func:`resume_config`) to continue from.
+        resume: a checkpoint (path, or a :class:`ResumePoint` already read) written by a run
+            of the same configuration (see :func:`resume_config`) to continue from.
         overwrite: let a fresh run replace the run in ``output_dir`` (its checkpoints and
             report are deleted when training starts). Without it, a fresh run into a folder
             that holds ``checkpoint.pt``, ``final.pt`` or ``translator.pt`` is refused, and so
@@ -93,14 +90,17 @@ class Trainer:
     """
 
     def __init__(self, run: RunConfig, *, hooks: Sequence[HookBase] = (),
-                 resume: str | os.PathLike | None = None, overwrite: bool = False):
+                 resume: str | os.PathLike | ResumePoint | None = None, overwrite: bool = False):
         self.run = run.resolve()
+        if resume is not None and not isinstance(resume, ResumePoint):
+            resume = ResumePoint.read(resume)  # the schema: entries and their types
+        resume_path = getattr(resume, "path", None)
         self._stop = StopRequest()
         self.hooks = [*default_hooks(), *hooks, self._stop]
         self.output_dir = Path(self.run.output_dir)
         self.overwrite = bool(overwrite) and resume is None
         # a resume checks the folder's run after the checkpoint: its errors come first
-        check_output_dir(self.output_dir, resume, overwrite, runs=resume is None)
+        check_output_dir(self.output_dir, resume_path, overwrite, runs=resume is None)
         self.dist, self._owns_group = init_distributed(self.run.device)
         self.device = resolve_device(self.run.device, self.dist)
         self.precision = resolve_precision(self.run.amp, self.run.amp_dtype, self.device.type,
@@ -122,13 +122,12 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.attention: dict[str, Any] | None = None  # latest attention quality
         self.elapsed_before, self.stage_index, self.batch_images = 0.0, -1, 0
-        self.phase = Phase()
-        self._in_step = False
+        self.phase, self._in_step = Phase(), False
         self.writer = self._target_iter = self.probe = None
         seed_everything(self.run.seed)
         if resume is not None:
-            self._resume(Path(resume))
-            check_output_dir(self.output_dir, resume, overwrite)
+            self._resume(resume)
+            check_output_dir(self.output_dir, resume_path, overwrite)
         else:
             self._build_stage(0)
 
@@ -220,8 +219,8 @@ class Trainer:
         barrier(self.dist)
         return path
 
-    def _resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, kind="training")  # the schema: entries and their types
+    def _resume(self, point: ResumePoint) -> None:
+        path, ckpt = point.path, point.checkpoint
         where = f"checkpoint {path}"
         check_resumable(ckpt, path, self.run, self.model_config, self.stages,
                         self.dist.world_size)
@@ -393,7 +392,8 @@ class Trainer:
 
 
 def train(run: RunConfig, *, hooks: Sequence[HookBase] = (),
-          resume: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
+          resume: str | os.PathLike | ResumePoint | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
     """Train ``run`` (optionally resuming a checkpoint); returns the ``report.json`` payload.
 
     ``overwrite``: see :class:`Trainer`."""

@@ -9,7 +9,7 @@ Paper symbols -> code (``GeneratorLosses`` field: what it is):
 ``attention``          ``L_attn(A_S) + L_attn(A_T)`` (eq. 5), weighted by ``λ_attn``
 ``smoothness``         total variation of ``A_S(x_S)`` and ``A_T(x_T)`` (a mask regulariser,
                        not in eq. 9), weighted by ``λ_tv`` (0 = the paper's objective)
-``metric``             ``L_quartet`` (eq. 7) or ``L_triplet`` (eq. 6), weighted by ``λ_quartet``
+``metric``             ``L_quartet`` (eq. 7) or ``L_triplet`` (eq. 6), weighted by ``λ_quartet`` (``LossWeights.metric``)
 ``id``                 ``L_id`` (eq. 8), weighted by ``λ_id``
 ``total``              ``gan_s2t + gan_t2s + λ_cyc cycle + λ_attn attention
                        + λ_tv smoothness + λ_quartet metric + λ_id id``
@@ -44,12 +44,14 @@ __all__ = ["DiscriminatorLosses", "EDAANObjective", "GeneratorLosses", "LossWeig
 class LossWeights:
     """The ``λ`` of eq. (9). Defaults: the paper's ``λ_attn = 10, λ_quartet = 1, λ_id = 1``, and
     CycleGAN's ``λ_cyc = 10``; ``gan`` scales both adversarial terms (1 in the paper);
-    ``attention_tv`` weighs the attention maps' total variation (0 in the paper)."""
+    ``metric`` is the paper's ``λ_quartet``, the weight of the metric loss (quartet or triplet;
+    ``train --lambda-metric``, logged as ``metric``); ``attention_tv`` weighs the attention
+    maps' total variation (0 in the paper)."""
 
     gan: float = 1.0
     cycle: float = 10.0
     attention: float = 10.0
-    quartet: float = 1.0
+    metric: float = 1.0
     attention_tv: float = 0.0
     id: float = 1.0
 
@@ -115,7 +117,7 @@ class EDAANObjective(nn.Module):
                        smoothness=0.0) -> torch.Tensor:
         w = self.weights
         return (w.gan * (gan_s2t + gan_t2s) + w.cycle * cycle + w.attention * attention
-                + w.attention_tv * smoothness + w.quartet * metric + w.id * id_)
+                + w.attention_tv * smoothness + w.metric * metric + w.id * id_)
 
     def generator_losses(self, model, out, x_s: torch.Tensor, x_t: torch.Tensor,
                          labels: torch.Tensor | None, masked_discriminator: bool
