@@ -168,6 +168,10 @@ def _attention_options(p: argparse.ArgumentParser, d, c) -> None:
     g.add_argument("--lambda-tv", type=float, help=_default(
         "weight of the attention maps' total variation (a mask regulariser; 0 = off)",
         d.lambda_tv))
+    g.add_argument("--binary-mask", type=float, metavar="TAU", help=_default(
+        "after the phase switch the discriminators see the background 1 - A > TAU unscaled "
+        "(Mejjati et al.'s binarised mask, 0.1); 0 = the soft (1 - A) * x of the paper",
+        d.binary_mask))
     g.add_argument("--reid-attention-grad", action=argparse.BooleanOptionalAction,
                    help=_default("let the re-ID loss on x_ST train the attention nets",
                                  d.reid_attention_grad))

@@ -76,6 +76,31 @@ def test_discriminator_input_masks_the_foreground_without_gradient_to_the_mask()
     torch.testing.assert_close(x.grad, (1 - mask).detach().expand_as(x))
 
 
+def test_binarised_discriminator_mask_keeps_pixels_changed_by_more_than_tau():
+    x = rand(2, 3, 8, 4, seed=12).float()
+    mask = torch.linspace(0, 1, 2 * 8 * 4).reshape(2, 1, 8, 4).requires_grad_()
+    out = discriminator_input(x, mask, masked=True, threshold=0.1)
+    background = (1 - mask.detach()) > 0.1  # translated by more than tau: seen, unscaled
+    torch.testing.assert_close(out, torch.where(background, x, torch.zeros_like(x)))
+    assert 0 < background.sum() < background.numel()
+    assert discriminator_input(x, mask, masked=False, threshold=0.1) is x
+
+
+def test_objective_binary_mask_reaches_the_generators_adversarial_terms(model_and_batch):
+    model, x_s, x_t, labels = model_and_batch
+    with torch.no_grad():
+        out = model(x_s, x_t)
+        soft = EDAANObjective(None).generator_losses(model, out, x_s, x_t, labels, True)
+        hard = EDAANObjective(None, binary_mask=0.1).generator_losses(model, out, x_s, x_t,
+                                                                      labels, True)
+        first = EDAANObjective(None, binary_mask=0.1).generator_losses(model, out, x_s, x_t,
+                                                                       labels, False)
+    assert abs(hard.gan_s2t.item() - soft.gan_s2t.item()) > 1e-6
+    assert hard.cycle.item() == soft.cycle.item()
+    unmasked = EDAANObjective(None).generator_losses(model, out, x_s, x_t, labels, False)
+    assert first.gan_s2t.item() == unmasked.gan_s2t.item()  # the first phase is unchanged
+
+
 def test_loss_weights_defaults_and_validation():
     w = LossWeights()
     assert (w.attention, w.metric, w.id, w.cycle, w.gan) == (10.0, 1.0, 1.0, 10.0, 1.0)

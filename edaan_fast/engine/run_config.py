@@ -193,6 +193,7 @@ class RunConfig:
     lambda_attn: float = 10.0
     attention_consistency: str = "real-target"
     lambda_tv: float = 0.0
+    binary_mask: float = 0.0
     reid_attention_grad: bool = False
     lambda_metric: float = 1.0
     lambda_id: float = 1.0
@@ -317,6 +318,7 @@ class RunConfig:
             image_size=[int(v) for v in image_size], end_to_end=flags.end_to_end,
             translator=flags.translator, reid_data=flags.reid_data,
             lr=float(self.lr), amp=bool(self.amp), compile=bool(self.compile),
+            binary_mask=float(self.binary_mask),
             reid_attention_grad=bool(self.reid_attention_grad),
             progress=bool(self.progress), model=dict(self.model),
         )
@@ -342,6 +344,10 @@ class RunConfig:
                 raise RunConfigError(f"{name} must be a number >= 0; got {value!r}")
         if not isinstance(lambda_cyc, (int, float)) or lambda_cyc < 0:
             raise RunConfigError(f"lambda_cyc must be a number >= 0; got {lambda_cyc!r}")
+        if (isinstance(self.binary_mask, bool) or not isinstance(self.binary_mask, (int, float))
+                or not 0.0 <= self.binary_mask < 1.0):
+            raise RunConfigError(f"binary_mask must be a number in [0, 1) (0 = the soft mask); "
+                                 f"got {self.binary_mask!r}")
         for name in ("beta1", "beta2", "flip_p"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:

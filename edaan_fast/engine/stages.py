@@ -105,7 +105,8 @@ def build_objective(run: RunConfig) -> EDAANObjective:
         build_metric_loss(run.metric_loss, run.margin),
         LossWeights(gan=run.lambda_gan, cycle=run.lambda_cyc, attention=run.lambda_attn,
                     metric=run.lambda_metric, attention_tv=run.lambda_tv, id=run.lambda_id),
-        label_smoothing=run.label_smoothing, attention_consistency=run.attention_consistency)
+        label_smoothing=run.label_smoothing, attention_consistency=run.attention_consistency,
+        binary_mask=run.binary_mask)
 
 
 def run_model_config(run: RunConfig, num_ids: int) -> ModelConfig:

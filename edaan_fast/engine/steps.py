@@ -46,7 +46,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from edaan_fast.losses.adversarial import discriminator_input
 from edaan_fast.losses.identity import id_loss
 from edaan_fast.losses.objective import EDAANObjective
 from edaan_fast.models.blocks import set_requires_grad
@@ -235,10 +234,10 @@ class EDAANTrainStep:
         with self._autocast(device_type, dtype):
             d = objective.discriminator_losses(
                 model,
-                real_s=discriminator_input(x_s, mask_real_s, masked),
-                real_t=discriminator_input(x_t, mask_real_t, masked),
-                fake_st=discriminator_input(fake_st, mask_st, masked),
-                fake_ts=discriminator_input(fake_ts, mask_ts, masked),
+                real_s=objective.discriminator_view(x_s, mask_real_s, masked),
+                real_t=objective.discriminator_view(x_t, mask_real_t, masked),
+                fake_st=objective.discriminator_view(fake_st, mask_st, masked),
+                fake_ts=objective.discriminator_view(fake_ts, mask_ts, masked),
             )
         log.update(self._to_floats("discriminator", DISCRIMINATOR_TERMS,
                                    list(d.terms().values()), dtype))

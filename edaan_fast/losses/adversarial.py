@@ -9,7 +9,10 @@ Mao et al.'s LSGAN, as in CycleGAN (``gan_mode='lsgan'``): more stable, no satur
 Phase (§IV-B): for the first 30 epochs the discriminators see whole images; afterwards only the
 background ``(1 - A(x)) * x`` (:func:`discriminator_input` with ``masked=True``, computed by the
 fused ``mask_background``). The mask there is detached: it selects *where* the discriminator
-looks and must not become a way for the attention net to hide the image from it.
+looks and must not become a way for the attention net to hide the image from it. With a
+threshold ``τ > 0`` the mask is binarised first, as Mejjati et al. (NeurIPS 2018) do for their
+attention-masked discriminator (``τ = 0.1``): the discriminator sees, unscaled, every pixel the
+translation changes by more than ``τ`` (``1 - A > τ``) and nothing else.
 All losses are computed in float32 whatever the autocast dtype of the scores.
 """
 
@@ -35,7 +38,8 @@ def lsgan_discriminator_loss(pred_real: torch.Tensor, pred_fake: torch.Tensor) -
     return 0.5 * ((pred_real.float() - 1.0).pow(2).mean() + pred_fake.float().pow(2).mean())
 
 
-def discriminator_input(x: torch.Tensor, mask: torch.Tensor | None, masked: bool) -> torch.Tensor:
+def discriminator_input(x: torch.Tensor, mask: torch.Tensor | None, masked: bool,
+                        threshold: float = 0.0) -> torch.Tensor:
     """What a discriminator sees: ``x`` (first phase) or its background ``(1 - mask) * x``.
 
     Args:
@@ -43,7 +47,12 @@ def discriminator_input(x: torch.Tensor, mask: torch.Tensor | None, masked: bool
         mask: ``[N, 1, H, W]`` foreground map ``A(x)`` of the image's source (for a translation
             ``x_ST`` that is ``A_S(x_S)``), or ``None`` (no attention: always the whole image).
         masked: the phase flag ``masked_discriminator``.
+        threshold: ``τ``; ``0`` uses the soft map (the paper), ``τ > 0`` the binarised
+            background ``1 - A > τ`` (Mejjati et al.'s ``τ = 0.1``).
     """
     if not masked or mask is None:
         return x
-    return mask_background(x, mask.detach())
+    mask = mask.detach()
+    if threshold > 0:
+        mask = (mask >= 1.0 - threshold).to(mask.dtype)
+    return mask_background(x, mask)

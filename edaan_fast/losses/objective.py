@@ -102,13 +102,16 @@ class EDAANObjective(nn.Module):
         label_smoothing: of the identity loss (0 = plain eq. 8).
         attention_consistency: which side of eq. (5) learns (see
             :func:`~edaan_fast.losses.attention.attention_consistency_loss`).
+        binary_mask: ``τ`` of the masked discriminators' binarised mask (see
+            :func:`~edaan_fast.losses.adversarial.discriminator_input`); 0 = the soft mask.
     """
 
     def __init__(self, metric_loss: nn.Module | None = None,
                  weights: LossWeights | None = None, label_smoothing: float = 0.0,
-                 attention_consistency: str = "symmetric"):
+                 attention_consistency: str = "symmetric", binary_mask: float = 0.0):
         super().__init__()
         self.attention_consistency = attention_consistency
+        self.binary_mask = float(binary_mask)
         self.metric_loss = metric_loss
         self.weights = weights if weights is not None else LossWeights()
         self.label_smoothing = label_smoothing
@@ -133,8 +136,8 @@ class EDAANObjective(nn.Module):
             masked_discriminator: the phase flag (discriminators see backgrounds only).
         """
         zero = x_s.new_zeros((), dtype=torch.float32)
-        fake_st = discriminator_input(out.s2t.image, out.s2t.attention, masked_discriminator)
-        fake_ts = discriminator_input(out.t2s.image, out.t2s.attention, masked_discriminator)
+        fake_st = self.discriminator_view(out.s2t.image, out.s2t.attention, masked_discriminator)
+        fake_ts = self.discriminator_view(out.t2s.image, out.t2s.attention, masked_discriminator)
         gan_s2t = lsgan_generator_loss(model.discriminator_T(fake_st))
         gan_t2s = lsgan_generator_loss(model.discriminator_S(fake_ts))
         cyc = cycle_loss(x_s, out.rec_S, x_t, out.rec_T)
@@ -157,6 +160,11 @@ class EDAANObjective(nn.Module):
                 metric = self.metric_loss(out.reid.embedding.float(), both).float()
         total = self.weighted_total(gan_s2t, gan_t2s, cyc, attn, metric, ident, smooth)
         return GeneratorLosses(gan_s2t, gan_t2s, cyc, attn, smooth, metric, ident, total)
+
+    def discriminator_view(self, x: torch.Tensor, mask: torch.Tensor | None,
+                           masked: bool) -> torch.Tensor:
+        """What a discriminator sees of ``x`` in this phase (the objective's ``binary_mask``)."""
+        return discriminator_input(x, mask, masked, self.binary_mask)
 
     def discriminator_losses(self, model, real_s: torch.Tensor, real_t: torch.Tensor,
                              fake_st: torch.Tensor, fake_ts: torch.Tensor
