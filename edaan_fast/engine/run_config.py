@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from edaan_fast.data import ReIDDataset, build_dataset
+from edaan_fast.losses.attention import CONSISTENCY_MODES
 from edaan_fast.losses.metric import METRIC_LOSSES as METRIC_LOSS_REGISTRY
 
 __all__ = [
@@ -51,7 +52,7 @@ DATASET_CHOICES = ("market1501", "dukemtmcreid", "cuhk03", "prid2011", "syntheti
 METRIC_LOSSES = tuple(METRIC_LOSS_REGISTRY)  # the names of edaan_fast.losses.METRIC_LOSSES
 LOADERS = ("torch", "dali")
 AMP_DTYPES = ("auto", "bfloat16", "float16")
-ATTENTION_CONSISTENCY = ("symmetric", "real-target", "translated-target")
+ATTENTION_CONSISTENCY = CONSISTENCY_MODES
 
 #: The attention training of the paper as printed (``train --paper-attention``): the attention
 #: nets share the generators' learning rate, both sides of eq. (5) learn, no mask regulariser,

@@ -19,8 +19,10 @@ __all__ = ["CONSISTENCY_MODES", "attention_consistency_loss", "attention_smoothn
 
 #: How eq. (5)'s two sides learn: ``symmetric`` (as printed: both maps get gradients),
 #: ``real-target`` (the maps of the real images are fixed targets for the maps of the
-#: translations), ``translated-target`` (the other way round).
-CONSISTENCY_MODES = ("symmetric", "real-target", "translated-target")
+#: translations), ``translated-target`` (the other way round), ``source-teacher`` (``A_S``'s
+#: maps are the targets on both sides: ``A_T`` learns from ``A_S`` on ``x_ST`` and on the real
+#: target images through ``A_S(x_TS)``; ``A_S`` learns from the adversarial and cycle terms).
+CONSISTENCY_MODES = ("symmetric", "real-target", "translated-target", "source-teacher")
 
 
 def attention_consistency_loss(attn_s: torch.Tensor, attn_t_of_st: torch.Tensor,
@@ -42,6 +44,8 @@ def attention_consistency_loss(attn_s: torch.Tensor, attn_t_of_st: torch.Tensor,
         attn_s, attn_t = attn_s.detach(), attn_t.detach()
     elif mode == "translated-target":
         attn_t_of_st, attn_s_of_ts = attn_t_of_st.detach(), attn_s_of_ts.detach()
+    elif mode == "source-teacher":
+        attn_s, attn_s_of_ts = attn_s.detach(), attn_s_of_ts.detach()
     return (F.l1_loss(attn_t_of_st.float(), attn_s.float())
             + F.l1_loss(attn_s_of_ts.float(), attn_t.float()))
 
