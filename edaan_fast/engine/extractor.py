@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .evaluator import model_features
 
-__all__ = ["FeatureExtractor"]
+__all__ = ["FeatureExtractor", "device_of"]
 
 
-def _device(device: str | torch.device | None) -> torch.device:
+def device_of(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device (default: CUDA when present); ``ValueError`` for a name
+    that is no device or CUDA without CUDA."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -79,7 +81,7 @@ class FeatureExtractor:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = _device(device)
+        self.device = device_of(device)
         if not isinstance(checkpoint, dict):
             checkpoint = load_checkpoint(Path(checkpoint), kind="model")
         self.model = model_from_checkpoint(checkpoint)[0].to(self.device).eval()
