@@ -27,7 +27,7 @@ __all__ = ["IMAGE_FORMATS", "translated_complete", "translated_records", "transl
 
 #: File suffix -> Pillow format of the images a translation writes.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
-JPEG_QUALITY = 95
+JPEG_QUALITY = 95  # with full-resolution colour (4:4:4): small images, fine detail
 
 Translate = Callable[[torch.Tensor], tuple[torch.Tensor, "torch.Tensor | None"]]
 
@@ -51,7 +51,7 @@ def _save(array: np.ndarray, path: Path) -> None:
 
     fmt = IMAGE_FORMATS[path.suffix.lower()]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    extra = {"quality": JPEG_QUALITY} if fmt == "JPEG" else {}
+    extra = {"quality": JPEG_QUALITY, "subsampling": 0} if fmt == "JPEG" else {}
     Image.fromarray(array).save(tmp, format=fmt, **extra)
     os.replace(tmp, path)
 
