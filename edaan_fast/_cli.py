@@ -3,11 +3,12 @@ running a command so that bad inputs end as that one line on stderr with exit st
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["EXIT_ERROR", "input_errors", "one_line", "run_command"]
+__all__ = ["EXIT_ERROR", "input_errors", "one_line", "run_command", "setup_logging"]
 
 EXIT_ERROR = 2
 
@@ -55,3 +56,9 @@ def run_command(prog: str, call: Callable[[], object],
         sys.stderr.write(f"{prog}: error: {one_line(exc)}\n")
         return EXIT_ERROR
     return 0
+
+
+def setup_logging(quiet: bool) -> None:
+    """Log lines ``<logger>: message`` on stderr: INFO, or WARNING with ``quiet``."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(name)s: %(message)s", stream=sys.stderr)

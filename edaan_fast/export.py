@@ -22,11 +22,10 @@ does the work.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from edaan_fast._cli import run_command
+from edaan_fast._cli import run_command, setup_logging
 
 PROG = "python -m edaan_fast.export"
 ERRORS = (("edaan_fast.engine.translation", "TranslationError"),)
@@ -55,8 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0, or 2 for bad inputs)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(args.quiet)
     from edaan_fast.engine.export import ExportOptions, run_export
 
     values = {k: v for k, v in vars(args).items() if k != "quiet"}

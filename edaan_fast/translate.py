@@ -23,11 +23,10 @@ Bad inputs are reported as one line on stderr with exit code 2. This module only
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from edaan_fast._cli import run_command
+from edaan_fast._cli import run_command, setup_logging
 
 PROG = "python -m edaan_fast.translate"
 ERRORS = (("edaan_fast.engine.translation", "TranslationError"),
@@ -69,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0, or 2 for bad inputs)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(args.quiet)
     from edaan_fast.engine.translation import TranslateOptions, run_translation
 
     values = {k: v for k, v in vars(args).items() if k not in ("no_progress", "quiet")}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .translation import DIRECTIONS, TranslationError, load_translator
+from .translation import DIRECTIONS, TranslationError, check_choice, load_translator
 
 logger = logging.getLogger("edaan_fast.export")
 
@@ -106,12 +106,9 @@ def export_graph(graph: nn.Module, example: torch.Tensor, output: Path, fmt: str
 
 
 def _check(opts: ExportOptions) -> None:
-    if opts.what not in EXPORT_WHAT:
-        raise TranslationError(f"--what must be one of {', '.join(EXPORT_WHAT)}, got "
-                               f"{opts.what!r}")
-    if opts.format not in EXPORT_FORMATS:
-        raise TranslationError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got "
-                               f"{opts.format!r}")
+    check_choice("--what", opts.what, EXPORT_WHAT)
+    check_choice("--format", opts.format, EXPORT_FORMATS)
+    check_choice("--direction", opts.direction, DIRECTIONS)
     out = Path(opts.output)
     if out.is_dir():
         raise TranslationError(f"output {out} is a folder; expected a file path")

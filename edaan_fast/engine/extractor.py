@@ -27,18 +27,20 @@ from .evaluator import model_features
 __all__ = ["FeatureExtractor", "device_of"]
 
 
-def device_of(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch device (default: CUDA when present); ``ValueError`` for a name
-    that is no device or CUDA without CUDA."""
+def device_of(device: str | torch.device | None, flag: str = "device",
+              error: type[Exception] = ValueError) -> torch.device:
+    """``device`` as a torch device (default: CUDA when present); ``error`` (naming ``flag``)
+    for a name that is no device, or CUDA where there is none."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device {device!r} is not a device (expected cpu, cuda or cuda:N)"
-                         ) from None
+        raise error(f"{flag} {str(device)!r} is not a device (expected cpu, cuda or "
+                         "cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available; use device='cpu'")
+        raise error(f"{flag} {device}: CUDA is not available (torch {torch.__version__}); "
+                         "use cpu")
     return dev
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from .extractor import device_of
 from .run_dir import TRANSLATOR_NAME
 
 logger = logging.getLogger("edaan_fast.translate")
 
-__all__ = ["DIRECTIONS", "TranslateOptions", "TranslationError", "load_translator",
+__all__ = ["DIRECTIONS", "TranslateOptions", "TranslationError", "check_choice", "load_translator",
            "run_translation"]
 
 #: ``s2t``: eq. (1), ``G`` (source images in the target style); ``t2s``: eq. (2), ``F``.
@@ -90,13 +91,15 @@ class TranslateOptions:
     progress: bool = False
 
 
+def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise :class:`TranslationError` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise TranslationError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def _check(opts: TranslateOptions) -> None:
-    if opts.direction not in DIRECTIONS:
-        raise TranslationError(f"--direction must be one of {', '.join(DIRECTIONS)}, got "
-                               f"{opts.direction!r}")
-    if opts.splits not in SPLIT_CHOICES:
-        raise TranslationError(f"--splits must be one of {', '.join(SPLIT_CHOICES)}, got "
-                               f"{opts.splits!r}")
+    check_choice("--direction", opts.direction, DIRECTIONS)
+    check_choice("--splits", opts.splits, SPLIT_CHOICES)
     for flag, value, low in (("--batch-size", opts.batch_size, 1),
                              ("--num-workers", opts.num_workers, 0)):
         if value < low:
@@ -108,15 +111,6 @@ def _check(opts: TranslateOptions) -> None:
     if not existing.is_dir():
         raise TranslationError(f"--output-dir {out}: {existing} is a file; expected a folder "
                                "(it is created if missing)")
-
-
-def _device(spec: str | None) -> torch.device:
-    from .extractor import device_of
-
-    try:
-        return device_of(spec)
-    except ValueError as exc:
-        raise TranslationError(f"--device: {exc}") from None
 
 
 def _dataset(opts: TranslateOptions, run: dict):
@@ -202,7 +196,7 @@ def run_translation(opts: TranslateOptions) -> dict:
     from edaan_fast.data.translated import translation_of, write_translations
 
     _check(opts)
-    device = _device(opts.device)
+    device = device_of(opts.device, "--device", TranslationError)
     model, ckpt, translator = load_translator(opts.checkpoint, device)
     if opts.save_masks and not model.has_attention:
         raise TranslationError(f"--save-masks: {translator} is a model without attention, so "
