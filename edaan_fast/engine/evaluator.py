@@ -55,7 +55,8 @@ def model_features(model: nn.Module, x: torch.Tensor, *, amp: bool = False,
     """Test-time features ``[N, embedding_dim]`` (float32) of a preprocessed batch ``x`` on the
     model's device: ``embedding(pool(E_S(x)))``, under autocast (bfloat16 on CPU, float16 on
     CUDA) with ``amp``, averaged with the features of the mirrored images with ``flip``. The
-    one feature computation of evaluation and :class:`~edaan_fast.engine.extractor.FeatureExtractor`.
+    one feature computation of evaluation and
+    :class:`~edaan_fast.engine.extractor.FeatureExtractor`.
     """
     amp_dtype = torch.float16 if x.device.type == "cuda" else torch.bfloat16
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp):
