@@ -55,7 +55,7 @@ def _real_images(ckpt, n: int = 7):
 def _needs_onnx():
     """Skip without the ``export`` extra (onnx, onnxscript) and onnxruntime."""
     for module in ("onnx", "onnxscript", "onnxruntime"):
-        pytest.importorskip(module)
+        pytest.importorskip(module, exc_type=ImportError)
 
 
 def _export(ckpt, out, what, fmt, *flags):
@@ -148,14 +148,16 @@ def _two_stage(folder, variant="daan", stage=1, seed=0):
 
 def test_errors(ckpt, tmp_path, capsys, monkeypatch):
     out = tmp_path / "m.pt2"
-    assert "does not exist" in _error(capsys, ["--checkpoint", str(tmp_path / "no.pt"), str(out)])
+    ep = ["--format", "exported-program"]  # needs no extra
+    assert "does not exist" in _error(capsys, ["--checkpoint", str(tmp_path / "no.pt"), *ep,
+                                               str(out)])
     direct = _save(tmp_path / "direct.pt", None, variant="direct")
-    msg = _error(capsys, ["--checkpoint", str(direct), "--what", "translator", str(out)])
+    msg = _error(capsys, ["--checkpoint", str(direct), "--what", "translator", *ep, str(out)])
     assert "direct run, which trains a re-ID model only" in msg
     _export(ckpt, out, "reid", "exported-program")
     msg = _error(capsys, ["--checkpoint", str(ckpt), "--format", "exported-program", str(out)])
     assert "exists; pass --overwrite" in msg
-    msg = _error(capsys, ["--checkpoint", str(ckpt), str(tmp_path / "no" / "m.onnx")])
+    msg = _error(capsys, ["--checkpoint", str(ckpt), *ep, str(tmp_path / "no" / "m.pt2")])
     assert "does not exist" in msg and str(tmp_path / "no") in msg
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if the extra were not installed
     msg = _error(capsys, ["--checkpoint", str(ckpt), str(tmp_path / "m.onnx")])
@@ -180,7 +182,8 @@ def test_two_stage_checkpoint_uses_its_translator(tmp_path, capsys):
 
 def test_process_reports_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edaan_fast.export", "--checkpoint",
-                           str(tmp_path / "missing.pt"), str(tmp_path / "m.onnx")],
+                           str(tmp_path / "missing.pt"), "--format", "exported-program",
+                           str(tmp_path / "m.pt2")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
