@@ -2,6 +2,17 @@
 
 __version__ = "0.1.0"
 
+__all__ = ["FeatureExtractor", "build_info", "has_ops"]
+
+
+def __getattr__(name: str):
+    """``FeatureExtractor`` is imported on first use, so ``import edaan_fast`` stays light."""
+    if name == "FeatureExtractor":
+        from .engine.extractor import FeatureExtractor
+
+        return FeatureExtractor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def has_ops() -> bool:
     """True when the compiled fused operators are loaded and match the running torch."""

@@ -55,6 +55,9 @@ logger = logging.getLogger("edaan_fast.evaluate")
 
 PROG = "python -m edaan_fast.evaluate"
 EXIT_ERROR = 2
+#: Bad inputs of an evaluation besides the ones every command has (one line, exit 2).
+ERRORS = (("edaan_fast.metrics.features", "EvaluationError"),
+          ("edaan_fast.engine.evaluator", "FeatureMismatchError"))
 VARIANTS = tuple(VARIANT_NAMES)
 
 
@@ -163,38 +166,15 @@ def run(args: argparse.Namespace) -> dict:
     return run_evaluation(options_from_args(args))
 
 
-def _input_error_types() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean bad inputs (one line, exit 2). Only the modules already imported
-    can have raised theirs, so an early failure does not import the data or model code."""
-    types: list[type[BaseException]] = [EvaluationError]
-    for module, name in (("edaan_fast.data.base", "DatasetError"),
-                         ("edaan_fast.engine.checkpoint", "CheckpointError"),
-                         ("edaan_fast.engine.evaluator", "FeatureMismatchError"),
-                         ("edaan_fast.ops._library", "OpsNotAvailableError")):
-        mod = sys.modules.get(module)
-        if mod is not None:
-            types.append(getattr(mod, name))
-    return tuple(types)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0, or 2 for bad inputs)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(name)s: %(message)s", stream=sys.stderr)
     from edaan_fast._allocator import pin_malloc_thresholds
+    from edaan_fast._cli import run_command, setup_logging
 
+    setup_logging(args.quiet)
     pin_malloc_thresholds()  # large feature batches: no page faults on every allocation
-    try:
-        run(args)
-    except Exception as exc:
-        if not isinstance(exc, _input_error_types()):
-            raise
-        from edaan_fast._cli import one_line
-
-        sys.stderr.write(f"{PROG}: error: {one_line(exc)}\n")
-        return EXIT_ERROR
-    return 0
+    return run_command(PROG, lambda: run(args), ERRORS)
 
 
 if __name__ == "__main__":

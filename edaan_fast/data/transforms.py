@@ -5,6 +5,9 @@ pixels on every side and random-crop ``(H, W)`` (i.e. a random shift of up to +-
 black fill) -> scale to [0, 1] -> normalise with the ImageNet mean/std.
 Eval: resize -> scale -> normalise.
 
+:func:`image_tensor` is the one converter of a user's image (a file, a PIL image, a numpy
+array) into the uint8 ``[3, h, w]`` tensor these transforms take.
+
 This is the torchreid / fast-reid recipe, and what the EDAAN paper's re-ID module trains on at
 256 x 128. :mod:`edaan_fast.data.loaders` builds the DALI twin of the same steps.
 """
@@ -70,3 +73,37 @@ def decode_file(path: str) -> torch.Tensor:
     (Pillow rather than ``torchvision.io``, whose decoders are deprecated since 0.29.)
     """
     return torch.from_numpy(np.array(read_image(path))).permute(2, 0, 1)
+
+
+def image_tensor(image) -> torch.Tensor:
+    """One image as uint8 RGB ``[3, h, w]``, the input of :func:`build_transform`: a file path
+    (decoded as :func:`decode_file` does), a PIL image (converted to RGB), a numpy array
+    ``[h, w, 3]`` or ``[h, w]`` (grey) of uint8, or a uint8 tensor ``[3, h, w]``.
+
+    Raises:
+        ValueError: an array or tensor of another dtype or shape, or another kind of object.
+        DatasetError: a path that is missing or not a readable image.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        return decode_file(str(image))
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3
+                                                               and image.shape[2] == 3)):
+            raise ValueError(f"expected a uint8 numpy array [H, W, 3] (RGB) or [H, W] (grey), "
+                             f"got {image.dtype} {list(image.shape)}")
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a uint8 image tensor [3, H, W], got {image.dtype} "
+                             f"{list(image.shape)}")
+        return image.cpu()
+    raise ValueError(f"expected an image path, a PIL image, a uint8 numpy array [H, W, 3] or a "
+                     f"uint8 tensor [3, H, W], got {type(image).__name__}")

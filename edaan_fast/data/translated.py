@@ -1,7 +1,9 @@
-"""The translated source set of the two-stage variants (``daan``, ``cyclegan``): the labelled
-source images translated S -> T by a trained translator (eq. 1), written once as PNG files that
-the re-ID stage then reads like any other records. Owns the folder's layout
-(``<index:06d>.png`` in the order of the source records, a ``.complete.json`` marker).
+"""Translated image sets: the one writer of images translated by a trained translator
+(:func:`write_translations`, used by ``python -m edaan_fast.translate`` and the two-stage
+variants), and the translated source set of those variants (``daan``, ``cyclegan``): the
+labelled source images translated S -> T (eq. 1), written once as PNG files that the re-ID
+stage then reads like any other records. Owns that folder's layout (``<index:06d>.png`` in the
+order of the source records, a ``.complete.json`` marker).
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,10 +22,91 @@ from .base import Record
 from .loaders import build_loader
 from .transforms import to_unit_range
 
-__all__ = ["translated_complete", "translated_records", "write_translated_set"]
+__all__ = ["IMAGE_FORMATS", "translated_complete", "translated_records", "translation_of",
+           "write_translated_set", "write_translations"]
+
+#: File suffix -> Pillow format of the images a translation writes.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+JPEG_QUALITY = 95  # with full-resolution colour (4:4:4): small images, fine detail
+
+Translate = Callable[[torch.Tensor], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+def translation_of(model: nn.Module, direction: str = "s2t") -> Translate:
+    """``x -> (translation, attention map or None)`` of ``model`` (an
+    :class:`~edaan_fast.models.EDAAN`): eq. (1) for ``"s2t"``, eq. (2) for ``"t2s"``."""
+    mapping = {"s2t": model.s2t, "t2s": model.t2s}[direction]
+
+    def translate(x: torch.Tensor):
+        out = mapping(x)
+        return out.image, out.attention
+
+    return translate
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    """Write one image atomically (a temporary file renamed), so an interrupted run never
+    leaves a truncated file that a resumed run would take as done."""
+    from PIL import Image
+
+    fmt = IMAGE_FORMATS[path.suffix.lower()]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    extra = {"quality": JPEG_QUALITY, "subsampling": 0} if fmt == "JPEG" else {}
+    Image.fromarray(array).save(tmp, format=fmt, **extra)
+    os.replace(tmp, path)
+
+
+def _pending(destinations: Sequence[Path], masks: Sequence[Path] | None,
+             skip_existing: bool) -> list[int]:
+    if not skip_existing:
+        return list(range(len(destinations)))
+    return [i for i, d in enumerate(destinations)
+            if not d.is_file() or (masks is not None and not masks[i].is_file())]
 
 
 @torch.no_grad()
+def write_translations(translate: Translate, records: Sequence[Record],
+                       destinations: Sequence[Path], *, image_size: tuple[int, int],
+                       pixel_mean, pixel_std, masks: Sequence[Path] | None = None,
+                       device: torch.device | str = "cpu", amp: bool = False,
+                       batch_size: int = 64, num_workers: int = 0, loader: str = "torch",
+                       skip_existing: bool = False, progress: bool = False,
+                       desc: str = "translating") -> int:
+    """Translate ``records`` (evaluation preprocessing: resize to ``image_size``, normalise)
+    with ``translate`` (:func:`translation_of`) and write image ``i`` to ``destinations[i]``
+    (PNG or JPEG by its suffix; pixels in [0, 1] via ``pixel_mean``/``pixel_std``), its
+    attention map to ``masks[i]`` as an 8-bit PNG if given.
+
+    With ``skip_existing`` a record whose files all exist is not translated again (each file is
+    written under a temporary name and renamed, so an existing file is complete). ``amp`` runs
+    under autocast (bfloat16 on CPU, float16 on CUDA). Returns the number of images written.
+    """
+    device = torch.device(device)
+    todo = _pending(destinations, masks, skip_existing)
+    if not todo:
+        return 0
+    dl = build_loader([records[i] for i in todo], loader=loader, train=False,
+                      batch_size=batch_size, num_workers=num_workers, image_size=image_size)
+    batches = dl
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(dl, desc=desc, unit="batch", leave=False)
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    for batch in batches:
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            images, attention = translate(batch.images.to(device))
+        pixels = to_unit_range(images, pixel_mean, pixel_std)
+        pixels = pixels.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        if masks is not None:
+            maps = attention.float().clamp(0, 1).mul(255).round().to(torch.uint8)[:, 0]
+            maps = maps.cpu().numpy()
+        for k, j in enumerate(batch.index.tolist()):
+            _save(pixels[k], destinations[todo[j]])
+            if masks is not None:
+                _save(maps[k], masks[todo[j]])
+    return len(todo)
+
+
 def write_translated_set(model: nn.Module, records: Sequence[Record],
                          folder: str | os.PathLike, *, image_size: tuple[int, int],
                          device: torch.device | str = "cpu",
@@ -34,27 +118,18 @@ def write_translated_set(model: nn.Module, records: Sequence[Record],
     ``.complete.json`` marker; the returned records point at the PNGs and keep the source
     pids and cameras (``<index>.png`` in the order of ``records``).
     """
-    from PIL import Image
-
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     was_training = model.training
     model.eval()
-    dl = build_loader(records, loader=loader, train=False, batch_size=batch_size,
-                      num_workers=num_workers, image_size=image_size)
-    batches = dl
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(dl, desc="translating", unit="batch", leave=False)
-    for batch in batches:
-        x = batch.images.to(device)
-        images = to_unit_range(model.translate_s2t(x), model.config.pixel_mean,
-                               model.config.pixel_std)
-        pixels = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        for k, index in enumerate(batch.index.tolist()):
-            Image.fromarray(pixels[k]).save(tmp / f"{index:06d}.png")
+    write_translations(translation_of(model, "s2t"), records,
+                       [tmp / f"{i:06d}.png" for i in range(len(records))],
+                       image_size=image_size, pixel_mean=model.config.pixel_mean,
+                       pixel_std=model.config.pixel_std, device=device,
+                       batch_size=batch_size, num_workers=num_workers, loader=loader,
+                       progress=progress)
     model.train(was_training)
     (tmp / ".complete.json").write_text(json.dumps({"count": len(records)}) + "\n")
     shutil.rmtree(folder, ignore_errors=True)

@@ -35,6 +35,8 @@ _EXPORTS = {
     "extract_features": "evaluator", "extract_split_features": "evaluator",
     "EvaluateOptions": "evaluation", "run_evaluation": "evaluation",
     "Plan": "targets", "evaluate_target": "targets",
+    # features of a trained model from user code
+    "FeatureExtractor": "extractor",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -28,6 +28,7 @@ from edaan_fast.metrics.features import (
 from edaan_fast.metrics.protocols import format_table
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
+from .extractor import device_of
 from .figures import Compared, require_viz, write_figures
 from .report import DATASET_NAMES, method_name
 from .targets import Plan, TargetOptions, extract_plan, plan_target
@@ -163,20 +164,6 @@ def _check_output(flag: str, path: Path | None, folder: bool = False) -> None:
     if not parent.is_dir():
         raise EvaluationError(f"{flag} {path}: {parent} is a file, so nothing can be written "
                               "under it")
-
-
-def _device(spec: str | None) -> torch.device:
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise EvaluationError(f"--device {spec!r} is not a device (expected cpu, cuda or "
-                              "cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"--device {spec}: CUDA is not available (torch "
-                              f"{torch.__version__}); use --device cpu")
-    return dev
 
 
 def _check_expectations(path: Path, run: dict, opts: EvaluateOptions) -> None:
@@ -397,7 +384,8 @@ def run_evaluation(opts: EvaluateOptions) -> dict:
     ``--output`` JSON content)."""
     validate(opts)
     t_start = time.perf_counter()
-    device = _device(opts.device) if opts.checkpoint is not None else torch.device("cpu")
+    device = (device_of(opts.device, "--device", EvaluationError) if opts.checkpoint is not None
+              else torch.device("cpu"))
     scored = (_from_features(opts) if opts.features is not None
               else _from_checkpoint(opts, device))
     results, dist = _rank(opts, scored)

@@ -43,10 +43,28 @@ __all__ = [
     "evaluate_prid2011",
     "extract_features",
     "extract_split_features",
+    "model_features",
 ]
 
 if TYPE_CHECKING:  # the data package (torchvision) loads only when images are read
     from edaan_fast.data import Record, ReIDDataset
+
+@torch.no_grad()
+def model_features(model: nn.Module, x: torch.Tensor, *, amp: bool = False,
+                   flip: bool = False) -> torch.Tensor:
+    """Test-time features ``[N, embedding_dim]`` (float32) of a preprocessed batch ``x`` on the
+    model's device: ``embedding(pool(E_S(x)))``, under autocast (bfloat16 on CPU, float16 on
+    CUDA) with ``amp``, averaged with the features of the mirrored images with ``flip``. The
+    one feature computation of evaluation and
+    :class:`~edaan_fast.engine.extractor.FeatureExtractor`.
+    """
+    amp_dtype = torch.float16 if x.device.type == "cuda" else torch.bfloat16
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp):
+        f = model.extract_features(x).float()
+        if flip:
+            f = (f + model.extract_features(x.flip(-1)).float()) / 2
+    return f
+
 
 @torch.no_grad()
 def extract_features(model: nn.Module, records: Sequence[Record], *,
@@ -79,14 +97,9 @@ def extract_features(model: nn.Module, records: Sequence[Record], *,
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(dl, desc=desc, unit="batch", leave=False)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     for batch in batches:
         x = batch.images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            f = model.extract_features(x).float()
-            if flip:
-                f = (f + model.extract_features(x.flip(-1)).float()) / 2
-        feats.append(f.cpu())
+        feats.append(model_features(model, x, amp=amp, flip=flip).cpu())
         pids.append(batch.pids.cpu())
         camids.append(batch.camids.cpu())
         order.append(batch.index.cpu())
