@@ -56,6 +56,27 @@ def test_cycle_and_attention_terms_match_their_formulas():
     assert torch.allclose(attention_consistency_loss(a_s, a_t_st, a_t, a_s_ts), expected.float())
 
 
+@pytest.mark.parametrize("mode, learners", [
+    ("symmetric", {"a_s", "a_t_st", "a_t", "a_s_ts"}),
+    ("real-target", {"a_t_st", "a_s_ts"}),
+    ("translated-target", {"a_s", "a_t"}),
+    ("source-teacher", {"a_t_st", "a_t"}),
+])
+def test_attention_consistency_modes_route_gradients_to_the_learning_side(mode, learners):
+    maps = {k: rand(2, 1, 8, 4, seed=20 + i).float().sigmoid().requires_grad_()
+            for i, k in enumerate(("a_s", "a_t_st", "a_t", "a_s_ts"))}
+    loss = attention_consistency_loss(maps["a_s"], maps["a_t_st"], maps["a_t"], maps["a_s_ts"],
+                                      mode)
+    expected = ((maps["a_s"] - maps["a_t_st"]).abs().mean()
+                + (maps["a_t"] - maps["a_s_ts"]).abs().mean())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)  # the value never changes
+    loss.backward()
+    got = {k for k, v in maps.items() if v.grad is not None and v.grad.abs().sum() > 0}
+    assert got == learners
+    with pytest.raises(ValueError, match="mode must be one of"):
+        attention_consistency_loss(*maps.values(), mode="both")
+
+
 def test_id_loss_is_cross_entropy():
     logits, labels = rand(6, 5, seed=9), torch.tensor([0, 1, 4, 4, 2, 3])
     expected = -torch.log_softmax(logits, 1)[torch.arange(6), labels].mean()
