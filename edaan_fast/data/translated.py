@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edaan_fast._progress import progress_bar
+
 from .base import Record
 from .loaders import build_loader
 from .transforms import to_unit_range
@@ -44,10 +46,7 @@ def write_translated_set(model: nn.Module, records: Sequence[Record],
     model.eval()
     dl = build_loader(records, loader=loader, train=False, batch_size=batch_size,
                       num_workers=num_workers, image_size=image_size)
-    batches = dl
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(dl, desc="translating", unit="batch", leave=False)
+    batches = progress_bar(dl, enabled=progress, desc="translating", unit="batch", leave=False)
     for batch in batches:
         x = batch.images.to(device)
         images = to_unit_range(model.translate_s2t(x), model.config.pixel_mean,
