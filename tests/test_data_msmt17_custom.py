@@ -4,16 +4,25 @@ the registry, the command lines' choices and the evaluation plan that take them.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from edaan_fast.data import DATASETS, DatasetError, build_dataset
 from edaan_fast.engine import run_config
 from edaan_fast.engine.run_config import RunConfigError, source_dataset
 from edaan_fast.engine.targets import DATASETS as EVAL_DATASETS
 from edaan_fast.engine.targets import TargetOptions, plan_target
+from edaan_fast.evaluate import main as evaluate_main
+from edaan_fast.metrics.features import EvaluationError
+from tests.conftest import requires_ops
 from tests.test_data_readers import write_image
+from tests.test_evaluate_cli import ckpt, exported, synthetic_cache  # noqa: F401 (fixtures)
+from tests.test_trainer import MICRO_MODEL
 
 # (relative path, pid) per list file, as MSMT17 names them: <pid>/<pid>_<index>_<cam>_<time>_..
 MSMT_LISTS = {
@@ -123,10 +132,14 @@ def test_own_folder_errors(tmp_path):
     with pytest.raises(DatasetError, match="does not exist") as info:
         build_dataset("custom", tmp_path / "nowhere")
     assert "<pid>_<camid>" in str(info.value)
-    make_own(tmp_path, {"train": OWN_FILES["train"], "query": OWN_FILES["query"]})
-    with pytest.raises(DatasetError, match="contains query, gallery") as info:
+    write_image(tmp_path / "images" / "0001_0_000123.jpg")
+    with pytest.raises(DatasetError, match=r"holds none of train/, query/, gallery/; found "
+                                           r"entries \['images'\]") as info:
         build_dataset("custom", tmp_path)
     assert "or <root> = a .csv file" in str(info.value)
+    (tmp_path / "query").mkdir()
+    with pytest.raises(DatasetError, match=f"no images .* in {tmp_path / 'query'}"):
+        build_dataset("custom", tmp_path)
     make_own(tmp_path)
     write_image(tmp_path / "query" / "0001_c1s1_000451_03.jpg")  # Market's names: not ours
     with pytest.raises(DatasetError, match="cannot parse identity and camera from file name "
@@ -181,7 +194,7 @@ def test_own_csv_without_split_column_takes_the_first_folder(tmp_path):
                                     "'test'"),
     ("query/0102_0.jpg,2,1,query\nquery/missing.jpg,2,1,gallery\n",
      "of the images .* lists, 1 do not exist, e.g. .*missing.jpg"),
-    ("query/0102_0.jpg,2,1,query\n", "has no gallery images"),
+    ("query/0102_0.jpg,-1,1,query\n", "lists no images but junk"),
 ])
 def test_own_csv_errors(tmp_path, text, message):
     make_own(tmp_path)
@@ -219,3 +232,62 @@ def test_runs_and_evaluation_read_the_new_sets(tmp_path):
     with pytest.raises(RunConfigError, match="the source data set 'custom' under .* has no "
                                              "training images"):
         source_dataset({**run, "source": "custom", "source_root": str(tmp_path / "own")})
+    (tmp_path / "own" / "kept").rename(tmp_path / "own" / "train")
+    (tmp_path / "own" / "gallery").rename(tmp_path / "own" / "kept")
+    assert source_dataset({**run, "source": "custom", "source_root": str(tmp_path / "own")})
+    with pytest.raises(EvaluationError, match="data set custom has no gallery split"):
+        plan_target(TargetOptions(), run)
+
+
+def _synthetic_csv(path: Path, domain: str, splits) -> Path:
+    """A CSV of the embedded set's images of ``splits``, with their labels."""
+    ds = build_dataset("synthetic", root=None, domain=domain, preset="tiny", seed=0)
+    rows = [f"{r.path},{r.pid},{r.camid},{split}" for split in splits
+            for r in getattr(ds, split)]
+    return write_csv(path, "path,pid,camid,split\n" + "\n".join(rows) + "\n")
+
+
+@requires_ops
+def test_evaluate_cli_scores_an_own_csv_as_the_set_it_lists(exported, ckpt, tmp_path):
+    report, _ = exported  # the embedded target's scores
+    csv = _synthetic_csv(tmp_path / "own.csv", "target", ("query", "gallery"))
+    out = tmp_path / "own.json"
+    assert evaluate_main(["--checkpoint", str(ckpt), "--dataset", "custom", "--data-root",
+                          str(csv), "--output", str(out), "--num-workers", "0", "-q"]) == 0
+    own = json.loads(out.read_text())
+    assert (own["dataset"], own["protocol"]) == ("custom", "market")
+    assert (own["num_query"], own["num_gallery"]) == (100, 110)
+    for key, value in report["metrics"].items():
+        assert own["metrics"][key] == pytest.approx(value, abs=1e-7), key
+
+
+def _own_folder(root: Path, domain: str) -> Path:
+    """The embedded set's images linked into the folder convention, pid_camid_index.jpg."""
+    ds = build_dataset("synthetic", root=None, domain=domain, preset="tiny", seed=0)
+    for split in ("train", "query", "gallery"):
+        (root / split).mkdir(parents=True)
+        for i, r in enumerate(getattr(ds, split)):
+            (root / split / f"{r.pid}_{r.camid}_{i:05d}{Path(r.path).suffix}").symlink_to(r.path)
+    return root
+
+
+def test_train_cli_on_own_data(tmp_path, synthetic_cache):
+    csv = _synthetic_csv(tmp_path / "source.csv", "source", ("train",))
+    own = _own_folder(tmp_path / "target", "target")
+    config = tmp_path / "micro.yaml"
+    config.write_text(yaml.safe_dump({"model": MICRO_MODEL, "batch_size": 8, "epochs": 1,
+                                      "iters_per_epoch": 1, "eval_every": 0,
+                                      "progress": False}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "edaan_fast.train", "--config", str(config), "--source",
+         "custom", "--source-root", str(csv), "--target", "custom", "--target-root", str(own),
+         "--output-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    source, target = (build_dataset("synthetic", root=None, domain=d, preset="tiny", seed=0)
+                      for d in ("source", "target"))
+    assert (f"{len(source.train)} source images of {source.num_train_pids} identities, "
+            f"{len(target.train)} target images") in proc.stderr
+    assert (report["source"], report["target"]) == ("custom", "custom")
+    assert set(report["metrics"]) >= {"rank1", "mAP"}  # evaluated on the folder's query/gallery

@@ -14,9 +14,10 @@ A CSV file (``root`` = the ``.csv`` file)::
     /data/b.jpg,101,1,query              absolute); split is train, query or gallery.
 
 Without a ``split`` column a row's split is the first folder of its path (``train/``,
-``query/`` or ``gallery/``). ``train`` may be missing or empty when the set is only evaluated;
-training on it needs images there. Training pids are relabelled ``0..n-1``; query and gallery
-keep theirs, so one person must carry the same pid in both.
+``query/`` or ``gallery/``). A split may be absent: a set that is only evaluated needs query
+and gallery, a source set only train (a run refuses a set without training images, the
+evaluation one without query or gallery images). Training pids are relabelled ``0..n-1``;
+query and gallery keep theirs, so one person must carry the same pid in both.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .market_layout import read_split
 logger = logging.getLogger(__name__)
 
 CUSTOM_LAYOUT = """  <root>/train/0001_0_000123.jpg     <pid>_<camid>[_<anything>].jpg (camid 0-based;
-  <root>/query/0101_1_000007.jpg     pid -1 = junk, dropped); train/ may be absent
+  <root>/query/0101_1_000007.jpg     pid -1 = junk, dropped); a split may be absent
   <root>/gallery/0101_0_000042.jpg
 or <root> = a .csv file of rows path,pid,camid[,split] (split: train, query or gallery;
 without it, the first folder of each path)"""
@@ -43,11 +44,12 @@ COLUMNS = ("path", "pid", "camid", "split")
 
 
 def _from_folder(base: Path) -> dict[str, list[Record]]:
-    train = base / "train"
-    return {"train": read_split(train, NAME_PATTERN, CUSTOM_LAYOUT, first_camera=0)
-            if train.is_dir() else [],
-            **{s: read_split(base / s, NAME_PATTERN, CUSTOM_LAYOUT, first_camera=0)
-               for s in ("query", "gallery")}}
+    if not any((base / s).is_dir() for s in SPLITS):
+        present = sorted(p.name for p in base.iterdir())[:20]
+        raise DatasetError(f"custom: {base} holds none of {', '.join(s + '/' for s in SPLITS)}"
+                           f"; found entries {present}\nexpected layout:\n{CUSTOM_LAYOUT}")
+    return {s: read_split(base / s, NAME_PATTERN, CUSTOM_LAYOUT, first_camera=0)
+            if (base / s).is_dir() else [] for s in SPLITS}
 
 
 def _columns(first: list[str], where: str) -> tuple[dict[str, int], bool]:
@@ -123,14 +125,10 @@ def custom(root: str | Path) -> ReIDDataset:
                                f"a CSV file laid out as:\n{CUSTOM_LAYOUT}")
         base, splits = path.resolve(), _from_csv(path.resolve())
     else:
-        base = find_root(path, ("",), ("query", "gallery"), CUSTOM_LAYOUT)
+        base = find_root(path, ("",), (), CUSTOM_LAYOUT)
         splits = _from_folder(base)
-    for split in ("query", "gallery"):
-        if not splits[split]:
-            raise DatasetError(f"custom: {base} has no {split} images\nexpected layout:\n"
-                               f"{CUSTOM_LAYOUT}")
-    if not splits["train"]:
-        logger.info("custom: %s has no training images (enough to evaluate on)", base)
+    if not any(splits.values()):
+        raise DatasetError(f"custom: {base} lists no images but junk (pid -1)")
     dataset = ReIDDataset("custom", base, relabel(splits["train"]), splits["query"],
                           splits["gallery"])
     logger.info("loaded %r", dataset)
