@@ -20,7 +20,7 @@ from edaan_fast.engine.targets import TargetOptions, plan_target
 from edaan_fast.evaluate import main as evaluate_main
 from edaan_fast.metrics.features import EvaluationError
 from tests.conftest import requires_ops
-from tests.test_data_readers import write_image
+from tests.test_data_readers import make_market, write_image
 from tests.test_evaluate_cli import ckpt, exported, synthetic_cache  # noqa: F401 (fixtures)
 from tests.test_trainer import MICRO_MODEL
 
@@ -109,11 +109,8 @@ OWN_FILES = {
 }
 
 
-def make_own(root: Path, files=OWN_FILES) -> Path:
-    for i, (split, names) in enumerate(files.items()):
-        for j, name in enumerate(names):
-            write_image(root / split / name, seed=10 * i + j)
-    return root
+def make_own(root: Path) -> Path:
+    return make_market(root, OWN_FILES)  # split folder -> file names, one image each
 
 
 def test_own_folder_labels(tmp_path):
