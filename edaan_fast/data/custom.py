@@ -32,9 +32,9 @@ from .market_layout import read_split
 
 logger = logging.getLogger(__name__)
 
-CUSTOM_LAYOUT = """  <root>/train/0001_0_000123.jpg     <pid>_<camid>[_<anything>].jpg (camid 0-based;
-  <root>/query/0101_1_000007.jpg     pid -1 = junk, dropped); a split may be absent
-  <root>/gallery/0101_0_000042.jpg
+CUSTOM_LAYOUT = """  <root>/train/0001_0_000123.jpg     <pid>_<camid>[_<anything>].jpg
+  <root>/query/0101_1_000007.jpg     (camid 0-based; pid -1 = junk, dropped)
+  <root>/gallery/0101_0_000042.jpg   a split may be absent
 or <root> = a .csv file of rows path,pid,camid[,split] (split: train, query or gallery;
 without it, the first folder of each path)"""
 
@@ -123,7 +123,8 @@ def custom(root: str | Path) -> ReIDDataset:
         if path.suffix.lower() != ".csv":
             raise DatasetError(f"custom: {path} is a file but not a .csv; expected a folder or "
                                f"a CSV file laid out as:\n{CUSTOM_LAYOUT}")
-        base, splits = path.resolve(), _from_csv(path.resolve())
+        base = path.absolute()  # relative paths: from the folder the CSV is seen in
+        splits = _from_csv(base)
     else:
         base = find_root(path, ("",), (), CUSTOM_LAYOUT)
         splits = _from_folder(base)

@@ -32,7 +32,7 @@ from .base import DatasetError, Record, ReIDDataset, find_root, relabel, require
 
 logger = logging.getLogger(__name__)
 
-MSMT17_LAYOUT = """  <root>/MSMT17_V1/                  (or <root>/MSMT17_V2/, <root>/msmt17/MSMT17_V*/)
+MSMT17_LAYOUT = """  <root>/MSMT17_V1/          (or <root>/MSMT17_V2/, <root>/msmt17/MSMT17_V*/)
     list_train.txt  list_val.txt      "<path under train/> <pid>" per line
     list_query.txt  list_gallery.txt  "<path under test/> <pid>" per line
     train/0000/0000_000_01_0303morning_0015_0.jpg   <pid>_<index>_<camera>_<date+time>_...
