@@ -120,5 +120,5 @@ class BuildExtension(cpp_extension.BuildExtension):
 setup(
     ext_modules=[EXTENSION],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    package_data={PACKAGE: ["_build_info.json"]},
+    package_data={PACKAGE: ["_build_info.json", "py.typed"]},
 )

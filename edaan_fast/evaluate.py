@@ -147,7 +147,7 @@ def options_from_args(args: argparse.Namespace):
     from edaan_fast.engine.evaluation import EvaluateOptions
 
     values = {k: v for k, v in vars(args).items() if k not in ("no_progress", "quiet")}
-    progress = not (args.no_progress or args.quiet) and sys.stderr.isatty()
+    progress = not (args.no_progress or args.quiet)  # drawn on a terminal only (_progress)
     return EvaluateOptions(**values, progress=progress)
 
 

@@ -213,7 +213,8 @@ def _output_options(p: argparse.ArgumentParser, d, c) -> None:
                    help="start a fresh run in an --output-dir that holds one, deleting its "
                         "checkpoints and report (default: refuse)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                   help="show progress bars (default: on)")
+                   help="show progress bars when stderr is a terminal; a log gets one "
+                        "line per epoch either way (default: on)")
 
 
 def _setup_logging() -> None:

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from edaan_fast.engine.translation import TranslateOptions, run_translation
 
     values = {k: v for k, v in vars(args).items() if k not in ("no_progress", "quiet")}
-    progress = not (args.no_progress or args.quiet) and sys.stderr.isatty()
+    progress = not (args.no_progress or args.quiet)  # drawn on a terminal only (_progress)
     return run_command(PROG, lambda: run_translation(TranslateOptions(**values,
                                                                       progress=progress)), ERRORS)
 

@@ -146,6 +146,14 @@ def relabel(records: Sequence[Record]) -> list[Record]:
     return [Record(r.path, mapping[r.pid], r.camid) for r in records]
 
 
+def require_files(records: Sequence[Record], what: str) -> None:
+    """Raise :class:`DatasetError` when an image ``records`` name does not exist; ``what``
+    opens the message (e.g. ``"custom: of the 40 images data.csv lists,"``)."""
+    missing = [r.path for r in records if not os.path.isfile(r.path)]
+    if missing:
+        raise DatasetError(f"{what} {len(missing)} do not exist, e.g. {missing[0]}")
+
+
 def find_root(root: str | Path, candidates: Sequence[str], required: Sequence[str],
               layout: str) -> Path:
     """Return the first of ``root/<candidate>`` that holds every entry of ``required``.

@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edaan_fast._progress import progress_bar
+
 from .base import DatasetError, Record, ReIDDataset, find_root, relabel
 
 logger = logging.getLogger(__name__)
@@ -67,8 +69,6 @@ def _import_h5py():
 def _export_images(mat_path: Path, image_type: str, out_dir: Path) -> list:
     """Write every image of ``image_type`` as PNG; return ``[[pair, person, [names]], ...]``."""
     h5py = _import_h5py()
-    from tqdm.auto import tqdm
-
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = []
     try:
@@ -82,7 +82,7 @@ def _export_images(mat_path: Path, image_type: str, out_dir: Path) -> list:
                                f"(found {sorted(mat.keys())})\nexpected layout:\n{CUHK03_LAYOUT}")
         pairs = mat[image_type][0]
         total = sum(mat[ref].shape[-1] for ref in pairs)
-        with tqdm(total=total, desc=f"CUHK03 {image_type} -> PNG", unit="id") as bar:
+        with progress_bar(total=total, desc=f"CUHK03 {image_type} -> PNG", unit="id") as bar:
             for pair_index, pair_ref in enumerate(pairs):
                 cells = mat[pair_ref][:].T  # [n_persons, 10] object references
                 for person in range(cells.shape[0]):

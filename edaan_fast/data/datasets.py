@@ -1,5 +1,6 @@
 """The data set registry (``DATASETS``, ``build_dataset``) and the Market-1501 and
-DukeMTMC-reID readers; the folder layout they share is read by ``market_layout``.
+DukeMTMC-reID readers; the folder layout they share is read by ``market_layout``. The registry
+is the one list of data set names: the training and evaluation command lines offer its keys.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ def _prid2011(root, **kwargs):
     return prid2011(root, **kwargs)
 
 
+def _msmt17(root, **kwargs):
+    from .msmt17 import msmt17
+    return msmt17(root, **kwargs)
+
+
+def _custom(root, **kwargs):
+    from .custom import custom
+    return custom(root, **kwargs)
+
+
 def _synthetic(root=None, **kwargs):
     from .synthetic import synthetic
     return synthetic(root, **kwargs)
@@ -53,8 +64,13 @@ DATASETS: dict[str, Callable[..., ReIDDataset]] = {
     "dukemtmcreid": dukemtmcreid,
     "cuhk03": _cuhk03,
     "prid2011": _prid2011,
+    "msmt17": _msmt17,
+    "custom": _custom,
     "synthetic": _synthetic,
 }
+
+#: Readers whose root may be a file (``custom``: a CSV) rather than a folder.
+FILE_ROOTS = frozenset({"custom"})
 
 
 def build_dataset(name: str, root: str | Path | None = None, **kwargs) -> ReIDDataset:
@@ -62,11 +78,12 @@ def build_dataset(name: str, root: str | Path | None = None, **kwargs) -> ReIDDa
 
     Args:
         name: one of ``DATASETS`` (``market1501``, ``dukemtmcreid``, ``cuhk03``,
-            ``prid2011``, ``synthetic``).
-        root: the data set's folder (for ``synthetic``: the cache root, default
-            ``$EDAAN_FAST_DATA`` or ``~/.cache/edaan_fast``).
+            ``prid2011``, ``msmt17``, ``custom``, ``synthetic``).
+        root: the data set's folder (for ``custom`` also a CSV file; for ``synthetic``: the
+            cache root, default ``$EDAAN_FAST_DATA`` or ``~/.cache/edaan_fast``).
         **kwargs: reader options, e.g. ``split_id``/``protocol``/``image_type`` for CUHK03,
-            ``direction``/``seed`` for PRID2011, ``domain``/``preset``/``seed`` for synthetic.
+            ``direction``/``seed`` for PRID2011, ``with_val``/``version`` for MSMT17,
+            ``domain``/``preset``/``seed`` for synthetic.
     """
     try:
         reader = DATASETS[name]
@@ -76,7 +93,7 @@ def build_dataset(name: str, root: str | Path | None = None, **kwargs) -> ReIDDa
         ) from None
     if root is None and name != "synthetic":
         raise DatasetError(f"{name}: a root folder is required")
-    if root is not None:
+    if root is not None and name not in FILE_ROOTS:
         path = existing = Path(root).expanduser()
         while not existing.exists() and existing.parent != existing:
             existing = existing.parent

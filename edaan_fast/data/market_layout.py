@@ -39,7 +39,11 @@ MARKET_PATTERN = re.compile(r"^(-?\d+)_c(\d+)s(\d+)_(\d+)_(\d+)")
 DUKE_PATTERN = re.compile(r"^(-?\d+)_c(\d+)_f?(\d+)")
 
 
-def _read_split(folder: Path, pattern: re.Pattern, layout: str) -> list[Record]:
+def read_split(folder: Path, pattern: re.Pattern, layout: str,
+               first_camera: int = 1) -> list[Record]:
+    """The records of one folder of images named ``<pid>..<camera>..``: ``pattern``'s first
+    two groups; cameras counted from ``first_camera`` become 0-based camids; pid -1 (junk)
+    is dropped."""
     images = list_images(folder)
     if not images:
         raise DatasetError(f"no images (.jpg/.png) in {folder}\nexpected layout:\n{layout}")
@@ -54,12 +58,12 @@ def _read_split(folder: Path, pattern: re.Pattern, layout: str) -> list[Record]:
         pid, cam = int(match.group(1)), int(match.group(2))
         if pid == -1:
             continue  # junk box
-        if pid < -1 or cam < 1:
+        if pid < -1 or cam < first_camera:
             raise DatasetError(
                 f"bad labels in file name {path}: pid={pid} (expected >= -1), "
-                f"camera={cam} (expected >= 1)\nexpected layout:\n{layout}"
+                f"camera={cam} (expected >= {first_camera})\nexpected layout:\n{layout}"
             )
-        records.append(Record(str(path), pid, cam - 1))
+        records.append(Record(str(path), pid, cam - first_camera))
     if not records:
         raise DatasetError(f"every image in {folder} is junk (pid -1); nothing to use")
     return records
@@ -69,7 +73,7 @@ def read_market_layout(root: str | Path, name: str, candidates: tuple[str, ...],
                        pattern: re.Pattern, layout: str) -> ReIDDataset:
     """Read any data set stored in the Market-1501 folder layout."""
     base = find_root(root, candidates, tuple(SPLIT_DIRS.values()), layout)
-    splits = {k: _read_split(base / d, pattern, layout) for k, d in SPLIT_DIRS.items()}
+    splits = {k: read_split(base / d, pattern, layout) for k, d in SPLIT_DIRS.items()}
     dataset = ReIDDataset(name, base, relabel(splits["train"]), splits["query"],
                           splits["gallery"])
     logger.info("loaded %r", dataset)

@@ -52,6 +52,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edaan_fast._progress import progress_bar
+
 from .base import DatasetError, ReIDDataset, read_mask
 from .market_layout import MARKET_LAYOUT, MARKET_PATTERN, read_market_layout
 
@@ -515,8 +517,6 @@ def render(root: str | Path | None = None, preset: str | SyntheticPreset = "tiny
     renders (e.g. one per DDP rank) do not corrupt each other. ``workers`` processes render in
     parallel (default: one for ``tiny``, every CPU core otherwise); the bytes do not depend on it.
     """
-    from tqdm.auto import tqdm
-
     preset = resolve_preset(preset)
     if workers is None:
         workers = 1 if preset.name == "tiny" else (os.cpu_count() or 1)
@@ -535,8 +535,7 @@ def render(root: str | Path | None = None, preset: str | SyntheticPreset = "tiny
     logger.info("rendering synthetic preset %r (seed %d, %d images) into %s",
                 preset.name, seed, total, final)
     start = time.perf_counter()
-    with tqdm(total=total, desc=f"synthetic {preset.name}", unit="img",
-              disable=None) as bar:
+    with progress_bar(total=total, desc=f"synthetic {preset.name}", unit="img") as bar:
         counts = {dom: _render_domain(tmp / dom, dom, preset, seed, bar, workers)
                   for dom in DOMAINS}
     (tmp / MARKER).write_text(json.dumps({

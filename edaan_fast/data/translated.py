@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from edaan_fast._progress import progress_bar
+
 from .base import Record
 from .loaders import build_loader
 from .transforms import to_unit_range
@@ -87,10 +89,7 @@ def write_translations(translate: Translate, records: Sequence[Record],
         return 0
     dl = build_loader([records[i] for i in todo], loader=loader, train=False,
                       batch_size=batch_size, num_workers=num_workers, image_size=image_size)
-    batches = dl
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(dl, desc=desc, unit="batch", leave=False)
+    batches = progress_bar(dl, enabled=progress, desc=desc, unit="batch", leave=False)
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     for batch in batches:
         with torch.autocast(device.type, dtype=dtype, enabled=amp):

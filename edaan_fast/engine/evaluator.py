@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from edaan_fast._progress import progress_bar
 from edaan_fast.metrics.features import (  # noqa: F401  (re-exported: their former home)
     PROTOCOLS,
     FeatureMismatchError,
@@ -93,10 +94,7 @@ def extract_features(model: nn.Module, records: Sequence[Record], *,
                       device=None if loader == "torch" else ("gpu" if device.type == "cuda"
                                                              else "cpu"))
     feats, pids, camids, order = [], [], [], []
-    batches = dl
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(dl, desc=desc, unit="batch", leave=False)
+    batches = progress_bar(dl, enabled=progress, desc=desc, unit="batch", leave=False)
     for batch in batches:
         x = batch.images.to(device, non_blocking=True)
         feats.append(model_features(model, x, amp=amp, flip=flip).cpu())

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from edaan_fast._progress import progress_bar, progress_wanted
 from edaan_fast.data import build_loader
 from edaan_fast.data.transforms import to_unit_range
 from edaan_fast.metrics import AttentionQuality
@@ -177,12 +178,11 @@ class Progress(HookBase):
         self.sums: dict[str, float] = defaultdict(float)
         self.count, self.images, self.start = 0, 0, time.perf_counter()
         self.lr = trainer.optimizers[next(iter(trainer.optimizers))].param_groups[0]["lr"]
-        if trainer.run.progress and trainer.dist.is_main:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=trainer.iterations_per_epoch, initial=trainer.iteration,
-                            desc=f"epoch {trainer.epoch + 1}/{trainer.total_epochs} "
-                                 f"{trainer.stage.name}", unit="it", dynamic_ncols=True,
-                            leave=False)
+        if trainer.run.progress and trainer.dist.is_main and progress_wanted():
+            self.bar = progress_bar(total=trainer.iterations_per_epoch, initial=trainer.iteration,
+                                    desc=f"epoch {trainer.epoch + 1}/{trainer.total_epochs} "
+                                         f"{trainer.stage.name}", unit="it",
+                                    dynamic_ncols=True, leave=False)
 
     def after_iteration(self, trainer, log):
         self.count += 1

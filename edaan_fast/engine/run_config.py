@@ -48,7 +48,9 @@ __all__ = [
     "RESUMABLE_KEYS", "resume_config", "synthetic_preset", "target_dataset",
 ]
 
-DATASET_CHOICES = ("market1501", "dukemtmcreid", "cuhk03", "prid2011", "synthetic")
+#: The keys of :data:`edaan_fast.data.DATASETS` (a test holds them equal).
+DATASET_CHOICES = ("market1501", "dukemtmcreid", "cuhk03", "prid2011", "msmt17", "custom",
+                   "synthetic")
 METRIC_LOSSES = tuple(METRIC_LOSS_REGISTRY)  # the names of edaan_fast.losses.METRIC_LOSSES
 LOADERS = ("torch", "dali")
 AMP_DTYPES = ("auto", "bfloat16", "float16")
@@ -416,7 +418,11 @@ def _dataset(run: dict[str, Any], which: str) -> ReIDDataset:
     if root is None:
         raise RunConfigError(f"the {which} data set {name!r} needs a folder: pass --data-root "
                              f"(or --{which}-root)")
-    return build_dataset(name, root=root)
+    dataset = build_dataset(name, root=root)
+    if not dataset.train:
+        raise RunConfigError(f"the {which} data set {name!r} under {dataset.root} has no "
+                             "training images; a run trains on them")
+    return dataset
 
 
 def source_dataset(run: dict[str, Any]) -> ReIDDataset:

@@ -2,8 +2,9 @@
 query/gallery pairs of a data set are ranked, and under which protocol.
 
 :func:`protocol_of` is the only place that decides a data set's protocol (Market-1501,
-DukeMTMC-reID, the synthetic set and CUHK03's 767/700 split: ``market``; CUHK03's classic
-1,367/100 split: ``cuhk03`` single-gallery-shot; PRID2011: both directions, ``prid2011``).
+DukeMTMC-reID, MSMT17, a user's own set, the synthetic set and CUHK03's 767/700 split:
+``market``; CUHK03's classic 1,367/100 split: ``cuhk03`` single-gallery-shot; PRID2011: both
+directions, ``prid2011``).
 :func:`run_plan` is the plan of a training run's own target, :func:`plan_target` the plan the
 evaluation CLI resolves from its options (default: the run's target, as the run saw it), and
 :func:`evaluate_target` is what a run reports: float32 features of ``encoder_S + embedding``
@@ -29,8 +30,9 @@ if TYPE_CHECKING:
 __all__ = ["DATASETS", "Plan", "TargetOptions", "Task", "evaluate_target", "extract_plan",
            "plan_target", "protocol_of", "run_plan"]
 
-#: The data sets the evaluation knows.
-DATASETS = ("synthetic", "market1501", "dukemtmcreid", "cuhk03", "prid2011")
+#: The data sets the evaluation knows: the keys of :data:`edaan_fast.data.DATASETS`, named here
+#: so that the command line's choices need not import the data package (a test holds them equal).
+DATASETS = ("synthetic", "market1501", "dukemtmcreid", "cuhk03", "prid2011", "msmt17", "custom")
 
 
 @dataclass
@@ -163,7 +165,7 @@ def plan_target(options: TargetOptions, run: dict[str, Any]) -> Plan:
     root = _root(options, run, name)
     run_ds = target_dataset(run) if same_as_run and name in ("cuhk03", "prid2011") else None
     run_info = dict(run_ds.info) if run_ds is not None else {}
-    if name in ("market1501", "dukemtmcreid"):
+    if name not in ("cuhk03", "prid2011"):  # readers without evaluation options
         ds = build_dataset(name, root)
         return _plan(name, {"target": ds}, dict(ds.info))
     if name == "cuhk03":

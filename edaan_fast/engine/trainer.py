@@ -262,9 +262,11 @@ class Trainer:
             return None
         result = None
         if self.dist.is_main:
+            # a set without test images (one's own source set may have none): its training ones
+            held_out = {net: (ds.query + ds.gallery) or ds.train
+                        for net, ds in (("A_S", self.source), ("A_T", self.target))}
             q = evaluate_attention(
-                self.model, {"A_S": self.source.query + self.source.gallery,
-                             "A_T": self.target.query + self.target.gallery},
+                self.model, held_out,
                 image_size=tuple(self.run.image_size), device=self.device,
                 batch_size=self.run.eval_batch_size)
             result = {"epoch": self.epoch, **{k: v.to_dict() for k, v in q.items()}}
