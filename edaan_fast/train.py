@@ -168,6 +168,9 @@ def _attention_options(p: argparse.ArgumentParser, d, c) -> None:
     g.add_argument("--lambda-tv", type=float, help=_default(
         "weight of the attention maps' total variation (a mask regulariser; 0 = off)",
         d.lambda_tv))
+    g.add_argument("--attention-anneal", type=float, metavar="F", help=_default(
+        "decay the attention nets' learning rate linearly to 0 over the last fraction F of "
+        "the epochs before the phase switch (0 = off)", d.attention_anneal))
     g.add_argument("--binary-mask", type=float, metavar="TAU", help=_default(
         "after the phase switch the discriminators see the background 1 - A > TAU unscaled "
         "(Mejjati et al.'s binarised mask, 0.1); 0 = the soft (1 - A) * x of the paper",

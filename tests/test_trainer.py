@@ -117,6 +117,33 @@ def test_learning_rate_is_constant_then_decays_linearly_to_zero():
     assert sched.state_dict()["lr_lambdas"] == [{"epochs": 4, "constant_epochs": 2}]
 
 
+def test_attention_anneal_ramps_the_attention_group_to_zero_at_the_phase_switch():
+    from edaan_fast.engine.stages import AttentionAnneal, Stage, build_optimizers
+    from edaan_fast.models import build_model
+
+    f = AttentionAnneal(40, phase_epoch=12, anneal_epochs=6)
+    assert [f(e) for e in (0, 5)] == [1.0, 1.0]
+    assert [f(e) for e in range(6, 12)] == pytest.approx([6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7])
+    assert f(12) == 0.0 and f(30) == 0.0
+    run = RunConfig(attention_anneal=0.5).resolve()
+    model = build_model("tiny", num_ids=4)
+    optimizers, schedulers = build_optimizers(Stage("joint", run.epochs), model, run)
+    lrs = []
+    for _ in range(13):
+        lrs.append([g["lr"] for g in optimizers["G"].param_groups])
+        optimizers["G"].step()
+        schedulers["G"].step()
+    rest, attention = zip(*lrs)
+    assert rest == pytest.approx([run.lr] * 13)  # the rest follows LinearDecay (constant here)
+    assert attention[5] == pytest.approx(run.lr * run.attention_lr_scale)
+    assert attention[11] == pytest.approx(run.lr * run.attention_lr_scale / 7)
+    assert attention[12] == 0.0
+    plain = build_optimizers(Stage("joint", run.epochs), model, run.replace(attention_anneal=0.0))
+    assert type(plain[1]["G"].lr_lambdas[0]) is LinearDecay
+    with pytest.raises(RunConfigError, match="attention_anneal"):
+        RunConfig(attention_anneal=1.5).resolve()
+
+
 @pytest.mark.parametrize("epochs, expected", [(200, 30), (80, 12), (40, 6), (10, 2), (7, 1),
                                               (3, 1), (1, 1)])
 def test_phase_switch_scales_the_papers_30_of_200_epochs(epochs, expected):

@@ -187,6 +187,7 @@ class RunConfig:
     num_instances: int = 4
     lr: float = 2e-4
     attention_lr_scale: float = 10.0
+    attention_anneal: float = 0.0
     beta1: float = 0.5
     beta2: float = 0.999
     phase_epoch: int | None = None
@@ -321,7 +322,7 @@ class RunConfig:
             image_size=[int(v) for v in image_size], end_to_end=flags.end_to_end,
             translator=flags.translator, reid_data=flags.reid_data,
             lr=float(self.lr), amp=bool(self.amp), compile=bool(self.compile),
-            binary_mask=float(self.binary_mask),
+            binary_mask=float(self.binary_mask), attention_anneal=float(self.attention_anneal),
             reid_attention_grad=bool(self.reid_attention_grad),
             progress=bool(self.progress), model=dict(self.model),
         )
@@ -347,6 +348,11 @@ class RunConfig:
                 raise RunConfigError(f"{name} must be a number >= 0; got {value!r}")
         if not isinstance(lambda_cyc, (int, float)) or lambda_cyc < 0:
             raise RunConfigError(f"lambda_cyc must be a number >= 0; got {lambda_cyc!r}")
+        if (isinstance(self.attention_anneal, bool)
+                or not isinstance(self.attention_anneal, (int, float))
+                or not 0.0 <= self.attention_anneal <= 1.0):
+            raise RunConfigError(f"attention_anneal must be a number in [0, 1] (the fraction of "
+                                 f"the attention phase; 0 = off); got {self.attention_anneal!r}")
         if (isinstance(self.binary_mask, bool) or not isinstance(self.binary_mask, (int, float))
                 or not 0.0 <= self.binary_mask < 1.0):
             raise RunConfigError(f"binary_mask must be a number in [0, 1) (0 = the soft mask); "

@@ -73,6 +73,21 @@ class LinearDecay:
         return 1.0 - max(0, epoch + 1 - self.constant_epochs) / (decay_epochs + 1)
 
 
+class AttentionAnneal(LinearDecay):
+    """The attention nets' factor: :class:`LinearDecay`, times a linear ramp to 0 over the last
+    ``anneal_epochs`` epochs before the phase switch at ``phase_epoch`` (0-based epoch ``e`` in
+    the ramp: ``(phase_epoch - e) / (anneal_epochs + 1)``), so that the maps frozen at the
+    switch come from a settled net rather than a snapshot of a high-learning-rate walk."""
+
+    def __init__(self, epochs: int, phase_epoch: int, anneal_epochs: int):
+        super().__init__(epochs)
+        self.phase_epoch, self.anneal_epochs = int(phase_epoch), int(anneal_epochs)
+
+    def __call__(self, epoch: int) -> float:
+        ramp = (self.phase_epoch - epoch) / (self.anneal_epochs + 1)
+        return super().__call__(epoch) * min(1.0, max(0.0, ramp))
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of a variant: ``joint`` (EDAAN), ``translator`` or ``reid``."""
@@ -136,9 +151,9 @@ def new_model(config: ModelConfig, run: RunConfig, device: torch.device, salt: i
 def _generator_groups(model: EDAAN, run: RunConfig):
     """The generator optimiser's parameters: one group, or the attention nets in a group of
     their own when ``attention_lr_scale`` is not 1 (their learning rate is
-    ``lr * attention_lr_scale``)."""
+    ``lr * attention_lr_scale``) or their learning rate is annealed (``attention_anneal``)."""
     scale = run.attention_lr_scale
-    if scale == 1.0 or not model.has_attention:
+    if (scale == 1.0 and not run.attention_anneal) or not model.has_attention:
         return model.generator_parameters()
     nets = [p for net in model.attention_nets() for p in net.parameters()]
     attention = {id(p) for p in nets}
@@ -159,9 +174,19 @@ def build_optimizers(stage: Stage, model: EDAAN, run: RunConfig):
     else:
         optimizers = {"reid": adam(chain(model.encoder_S.parameters(),
                                          model.reid_head.parameters()))}
-    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, LinearDecay(stage.epochs))
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, _schedule(k, o, stage, run))
                   for k, o in optimizers.items()}
     return optimizers, schedulers
+
+
+def _schedule(name: str, optimizer: torch.optim.Optimizer, stage: Stage, run: RunConfig):
+    """:class:`LinearDecay`; with ``attention_anneal`` the attention group of ``G`` (the last)
+    follows :class:`AttentionAnneal` over the last fraction of the epochs before the switch."""
+    if name != "G" or not run.attention_anneal or len(optimizer.param_groups) < 2:
+        return LinearDecay(stage.epochs)
+    anneal = max(1, round(run.attention_anneal * run.phase_epoch))
+    return [LinearDecay(stage.epochs)] * (len(optimizer.param_groups) - 1) + [
+        AttentionAnneal(stage.epochs, run.phase_epoch, anneal)]
 
 
 def build_step(stage: Stage, model: EDAAN, objective: EDAANObjective, run: RunConfig,
