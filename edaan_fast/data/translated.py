@@ -43,7 +43,8 @@ def write_translated_set(model: nn.Module, records: Sequence[Record],
     was_training = model.training
     model.eval()
     dl = build_loader(records, loader=loader, train=False, batch_size=batch_size,
-                      num_workers=num_workers, image_size=image_size)
+                      num_workers=num_workers, image_size=image_size,
+                      device=None if loader == "torch" else device)
     batches = dl
     if progress:
         from tqdm.auto import tqdm

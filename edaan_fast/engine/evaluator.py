@@ -30,6 +30,8 @@ from edaan_fast.metrics.features import (  # noqa: F401  (re-exported: their for
 )
 from edaan_fast.metrics.protocols import ProtocolResult
 
+from .precision import resolve_precision
+
 __all__ = [
     "PROTOCOLS",
     "FeatureMismatchError",
@@ -61,7 +63,9 @@ def extract_features(model: nn.Module, records: Sequence[Record], *,
         records: the split (``dataset.query``, ``dataset.gallery``).
         image_size: ``(H, W)`` the model was trained at.
         loader: ``"torch"`` or ``"dali"``.
-        amp: run under autocast (bfloat16 on CPU, float16 on CUDA); features come back float32.
+        amp: run under autocast in the dtype of
+            :func:`~edaan_fast.engine.precision.resolve_precision` (bfloat16 on CPUs and on GPUs
+            of compute capability 8.0+, float16 on older GPUs); features come back float32.
         flip: average the features of each image and its horizontal mirror.
         progress: show a progress bar (labelled ``desc``).
     """
@@ -72,17 +76,16 @@ def extract_features(model: nn.Module, records: Sequence[Record], *,
     model.eval()
     dl = build_loader(records, loader=loader, train=False, batch_size=batch_size,
                       num_workers=num_workers, image_size=image_size,
-                      device=None if loader == "torch" else ("gpu" if device.type == "cuda"
-                                                             else "cpu"))
+                      device=None if loader == "torch" else device)
     feats, pids, camids, order = [], [], [], []
     batches = dl
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(dl, desc=desc, unit="batch", leave=False)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    amp_dtype = resolve_precision(amp, "auto", device)
     for batch in batches:
         x = batch.images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             f = model.extract_features(x).float()
             if flip:
                 f = (f + model.extract_features(x.flip(-1)).float()) / 2
