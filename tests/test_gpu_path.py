@@ -185,3 +185,13 @@ def test_require_cuda_turns_cuda_skips_into_failures():
 
 def test_collectives_outwait_rank_zeros_evaluation():
     assert distributed.COLLECTIVE_TIMEOUT.total_seconds() > 600  # NCCL's 10-minute default
+
+
+@pytest.mark.parametrize("arch, capability, runs", [
+    ("8.0;9.0", (8, 6), True), ("8.0;9.0", (7, 5), False), ("8.0;9.0", (10, 0), False),
+    ("8.0;9.0+PTX", (10, 0), True), ("8.0;9.0+PTX", (12, 0), True), ("7.5;8.0", (7, 5), True),
+    ("9.0+PTX", (8, 9), False)])
+def test_load_check_names_a_gpu_without_kernels(arch, capability, runs):
+    from edaan_fast.ops._library import _arch_serves
+
+    assert _arch_serves(arch, capability) is runs
