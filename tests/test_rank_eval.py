@@ -492,9 +492,13 @@ def test_tiles_keep_full_float32_when_reduced_precision_is_allowed(device, metri
         from edaan_fast.engine.precision import cpu_has_native_bf16
         if cpu_has_native_bf16():
             assert (plain.double() - exact).abs().max() > 1e-2
+    _assert_same_ranking(got, want)
+
+
+def _assert_same_ranking(got: RankMetrics, want: RankMetrics) -> None:
     np.testing.assert_array_equal(got.ap_per_query, want.ap_per_query)
     np.testing.assert_array_equal(got.cmc, want.cmc)
-    assert got.mAP == want.mAP
+    assert got.mAP == want.mAP and got.mINP == want.mINP
 
 
 # --- CUDA at the sizes of real runs ----------------------------------------------------------
@@ -507,9 +511,7 @@ def test_cuda_market_size_and_looping_blocks_equal_cpu_counts():
     dist, qp, gp, qc, gc = make_problem(rng, 3368, 15913, num_ids=750, levels=200)
     d = torch.as_tensor(dist, dtype=torch.float32)
     a = rank_metrics(d, qp, gp, qc, gc)
-    b = rank_metrics(d.cuda(), qp, gp, qc, gc)
-    np.testing.assert_array_equal(a.ap_per_query, b.ap_per_query)
-    np.testing.assert_array_equal(a.cmc, b.cmc)
+    _assert_same_ranking(rank_metrics(d.cuda(), qp, gp, qc, gc), a)
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     q = sm * 16 * 2 + 7  # max_blocks() = 16 per SM: every block walks >= 2 queries
     dist, qp, gp, qc, gc = make_problem(rng, q, 300, num_ids=20, levels=20)
@@ -535,10 +537,8 @@ def test_cuda_features_path_equals_cpu(dtype):
     qf, gf, qp, gp, qc, gc = _feature_problem(seed=8, num_q=500, num_g=5000, dim=2048)
     qf, gf = qf.round().to(dtype), gf.round().to(dtype)  # integer features: exact products
     a = rank_metrics_from_features(qf, gf, qp, gp, qc, gc, chunk=1024, query_chunk=128)
-    b = rank_metrics_from_features(qf.cuda(), gf.cuda(), qp, gp, qc, gc, chunk=1024,
-                                   query_chunk=128)
-    np.testing.assert_array_equal(a.ap_per_query, b.ap_per_query)
-    assert a.mAP == b.mAP
+    _assert_same_ranking(rank_metrics_from_features(qf.cuda(), gf.cuda(), qp, gp, qc, gc,
+                                                    chunk=1024, query_chunk=128), a)
 
 
 @requires_cuda
@@ -552,4 +552,4 @@ def test_cuda_ranking_on_a_side_stream_and_a_second_device():
         stream = torch.cuda.Stream(device=dev)
         with torch.cuda.stream(stream):
             got = rank_metrics(d.to(dev), qp, gp, qc, gc)
-        np.testing.assert_array_equal(got.ap_per_query, want.ap_per_query)
+        _assert_same_ranking(got, want)
