@@ -8,7 +8,8 @@ Environment switches:
     EDAAN_FAST_CPU_ONLY=1   never build the CUDA kernels
     CUDA_HOME               the CUDA toolkit (default: the one matching torch.version.cuda under
                             /usr/local, else nvcc on PATH)
-    TORCH_CUDA_ARCH_LIST    GPU architectures (default without a visible GPU: "8.0;9.0")
+    TORCH_CUDA_ARCH_LIST    GPU architectures (default without a visible GPU: "8.0;9.0+PTX";
+                            recorded in _build_info.json as "cuda_arch_list")
     MAX_JOBS                parallel compile jobs (ninja)
 """
 
@@ -88,7 +89,9 @@ def _extension():
     kwargs: dict = {"extra_link_args": ["-fopenmp"], "include_dirs": [str(ROOT / "csrc")]}
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            # sm_80 and sm_90 kernels, plus compute_90 PTX that the driver compiles for newer
+            # GPUs (Blackwell); a T4 (sm_75) needs TORCH_CUDA_ARCH_LIST="7.5;8.0;9.0+PTX"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
         cxx.append("-DEDAAN_FAST_WITH_CUDA")
         extra["nvcc"] = ["-O3", "-lineinfo", "-DEDAAN_FAST_WITH_CUDA", "--expt-relaxed-constexpr"]
@@ -111,6 +114,7 @@ class BuildExtension(cpp_extension.BuildExtension):
             "torch": torch.__version__.split("+")[0],
             "cuda": torch.version.cuda if WITH_CUDA else None,
             "with_cuda": WITH_CUDA,
+            "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if WITH_CUDA else None,
         }
         for target in {ROOT / PACKAGE, Path(self.build_lib) / PACKAGE}:
             if target.is_dir():

@@ -8,7 +8,8 @@ Cases (the ratio table at the end of the run takes ``reference float32`` as the 
 * ``reference float32``: ``use_reference_ops()`` -- eager ``mask*fg + (1-mask)*bg``, eager
   background masking and the eager batch-hard quartet loss; no autocast.
 * ``fused float32``: the fused ops, no autocast (what the ops alone bring).
-* ``fused amp``: the fused ops under autocast (bfloat16 on CPU, float16 + GradScaler on CUDA),
+* ``fused amp``: the fused ops under autocast (the dtype of ``resolve_precision``: bfloat16 on
+  CPU and on GPUs of compute capability 8.0+, float16 + GradScaler on older GPUs),
   what ``python -m edaan_fast.train --amp`` runs; skipped on a CPU without native bfloat16
   (AVX512-BF16/AMX), where the trainer runs ``--amp`` in float32.
 

@@ -107,6 +107,10 @@ TORCH_LIBRARY(edaan_fast, m) {
       "_rank_count_preceding(Tensor dist, Tensor q_pids, Tensor g_pids, Tensor pos_offsets, "
       "Tensor pos_dist, Tensor pos_gidx, int g_offset) -> Tensor");
 
+  // a [Q, D] @ b [G, D]^T with float32 products in full float32 whatever TF32 / bfloat16
+  // setting the process has for float32 GEMMs: the distance tiles of rank_metrics_from_features.
+  m.def("_distance_gemm(Tensor a, Tensor b) -> Tensor");
+
   // k-reciprocal re-ranking (Zhong et al., CVPR 2017), math in csrc/ops/reranking.h.
   // knn_lists: one tile of rows of the N-column score matrix (distances, or dot products of
   // features for metric "euclidean"/"cosine") -> per row the k smallest entries of the

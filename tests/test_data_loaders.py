@@ -177,3 +177,24 @@ def test_train_crop_is_a_padded_shift_of_the_eval_image(records, loader):
         assert match, "train image is not a padded shift of the eval image"
         shifts.append(match[0])
     assert len(set(shifts)) > 3  # and the shift is random
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="needs nvidia-dali")
+def test_dali_keeps_its_pipeline_across_epochs_stopped_early(records):
+    """The trainer stops each epoch after its iterations, before the loader is exhausted: the
+    pipeline is drained and reset (built once, nvJPEG initialised once), the next epoch resumes
+    at the first batch not delivered, and a full pass still sees every batch."""
+    from edaan_fast.data import RandomBatchSampler
+
+    sampler = RandomBatchSampler(len(records), 8, seed=3)
+    dl = build_loader(records, loader="dali", sampler=sampler, device="cpu", num_workers=1,
+                      image_size=(64, 32))
+    plan = [list(b) for b in RandomBatchSampler(len(records), 8, seed=3)]
+    it = iter(dl)
+    first = [next(it).index.tolist() for _ in range(2)]
+    it.close()  # stopped early, with batches prefetched
+    rest = [b.index.tolist() for b in dl]
+    assert first + rest == plan
+    assert dl._dali._builds == 1
+    dl.set_epoch(1)
+    assert sum(len(b) for b in dl) == len(plan) * 8 and dl._dali._builds == 1

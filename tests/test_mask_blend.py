@@ -218,7 +218,7 @@ def test_rejects_wrong_device(gen):
         torch.ops.edaan_fast.mask_blend(fg, fg, torch.rand(2, 1, 8, 8, device="meta"))
 
 
-@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_rejects_cpu_cuda_mix():
     fg = torch.randn(2, 3, 8, 8, device="cuda")
     with pytest.raises(RuntimeError, match=r"mask_blend: mask must be on the device of bg"):
@@ -254,3 +254,54 @@ def test_many_blocks_and_threads(device, layout, mask_channels, gen):
     torch.testing.assert_close(out.double(), ref_out, **TOL[torch.float32])
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r, atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["blend", "background"])
+def test_zero_channels_give_a_zero_mask_gradient(device, op):
+    """C == 0: no kernel runs; the mask gradient (a sum over no channels) is zeros, not
+    whatever the allocator held."""
+    for _ in range(3):  # reuse freed blocks that held non-zero values
+        torch.full((4096,), 7.0, device=device)
+    x = torch.randn(2, 0, 5, 6, device=device)
+    mask = torch.rand(2, 1, 5, 6, device=device)
+    grad = torch.randn(2, 0, 5, 6, device=device)
+    if op == "blend":
+        grads = torch.ops.edaan_fast._mask_blend_backward(grad, x, x, mask)
+    else:
+        grads = torch.ops.edaan_fast._mask_background_backward(grad, x, mask)
+    g_mask = grads[-1]
+    assert g_mask.shape == mask.shape and torch.equal(g_mask, torch.zeros_like(mask))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mask_channels", [1, 64])
+def test_cuda_beyond_one_grid_wave_channels_last_64(mask_channels, gen):
+    """More pixels than one wave of the grid (SMs x 32 blocks x 256 threads), C = 64 in
+    channels_last (the interleaved walk), against the CPU."""
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    h = (sm * 32 * 256) // (2 * 64) + 3  # pixels of 2 images > one wave
+    inputs = _inputs(2, 64, h, 64, torch.float32, "cpu", gen, "channels_last", mask_channels)
+    grad_out = _make((2, 64, h, 64), torch.float32, "cpu", gen, "channels_last")
+    out_c, grads_c = _grads(mask_blend, inputs, grad_out)
+    out_g, grads_g = _grads(mask_blend, [t.cuda() for t in inputs], grad_out.cuda())
+    torch.testing.assert_close(out_g.cpu(), out_c, atol=1e-6, rtol=1e-6)
+    for g, c in zip(grads_g, grads_c):
+        torch.testing.assert_close(g.cpu(), c, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_side_stream_and_bit_equal_backward(gen):
+    """On a non-default stream the op orders itself after the stream's work; two backward
+    passes give bit-equal gradients (no atomics)."""
+    inputs = [t.cuda() for t in _inputs(4, 3, 96, 48, torch.float32, "cpu", gen, "contiguous")]
+    grad_out = torch.randn(4, 3, 96, 48, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        first = _grads(mask_blend, inputs, grad_out)
+        second = _grads(mask_blend, inputs, grad_out)
+    stream.synchronize()
+    ref_out, _ = _grads(reference.mask_blend, [t.double() for t in inputs], grad_out.double())
+    torch.testing.assert_close(first[0].double(), ref_out, **TOL[torch.float32])
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)

@@ -337,8 +337,9 @@ def test_compile_fullgraph():
     assert torch.equal(compiled(d, qp, gp, off, pd, pg), f(d, qp, gp, off, pd, pg))
 
 
-def test_op_input_checks():
-    d, qp, gp, off, pd, pg = _op_inputs("cpu")
+def test_op_input_checks(device):
+    # every device checks pos_offsets: on CUDA bad offsets would read and write out of bounds
+    d, qp, gp, off, pd, pg = _op_inputs(device)
     count = torch.ops.edaan_fast._rank_count_preceding
     sort = torch.ops.edaan_fast._rank_sort_positives
     with pytest.raises(RuntimeError, match="_rank_count_preceding: dist must be a 2-D"):
@@ -438,3 +439,117 @@ def test_distributed_gallery_shards_equal_single_process():
         np.testing.assert_array_equal(ap, single.ap_per_query)
         np.testing.assert_array_equal(f_cmc, single.cmc)
         assert f_map == single.mAP
+
+
+# --- precision: half features, TF32 / bfloat16 GEMM settings ---------------------------------
+
+
+def _feature_problem(seed=3, num_q=60, num_g=700, dim=256):
+    rng = np.random.default_rng(seed)
+    qp, gp = rng.integers(0, 40, num_q), rng.integers(0, 40, num_g)
+    qc, gc = rng.integers(0, 3, num_q), rng.integers(0, 3, num_g)
+    centres = torch.randn(40, dim, generator=torch.Generator().manual_seed(seed)) * 4
+    qf = centres[qp] + torch.randn(num_q, dim, generator=torch.Generator().manual_seed(seed + 1))
+    gf = centres[gp] + torch.randn(num_g, dim, generator=torch.Generator().manual_seed(seed + 2))
+    return qf + 20, gf + 20, qp, gp, qc, gc  # an offset: |q|^2 + |g|^2 >> 2 q.g differences
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_features_are_ranked_in_float32(device, half):
+    qf, gf, qp, gp, qc, gc = _feature_problem()
+    qh, gh = qf.to(half), gf.to(half)
+    got = rank_metrics_from_features(qh.to(device), gh.to(device), qp, gp, qc, gc, chunk=128,
+                                     query_chunk=16)
+    want = rank_metrics_from_features(qh.float(), gh.float(), qp, gp, qc, gc)
+    np.testing.assert_array_equal(got.ap_per_query, want.ap_per_query)
+    assert got.mAP == want.mAP and np.isfinite(got.mAP)
+
+
+def _reduced_fp32_matmul(device_type: str):
+    """The backend setting torch.set_float32_matmul_precision("medium") switches on."""
+    backend = torch.backends.cuda.matmul if device_type == "cuda" else torch.backends.mkldnn.matmul
+    return backend, ("tf32" if device_type == "cuda" else "bf16")
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_tiles_keep_full_float32_when_reduced_precision_is_allowed(device, metric):
+    qf, gf, qp, gp, qc, gc = _feature_problem(seed=5)
+    qf, gf = qf.to(device), gf.to(device)
+    want = rank_metrics_from_features(qf, gf, qp, gp, qc, gc, metric=metric, chunk=256,
+                                      query_chunk=32)
+    backend, reduced = _reduced_fp32_matmul(torch.device(device).type)
+    before = backend.fp32_precision
+    backend.fp32_precision = reduced
+    try:
+        got = rank_metrics_from_features(qf, gf, qp, gp, qc, gc, metric=metric, chunk=256,
+                                         query_chunk=32)
+        # the plain GEMM in that precision is visibly off (so the setting is live here)
+        plain = qf[:8] @ gf[:64].T
+    finally:
+        backend.fp32_precision = before
+    exact = (qf[:8].double() @ gf[:64].double().T)
+    if torch.device(device).type == "cpu":
+        from edaan_fast.engine.precision import cpu_has_native_bf16
+        if cpu_has_native_bf16():
+            assert (plain.double() - exact).abs().max() > 1e-2
+    _assert_same_ranking(got, want)
+
+
+def _assert_same_ranking(got: RankMetrics, want: RankMetrics) -> None:
+    np.testing.assert_array_equal(got.ap_per_query, want.ap_per_query)
+    np.testing.assert_array_equal(got.cmc, want.cmc)
+    assert got.mAP == want.mAP and got.mINP == want.mINP
+
+
+# --- CUDA at the sizes of real runs ----------------------------------------------------------
+
+
+@requires_cuda
+def test_cuda_market_size_and_looping_blocks_equal_cpu_counts():
+    """Market-1501's 3,368 x 15,913 and, with Q above the grid's block count, blocks that loop."""
+    rng = np.random.default_rng(11)
+    dist, qp, gp, qc, gc = make_problem(rng, 3368, 15913, num_ids=750, levels=200)
+    d = torch.as_tensor(dist, dtype=torch.float32)
+    a = rank_metrics(d, qp, gp, qc, gc)
+    _assert_same_ranking(rank_metrics(d.cuda(), qp, gp, qc, gc), a)
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    q = sm * 16 * 2 + 7  # max_blocks() = 16 per SM: every block walks >= 2 queries
+    dist, qp, gp, qc, gc = make_problem(rng, q, 300, num_ids=20, levels=20)
+    d = torch.as_tensor(dist, dtype=torch.float32)
+    off, pd, pg = _positives_of(d, qp, gp, qc, gc)
+    counts = [torch.ops.edaan_fast._rank_count_preceding(
+        d.to(dev), torch.as_tensor(qp, device=dev), torch.as_tensor(gp, device=dev),
+        off.to(dev), pd.to(dev), pg.to(dev), 0).cpu() for dev in ("cpu", "cuda")]
+    assert torch.equal(counts[0], counts[1]) and counts[0].sum() > 0
+
+
+def _positives_of(d, qp, gp, qc, gc):
+    """CSR positives (same pid, another camera), sorted, for calling the count op directly."""
+    q_idx, g_idx = np.nonzero((qp[:, None] == gp[None, :]) & (qc[:, None] != gc[None, :]))
+    off = torch.as_tensor(np.concatenate([[0], np.cumsum(np.bincount(q_idx, minlength=len(qp)))]))
+    pd = d[torch.as_tensor(q_idx), torch.as_tensor(g_idx)]
+    return (off, *torch.ops.edaan_fast._rank_sort_positives(off, pd, torch.as_tensor(g_idx)))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_features_path_equals_cpu(dtype):
+    qf, gf, qp, gp, qc, gc = _feature_problem(seed=8, num_q=500, num_g=5000, dim=2048)
+    qf, gf = qf.round().to(dtype), gf.round().to(dtype)  # integer features: exact products
+    a = rank_metrics_from_features(qf, gf, qp, gp, qc, gc, chunk=1024, query_chunk=128)
+    _assert_same_ranking(rank_metrics_from_features(qf.cuda(), gf.cuda(), qp, gp, qc, gc,
+                                                    chunk=1024, query_chunk=128), a)
+
+
+@requires_cuda
+def test_cuda_ranking_on_a_side_stream_and_a_second_device():
+    rng = np.random.default_rng(12)
+    dist, qp, gp, qc, gc = make_problem(rng, 200, 2000, num_ids=50, levels=30)
+    d = torch.as_tensor(dist, dtype=torch.float32)
+    want = rank_metrics(d, qp, gp, qc, gc)
+    devices = ["cuda:0"] + (["cuda:1"] if torch.cuda.device_count() > 1 else [])
+    for dev in devices:
+        stream = torch.cuda.Stream(device=dev)
+        with torch.cuda.stream(stream):
+            got = rank_metrics(d.to(dev), qp, gp, qc, gc)
+        _assert_same_ranking(got, want)

@@ -180,13 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cpu(const at::Tens
                                                                   const at::Tensor& mask) {
   const BlendInputs in = prepare_blend_inputs(fg, bg, mask);
   const at::Tensor g = grad.contiguous(in.format);
-  const auto opts = in.bg.options().memory_format(in.format);
-  at::Tensor grad_fg = kHasFg ? at::empty(in.bg.sizes(), opts) : at::Tensor();
-  at::Tensor grad_bg = at::empty(in.bg.sizes(), opts);
-  at::Tensor grad_mask = at::empty(in.mask.sizes(), in.mask.options().memory_format(
-                                                        in.layout == BlendLayout::kElementwise
-                                                            ? in.format
-                                                            : at::MemoryFormat::Contiguous));
+  const BlendGrads grads = allocate_blend_grads(in, kHasFg);
+  at::Tensor grad_fg = grads.fg, grad_bg = grads.bg, grad_mask = grads.mask;
   if (grad_bg.numel() != 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, grad_bg.scalar_type(), "mask_blend_backward_cpu",

@@ -5,8 +5,9 @@
 // negative (second negative), turning Gram values into distances on the fly; no [B, B]
 // distance matrix and no autograd graph are built.
 // Backward: the embedding gradient is a sum over the (at most 3 per anchor) selected pairs. The
-// pair contributions are sorted by the row they land on (a counting sort, O(B)), so each thread
-// owns whole output rows: no atomics, no per-thread buffers, O(B * D) work.
+// pair contributions (metric_losses.h) are sorted by the row they land on (a counting sort,
+// O(B)), so each thread owns whole output rows: no atomics, no per-thread buffers, O(B * D)
+// work, and the same sums in the same order as the CUDA backward.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -28,7 +29,9 @@ using namespace metric_loss_math;
 // the GEMM work of one full at::mm; small problems take the single call.
 at::Tensor gram_matrix_cpu(const at::Tensor& x) {
   const int64_t B = x.size(0), Dim = x.size(1);
-  if (B < 128 || Dim < 256) return at::mm(x, x.t());
+  if (B < 128 || Dim < 256 || (x.scalar_type() == at::kFloat && cpu_fp32_matmul_reduced())) {
+    return full_fp32_mm_nt(x, x);  // full float32 even where oneDNN may use bfloat16 (common.h)
+  }
   const int64_t blocks = B >= 256 ? 4 : 2;
   const int64_t bs = (B + blocks - 1) / blocks;
   at::Tensor gram = at::empty({B, B}, x.options());
@@ -152,83 +155,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> metric_loss_forward_c
   return {loss, idx, pair_dist, coef};
 }
 
-// One pair contribution, sorted by the row it lands on.
-template <typename acc_t>
-struct RowTerm {
-  int64_t other;
-  acc_t beta;
-};
-
 template <typename acc_t>
 at::Tensor metric_loss_backward_rows(acc_t g, const at::Tensor& x, const at::Tensor& idx,
                                      const at::Tensor& pair_dist, const at::Tensor& coef,
                                      Metric metric) {
   const int64_t B = x.size(0), Dim = x.size(1);
   const acc_t* X = x.const_data_ptr<acc_t>();
-  const int64_t* I = idx.const_data_ptr<int64_t>();
-  const acc_t* PD = pair_dist.const_data_ptr<acc_t>();
-  const acc_t* C = coef.const_data_ptr<acc_t>();
 
-  // 1/max(|x_r|, eps) and |x_r| >= eps, for the cosine metric.
-  std::vector<acc_t> inv(metric == Metric::kCosine ? B : 0);
-  std::vector<char> norm_ok(metric == Metric::kCosine ? B : 0);
+  // |x_r|^2, for the cosine metric.
+  std::vector<acc_t> sq(metric == Metric::kCosine ? B : 0);
   if (metric == Metric::kCosine) {
     at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(Dim, 1)), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
-        acc_t sq = 0;
+        acc_t s = 0;
         const acc_t* xr = X + r * Dim;
-        for (int64_t d = 0; d < Dim; ++d) sq += xr[d] * xr[d];
-        inv[r] = inv_norm_from_sq(sq);
-        norm_ok[r] = std::sqrt(sq) >= static_cast<acc_t>(kNormEps);
+        for (int64_t d = 0; d < Dim; ++d) s += xr[d] * xr[d];
+        sq[r] = s;
       }
     });
   }
 
-  // Pair contributions, bucketed by target row (counting sort).
-  std::vector<acc_t> alpha(B, acc_t(0));
+  // The contributions (metric_losses.h), sorted stably by target row (counting sort, O(B)).
+  const int64_t E = 6 * B;
+  std::vector<RowContribution<acc_t>> contrib(static_cast<size_t>(E));
   std::vector<int64_t> start(B + 1, 0);
-  for (int64_t a = 0; a < B; ++a) {
-    for (int k = 0; k < 3; ++k) {
-      int64_t u, v;
-      pair_rows(I, a, k, u, v);
-      if (u < 0 || v < 0 || C[3 * a + k] == acc_t(0)) continue;
-      ++start[u + 1];
-      ++start[v + 1];
-    }
+  for (int64_t e = 0; e < E; ++e) {
+    contrib[e] = pair_contribution<acc_t>(idx.const_data_ptr<int64_t>(),
+                                          pair_dist.const_data_ptr<acc_t>(),
+                                          coef.const_data_ptr<acc_t>(), sq.data(), g, metric, e);
+    if (contrib[e].target >= 0) ++start[contrib[e].target + 1];
   }
   for (int64_t r = 0; r < B; ++r) start[r + 1] += start[r];
-  std::vector<RowTerm<acc_t>> terms(static_cast<size_t>(start[B]));
+  std::vector<int64_t> other(static_cast<size_t>(start[B]));
+  std::vector<acc_t> alpha(static_cast<size_t>(start[B])), beta(static_cast<size_t>(start[B]));
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t a = 0; a < B; ++a) {
-    for (int k = 0; k < 3; ++k) {
-      int64_t u, v;
-      pair_rows(I, a, k, u, v);
-      const acc_t c = C[3 * a + k];
-      if (u < 0 || v < 0 || c == acc_t(0)) continue;
-      const acc_t w = g * c, D = PD[3 * a + k];
-      acc_t al, be;
-      const bool cos = metric == Metric::kCosine;
-      pair_grad<acc_t>(metric, w, D, cos ? inv[u] : acc_t(0), cos && norm_ok[u], cos ? inv[v] : acc_t(0), al, be);
-      alpha[u] += al;
-      terms[fill[u]++] = RowTerm<acc_t>{v, be};
-      pair_grad<acc_t>(metric, w, D, cos ? inv[v] : acc_t(0), cos && norm_ok[v], cos ? inv[u] : acc_t(0), al, be);
-      alpha[v] += al;
-      terms[fill[v]++] = RowTerm<acc_t>{u, be};
-    }
+  for (const RowContribution<acc_t>& c : contrib) {
+    if (c.target < 0) continue;
+    const int64_t t = fill[c.target]++;
+    other[t] = c.other;
+    alpha[t] = c.alpha;
+    beta[t] = c.beta;
   }
 
-  // Each thread owns whole output rows: grad_r = alpha_r x_r + sum_k beta_k x_{o_k}.
+  // Each thread owns whole output rows; the loops compute row_grad_element for every d of the
+  // row, contribution by contribution (so the inner loop vectorises over d).
   at::Tensor gx = at::empty({B, Dim}, x.options());
   acc_t* out = gx.mutable_data_ptr<acc_t>();
   at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(Dim, 1)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       acc_t* o = out + r * Dim;
       const acc_t* xr = X + r * Dim;
-      const acc_t al = alpha[r];
+      const acc_t al = row_alpha<acc_t>(alpha.data(), start[r], start[r + 1]);
       for (int64_t d = 0; d < Dim; ++d) o[d] = al * xr[d];
       for (int64_t t = start[r]; t < start[r + 1]; ++t) {
-        const acc_t be = terms[t].beta;
-        const acc_t* xo = X + terms[t].other * Dim;
+        const acc_t be = beta[t];
+        const acc_t* xo = X + other[t] * Dim;
         for (int64_t d = 0; d < Dim; ++d) o[d] += be * xo[d];
       }
     }

@@ -138,11 +138,11 @@ at::Tensor rank_count_preceding_cpu(const at::Tensor& dist, const at::Tensor& q_
   const at::Tensor qp = q_pids.contiguous(), gp = g_pids.contiguous();
   const at::Tensor off = pos_offsets.contiguous(), pdist = pos_dist.contiguous(),
                    pg = pos_gidx.contiguous();
-  const int64_t Q = d.size(0), total = pdist.size(0);
+  const int64_t total = pdist.size(0);
+  check_rank_offsets("_rank_count_preceding", off, total);
   const int64_t* o = off.const_data_ptr<int64_t>();
-  check_rank_offsets("_rank_count_preceding", o, Q, total);
   at::Tensor counts = at::zeros({total}, pg.options());
-  if (total == 0 || Q == 0) return counts;
+  if (total == 0 || d.size(0) == 0) return counts;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(),
                                   "rank_count_preceding_cpu", [&] {
     count_rows<scalar_t>(d, qp.const_data_ptr<int64_t>(), gp.const_data_ptr<int64_t>(), o,
@@ -160,8 +160,8 @@ std::tuple<at::Tensor, at::Tensor> rank_sort_positives_cpu(const at::Tensor& pos
   const at::Tensor d_in = pos_dist.contiguous(), g_in = pos_gidx.contiguous();
   at::Tensor d = at::empty_like(d_in), g = at::empty_like(g_in);
   const int64_t Q = off.size(0) - 1, total = d.numel();
+  check_rank_offsets("_rank_sort_positives", off, total);
   const int64_t* o = off.const_data_ptr<int64_t>();
-  check_rank_offsets("_rank_sort_positives", o, Q, total);
   if (total == 0) return {d, g};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(),
                                   "rank_sort_positives_cpu", [&] {
@@ -182,9 +182,15 @@ std::tuple<at::Tensor, at::Tensor> rank_sort_positives_cpu(const at::Tensor& pos
   return {d, g};
 }
 
+at::Tensor distance_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_distance_gemm_inputs(a, b);
+  return full_fp32_mm_nt(a, b);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(edaan_fast, CPU, m) {
+  m.impl("_distance_gemm", &distance_gemm_cpu);
   m.impl("_rank_sort_positives", &rank_sort_positives_cpu);
   m.impl("_rank_count_preceding", &rank_count_preceding_cpu);
 }

@@ -6,7 +6,11 @@
 // into distances on the fly, and a shuffle reduction with the header's tie rules picks p and n;
 // the same warp then scans the row of n for the second negative m. Lane 0 writes the anchor's
 // term. The mean is taken with two small reductions on the stream (no host synchronisation).
-// Backward: one block per selected pair, atomics into a float/double gradient buffer.
+// The Gram matrix is taken in full float32 even where TF32 is allowed (at::NoTF32Guard).
+// Backward, deterministic (no atomics): one thread per pair contribution writes it out, a
+// stable sort groups them by the row they land on (keeping their order, as the CPU's counting
+// sort does), and one block per output row walks its contributions in that fixed order with
+// the threads over D: O(B log B + B * D), bit-identical from run to run.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -92,33 +96,38 @@ __global__ void inv_norm_kernel(acc_t* diag, int64_t B) {
   if (i < B) diag[i] = inv_norm_from_sq(diag[i]);
 }
 
-// One block per (anchor, pair): grad[u] += alpha_u x_u + beta_u x_v, and the same for v.
+// One thread per contribution e (metric_losses.h): target (B for an unused pair, so that they
+// sort last), other row, alpha and beta.
 template <typename acc_t>
-__global__ void loss_backward_kernel(const acc_t* __restrict__ grad, const acc_t* __restrict__ x,
-                                     const acc_t* __restrict__ sq, const int64_t* __restrict__ idx,
+__global__ void contributions_kernel(const acc_t* __restrict__ grad, const acc_t* __restrict__ sq,
+                                     const int64_t* __restrict__ idx,
                                      const acc_t* __restrict__ pair_dist,
-                                     const acc_t* __restrict__ coef, Metric metric, int64_t Dim,
-                                     acc_t* __restrict__ gx) {
-  const int64_t a = blockIdx.x / 3;
-  const int k = static_cast<int>(blockIdx.x % 3);
-  int64_t u, v;
-  pair_rows(idx, a, k, u, v);
-  const acc_t c = coef[3 * a + k];
-  if (u < 0 || v < 0 || c == acc_t(0)) return;
-  const acc_t w = grad[0] * c, D = pair_dist[3 * a + k];
-  const bool cos = metric == Metric::kCosine;
-  const acc_t eps = static_cast<acc_t>(kNormEps);
-  const acc_t inv_u = cos ? inv_norm_from_sq(sq[u]) : acc_t(0);
-  const acc_t inv_v = cos ? inv_norm_from_sq(sq[v]) : acc_t(0);
-  acc_t al_u, be_u, al_v, be_v;
-  pair_grad<acc_t>(metric, w, D, inv_u, cos && std::sqrt(sq[u]) >= eps, inv_v, al_u, be_u);
-  pair_grad<acc_t>(metric, w, D, inv_v, cos && std::sqrt(sq[v]) >= eps, inv_u, al_v, be_v);
-  const acc_t* xu = x + u * Dim;
-  const acc_t* xv = x + v * Dim;
-  for (int64_t d = threadIdx.x; d < Dim; d += blockDim.x) {
-    const acc_t a_u = xu[d], a_v = xv[d];
-    atomicAdd(gx + u * Dim + d, al_u * a_u + be_u * a_v);
-    atomicAdd(gx + v * Dim + d, al_v * a_v + be_v * a_u);
+                                     const acc_t* __restrict__ coef, Metric metric, int64_t B,
+                                     int64_t* __restrict__ target, int64_t* __restrict__ other,
+                                     acc_t* __restrict__ alpha, acc_t* __restrict__ beta) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= 6 * B) return;
+  const RowContribution<acc_t> c =
+      pair_contribution<acc_t>(idx, pair_dist, coef, sq, grad[0], metric, e);
+  target[e] = c.target < 0 ? B : c.target;
+  other[e] = c.other;
+  alpha[e] = c.alpha;
+  beta[e] = c.beta;
+}
+
+// One block per output row r (grid-stride), threads over D; contributions [start[r],
+// start[r + 1]) of the sorted arrays, walked in order.
+template <typename acc_t>
+__global__ void row_grad_kernel(const acc_t* __restrict__ x, const int64_t* __restrict__ start,
+                                const int64_t* __restrict__ other, const acc_t* __restrict__ alpha,
+                                const acc_t* __restrict__ beta, int64_t B, int64_t Dim,
+                                acc_t* __restrict__ gx) {
+  for (int64_t r = blockIdx.x; r < B; r += gridDim.x) {
+    const int64_t t0 = start[r], t1 = start[r + 1];
+    const acc_t al = row_alpha<acc_t>(alpha, t0, t1);
+    for (int64_t d = threadIdx.x; d < Dim; d += blockDim.x) {
+      gx[r * Dim + d] = row_grad_element<acc_t>(x, Dim, r, d, al, other, beta, t0, t1);
+    }
   }
 }
 
@@ -172,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> metric_loss_forward_c
   at::Tensor pair_dist = at::zeros({B, 3}, opts);
   at::Tensor coef = at::zeros({B, 3}, opts);
   if (B > 0) {
-    const at::Tensor gram = at::mm(x, x.t());
+    const at::Tensor gram = full_fp32_mm_nt(x, x);
     at::Tensor diag = gram.diagonal().contiguous();
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(acc, "metric_loss_forward_cuda", [&] {
@@ -215,17 +224,40 @@ at::Tensor metric_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& e
   const at::Tensor pair_dist = pair_dist_in.to(acc).contiguous();
   const at::Tensor coef = coef_in.to(acc).contiguous();
   const at::Tensor g = grad.to(acc).reshape({1}).contiguous();
-  at::Tensor gx = at::zeros(x.sizes(), x.options());
   const int64_t B = x.size(0), Dim = x.size(1);
+  at::Tensor gx = at::empty({B, Dim}, x.options());
   if (gx.numel() == 0) return gx.to(emb.scalar_type());
   const at::Tensor sq = metric == Metric::kCosine ? x.mul(x).sum(1) : x.new_empty({0});
+  const int64_t E = 6 * B;
+  at::Tensor target = at::empty({E}, idx.options());
+  at::Tensor other = at::empty({E}, idx.options());
+  at::Tensor alpha = at::empty({E}, x.options()), beta = at::empty({E}, x.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(acc, "metric_loss_backward_cuda", [&] {
-    loss_backward_kernel<scalar_t><<<static_cast<unsigned>(3 * B), kPairThreads, 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+  AT_DISPATCH_FLOATING_TYPES(acc, "metric_loss_contributions_cuda", [&] {
+    contributions_kernel<scalar_t><<<static_cast<unsigned>((E + kPairThreads - 1) / kPairThreads),
+                                     kPairThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(),
         metric == Metric::kCosine ? sq.const_data_ptr<scalar_t>() : nullptr,
         idx.const_data_ptr<int64_t>(), pair_dist.const_data_ptr<scalar_t>(),
-        coef.const_data_ptr<scalar_t>(), metric, Dim, gx.mutable_data_ptr<scalar_t>());
+        coef.const_data_ptr<scalar_t>(), metric, B, target.mutable_data_ptr<int64_t>(),
+        other.mutable_data_ptr<int64_t>(), alpha.mutable_data_ptr<scalar_t>(),
+        beta.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // Stable: each row keeps its contributions in the order of e (deterministic, as on the CPU).
+  const auto sorted = at::sort(target, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor& order = std::get<1>(sorted);
+  const at::Tensor start =
+      at::searchsorted(std::get<0>(sorted), at::arange(B + 1, target.options()));
+  const at::Tensor other_s = other.index_select(0, order);
+  const at::Tensor alpha_s = alpha.index_select(0, order), beta_s = beta.index_select(0, order);
+  const int64_t blocks = std::min<int64_t>(
+      B, static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32);
+  AT_DISPATCH_FLOATING_TYPES(acc, "metric_loss_backward_cuda", [&] {
+    row_grad_kernel<scalar_t><<<static_cast<unsigned>(blocks), kPairThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), start.const_data_ptr<int64_t>(),
+        other_s.const_data_ptr<int64_t>(), alpha_s.const_data_ptr<scalar_t>(),
+        beta_s.const_data_ptr<scalar_t>(), B, Dim, gx.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return gx.to(emb.scalar_type());

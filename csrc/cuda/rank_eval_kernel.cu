@@ -6,6 +6,7 @@
 // items that may precede a positive; thread 0 turns the bins into counts with a prefix sum. A
 // query with more than kSharedPositives positives reads them from global memory and bins
 // straight into its (zeroed) counts with global atomics. Sorting: one thread per query.
+// pos_offsets is checked on the host before either kernel reads it.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -107,6 +108,7 @@ at::Tensor rank_count_preceding_cuda(const at::Tensor& dist, const at::Tensor& q
                                      int64_t g_offset) {
   check_rank_count_inputs(dist, q_pids, g_pids, pos_offsets, pos_dist, pos_gidx, g_offset);
   const c10::cuda::CUDAGuard guard(dist.device());
+  check_rank_offsets("_rank_count_preceding", pos_offsets, pos_dist.size(0));
   const at::Tensor d = dist.stride(1) == 1 || dist.size(1) <= 1 ? dist : dist.contiguous();
   const at::Tensor qp = q_pids.contiguous(), gp = g_pids.contiguous();
   const at::Tensor off = pos_offsets.contiguous(), pdist = pos_dist.contiguous(),
@@ -133,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor> rank_sort_positives_cuda(const at::Tensor& po
                                                             const at::Tensor& pos_gidx) {
   check_rank_sort_inputs(pos_offsets, pos_dist, pos_gidx);
   const c10::cuda::CUDAGuard guard(pos_dist.device());
+  check_rank_offsets("_rank_sort_positives", pos_offsets, pos_dist.size(0));
   const at::Tensor off = pos_offsets.contiguous();
   at::Tensor d = pos_dist.clone(at::MemoryFormat::Contiguous);
   at::Tensor g = pos_gidx.clone(at::MemoryFormat::Contiguous);
@@ -151,9 +154,16 @@ std::tuple<at::Tensor, at::Tensor> rank_sort_positives_cuda(const at::Tensor& po
   return {d, g};
 }
 
+at::Tensor distance_gemm_cuda(const at::Tensor& a, const at::Tensor& b) {
+  check_distance_gemm_inputs(a, b);
+  const c10::cuda::CUDAGuard guard(a.device());
+  return full_fp32_mm_nt(a, b);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(edaan_fast, CUDA, m) {
+  m.impl("_distance_gemm", &distance_gemm_cuda);
   m.impl("_rank_sort_positives", &rank_sort_positives_cuda);
   m.impl("_rank_count_preceding", &rank_count_preceding_cuda);
 }

@@ -149,4 +149,24 @@ inline BlendInputs prepare_blend_inputs(const at::Tensor& fg, const at::Tensor& 
   return in;
 }
 
+// The backward's outputs, allocated once for both backends: grad_fg (undefined without fg),
+// grad_bg in the inputs' memory format, grad_mask in the mask's. With nothing to walk (C == 0
+// or an empty batch) the kernels do not run and the mask gradient, a sum over zero channels,
+// is zeros.
+struct BlendGrads {
+  at::Tensor fg, bg, mask;
+};
+
+inline BlendGrads allocate_blend_grads(const BlendInputs& in, bool has_fg) {
+  const auto opts = in.bg.options().memory_format(in.format);
+  BlendGrads g;
+  if (has_fg) g.fg = at::empty(in.bg.sizes(), opts);
+  g.bg = at::empty(in.bg.sizes(), opts);
+  const auto mask_opts = in.mask.options().memory_format(
+      in.layout == BlendLayout::kElementwise ? in.format : at::MemoryFormat::Contiguous);
+  g.mask = g.bg.numel() == 0 ? at::zeros(in.mask.sizes(), mask_opts)
+                             : at::empty(in.mask.sizes(), mask_opts);
+  return g;
+}
+
 }  // namespace edaan_fast

@@ -312,6 +312,63 @@ C10_HOST_DEVICE inline void pair_rows(const int64_t* idx, int64_t a, int k, int6
   v = k == 0 ? idx[3 * a + 0] : idx[3 * a + 1];
 }
 
+// ---- the backward, written once: contributions sorted by the row they land on --------------
+//
+// The embedding gradient is a sum of at most 6 B contributions, numbered
+// e = (3 a + k) * 2 + side: pair k of anchor a adds alpha * x_target + beta * x_other to row
+// `target` (side 0: target u, other v; side 1: target v, other u). Both backends sort the
+// contributions stably by target (so each row keeps the order of e) and then walk each output
+// row's contributions in that fixed order: no atomics, the same sums in the same order on every
+// run (bit-identical gradients, as torch.use_deterministic_algorithms asks).
+
+template <typename acc_t>
+struct RowContribution {
+  int64_t target;  // the row it lands on; -1 when the pair is unused
+  int64_t other;
+  acc_t alpha, beta;
+};
+
+// Contribution e (see above). sq: |x_r|^2 per row (cosine only; may be null for euclidean).
+template <typename acc_t>
+C10_HOST_DEVICE inline RowContribution<acc_t> pair_contribution(
+    const int64_t* idx, const acc_t* pair_dist, const acc_t* coef, const acc_t* sq, acc_t g,
+    Metric metric, int64_t e) {
+  const int64_t pair = e / 2, a = pair / 3;
+  const int k = static_cast<int>(pair % 3), side = static_cast<int>(e % 2);
+  int64_t u, v;
+  pair_rows(idx, a, k, u, v);
+  const acc_t c = coef[pair];
+  RowContribution<acc_t> out{-1, -1, acc_t(0), acc_t(0)};
+  if (u < 0 || v < 0 || c == acc_t(0)) return out;
+  const int64_t r = side == 0 ? u : v, o = side == 0 ? v : u;
+  const bool cos = metric == Metric::kCosine;
+  const acc_t inv_r = cos ? inv_norm_from_sq(sq[r]) : acc_t(0);
+  const acc_t inv_o = cos ? inv_norm_from_sq(sq[o]) : acc_t(0);
+  const bool ok_r = cos && std::sqrt(sq[r]) >= static_cast<acc_t>(kNormEps);
+  pair_grad<acc_t>(metric, g * c, pair_dist[pair], inv_r, ok_r, inv_o, out.alpha, out.beta);
+  out.target = r;
+  out.other = o;
+  return out;
+}
+
+// The summed alpha of one row's contributions [begin, end), in their order.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t row_alpha(const acc_t* alpha, int64_t begin, int64_t end) {
+  acc_t al = acc_t(0);
+  for (int64_t t = begin; t < end; ++t) al += alpha[t];
+  return al;
+}
+
+// Element d of output row r: alpha_r x_r[d] + sum_t beta_t x_{other_t}[d], t in order.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t row_grad_element(const acc_t* x, int64_t Dim, int64_t r, int64_t d,
+                                              acc_t alpha_r, const int64_t* other,
+                                              const acc_t* beta, int64_t begin, int64_t end) {
+  acc_t o = alpha_r * x[r * Dim + d];
+  for (int64_t t = begin; t < end; ++t) o += beta[t] * x[other[t] * Dim + d];
+  return o;
+}
+
 }  // namespace metric_loss_math
 
 // ---- host-side checks and helpers shared by both backends --------------------------------------

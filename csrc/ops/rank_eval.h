@@ -126,6 +126,28 @@ inline void check_rank_offsets(const char* op, const int64_t* o, int64_t num_q, 
   }
 }
 
+// The same check for pos_offsets on any device: a CUDA tensor is copied to the host first (a
+// few KB and one synchronisation per call), so bad offsets raise instead of sending the kernels
+// out of bounds.
+inline void check_rank_offsets(const char* op, const at::Tensor& pos_offsets, int64_t total) {
+  const at::Tensor host = pos_offsets.to(at::kCPU).contiguous();
+  check_rank_offsets(op, host.const_data_ptr<int64_t>(), host.size(0) - 1, total);
+}
+
+// The input check of _distance_gemm (both backends): a [Q, D] and b [G, D] floating point,
+// same dtype and device.
+inline void check_distance_gemm_inputs(const at::Tensor& a, const at::Tensor& b) {
+  constexpr const char* op = "_distance_gemm";
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), op,
+              ": a and b must be 2-D [num, dim] with the same dim, got ", shape_str(a.sizes()),
+              " and ", shape_str(b.sizes()));
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()) && a.scalar_type() == b.scalar_type(), op,
+              ": a and b must have the same floating point dtype, got ", a.scalar_type(), " and ",
+              b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), op, ": a and b must be on the same device, got ",
+              a.device(), " and ", b.device());
+}
+
 // The one input check of _rank_count_preceding (both backends).
 inline void check_rank_count_inputs(const at::Tensor& dist, const at::Tensor& q_pids,
                                     const at::Tensor& g_pids, const at::Tensor& pos_offsets,

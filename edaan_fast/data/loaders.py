@@ -212,29 +212,38 @@ class _DaliBackend:
             import nvidia.dali  # noqa: F401
         except ImportError as exc:
             raise ImportError(DALI_HINT) from exc
-        if device is None:
-            device = "gpu" if torch.cuda.is_available() else "cpu"
-        if device not in ("cpu", "gpu"):
-            raise ValueError(f"DALI device must be 'cpu', 'gpu' or None, got {device!r}")
+        self.device, self.device_id = _dali_device(device)
         self.records, self.cfg, self.sampler = records, cfg, sampler
-        self.num_threads, self.seed, self.device = max(1, num_threads), seed, device
+        self.num_threads, self.seed = max(1, num_threads), seed
         self.pipe = None
         self.source = None
         self._builds = 0
 
     def _build(self):
         self.source = _DaliSource(self.records, with_slots=self.cfg.train and self.cfg.pad > 0)
-        device_id = torch.cuda.current_device() if self.device == "gpu" else None
         self.pipe = _make_pipeline(self.source, self.cfg, self.device,
                                    batch_size=self.sampler.batch_size,
-                                   num_threads=self.num_threads, device_id=device_id,
+                                   num_threads=self.num_threads, device_id=self.device_id,
                                    seed=self.seed + self._builds)
         self._builds += 1
         self.pipe.build()
 
     def discard(self) -> None:
-        """Forget a pipeline that holds prefetched batches of an abandoned iteration."""
-        self.pipe = None
+        """End an abandoned iteration (the trainer stops each epoch after its iterations):
+        drain the batches the pipeline prefetched -- the caller rewinds the sampler past
+        them -- and reset it, so the next epoch reuses the pipeline and its decoder instead of
+        building (and initialising nvJPEG) again. A pipeline that fails to drain is dropped."""
+        if self.pipe is None:
+            return
+        self.source.batches = iter(())
+        try:
+            while True:
+                self.pipe.run()
+        except StopIteration:
+            self.source.batches = None
+            self.pipe.reset()
+        except RuntimeError:
+            self.pipe = None
 
     def __iter__(self) -> Iterator[Batch]:
         if self.pipe is None:
@@ -250,7 +259,7 @@ class _DaliBackend:
                 self.pipe = None
                 raise self._explain(exc) from exc
             self.source.in_flight.popleft()
-            yield Batch(_to_torch(images, self.device), _to_torch(pids, "cpu"),
+            yield Batch(_to_torch(images, self.device, self.device_id), _to_torch(pids, "cpu"),
                         _to_torch(camids, "cpu"), _to_torch(index, "cpu"))
         self.source.batches = None
         self.pipe.reset()
@@ -270,7 +279,27 @@ class _DaliBackend:
         return exc
 
 
-def _to_torch(tensor_list, device: str) -> torch.Tensor:
+def _dali_device(device) -> tuple[str, int | None]:
+    """(DALI device, CUDA device id) of ``device``: ``"gpu"`` / ``"cpu"`` / ``None`` (the GPU
+    when CUDA is available), or a torch device (``"cuda:1"``: decode on that GPU, the run's
+    device rather than whichever is current)."""
+    if device is None:
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    if device in ("cpu", "gpu"):
+        return device, (torch.cuda.current_device() if device == "gpu" else None)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"DALI device must be 'cpu', 'gpu', a torch device or None, got "
+                         f"{device!r}")
+    if dev.type == "cpu":
+        return "cpu", None
+    return "gpu", dev.index if dev.index is not None else torch.cuda.current_device()
+
+
+def _to_torch(tensor_list, device: str, device_id: int | None = None) -> torch.Tensor:
     """Copy a DALI TensorList (uniform shape) into a new torch tensor: one memcpy."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
     from nvidia.dali.types import DALIDataType
@@ -279,8 +308,9 @@ def _to_torch(tensor_list, device: str) -> torch.Tensor:
     dtype = {DALIDataType.FLOAT: torch.float32,
              DALIDataType.INT64: torch.int64}[tensor_list[0].dtype]
     if device == "gpu":
-        out = torch.empty(shape, dtype=dtype, device="cuda")
-        feed_ndarray(tensor_list.as_tensor(), out, cuda_stream=torch.cuda.current_stream())
+        out = torch.empty(shape, dtype=dtype, device=torch.device("cuda", device_id))
+        feed_ndarray(tensor_list.as_tensor(), out,
+                     cuda_stream=torch.cuda.current_stream(out.device))
     else:
         out = torch.empty(shape, dtype=dtype)
         feed_ndarray(tensor_list.as_tensor(), out)
@@ -351,7 +381,8 @@ def build_loader(records: Sequence[Record], *, loader: str = "torch", train: boo
         seed: seeds the default sampler and the augmentation generators.
         pad, flip_p: the augmentation's padding (pixels) and flip probability.
         pin_memory: pin the torch loader's batches (for fast host-to-GPU copies).
-        device: DALI only: ``"gpu"``, ``"cpu"``, or ``None`` = GPU when CUDA is available.
+        device: DALI only: ``"gpu"`` (the current GPU), ``"cpu"``, a torch device (``cuda:1``:
+            decode on that GPU), or ``None`` = the current GPU when CUDA is available.
     """
     if loader not in LOADERS:
         raise ValueError(f"unknown loader {loader!r}; choices: {', '.join(LOADERS)}")

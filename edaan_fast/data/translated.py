@@ -81,18 +81,21 @@ def write_translations(translate: Translate, records: Sequence[Record],
 
     With ``skip_existing`` a record whose files all exist is not translated again (each file is
     written under a temporary name and renamed, so an existing file is complete). ``amp`` runs
-    under autocast (bfloat16 on CPU, float16 on CUDA). Returns the number of images written.
+    under autocast (the dtype of :func:`~edaan_fast.engine.precision.resolve_precision`). Returns the number of images written.
     """
     device = torch.device(device)
     todo = _pending(destinations, masks, skip_existing)
     if not todo:
         return 0
     dl = build_loader([records[i] for i in todo], loader=loader, train=False,
-                      batch_size=batch_size, num_workers=num_workers, image_size=image_size)
+                      batch_size=batch_size, num_workers=num_workers, image_size=image_size,
+                      device=None if loader == "torch" else device)
     batches = progress_bar(dl, enabled=progress, desc=desc, unit="batch", leave=False)
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    from edaan_fast.engine.precision import resolve_precision
+
+    dtype = resolve_precision(amp, "auto", device)
     for batch in batches:
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             images, attention = translate(batch.images.to(device))
         pixels = to_unit_range(images, pixel_mean, pixel_std)
         pixels = pixels.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -19,7 +19,7 @@ from typing import Any
 _EXPORTS = {
     # one training iteration (generator + discriminator updates, AMP, image pools)
     "EDAANTrainStep": "steps", "NonFiniteLossError": "steps", "Phase": "steps",
-    "ReIDStep": "steps", "resolve_amp_dtype": "steps", "resolve_precision": "precision",
+    "ReIDStep": "steps", "resolve_precision": "precision",
     "ImagePool": "image_pool",
     # the training job (python -m edaan_fast.train)
     "RunConfig": "run_config", "RunConfigError": "run_config", "source_dataset": "run_config",

@@ -19,14 +19,18 @@ graph traversal), and would have to wrap each sub-network separately with its ow
 One flat all-reduce per optimiser step is exact, has no such constraints, and costs one
 collective of the gradient size, small next to EDAAN's convolutions; what it gives up is the
 overlap of communication with the backward pass. What stays rank-local, as in DDP without
-``SyncBatchNorm``: the batch statistics of the classifier's BatchNorm, the batch-hard mining
-of the metric loss (over the rank's slice), and the image pools.
+``SyncBatchNorm``: the batch statistics of the classifier's BatchNorm and the image pools.
+The batch-hard mining of the metric loss is global (:class:`GatheredMetricLoss`): with the
+paper's P = 4 identities, mining inside a two-process slice of 2 identities would leave the
+quartet loss no third identity, and inside a four-process slice of one identity no negative
+at all (a zero metric term on every step).
 """
 
 from __future__ import annotations
 
 import os
 import random
+from datetime import timedelta
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .run_config import RunConfigError
 
-__all__ = ["DistInfo", "RankSlice", "all_reduce_gradients", "any_rank", "barrier", "gather",
+__all__ = ["LOADER_STREAMS", "DistInfo", "GatheredMetricLoss", "RankSlice",
+           "all_reduce_gradients", "any_rank", "barrier", "derive_seed", "gather", "gather_rows",
            "init_distributed", "resolve_device", "rng_state", "seed_everything",
            "set_rng_state"]
 
@@ -61,6 +67,53 @@ def all_reduce_gradients(optimizer: torch.optim.Optimizer) -> None:
         n = g.numel()
         g.copy_(flat[offset:offset + n].view_as(g))
         offset += n
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows (equal counts), concatenated in rank order, with a backward.
+
+    Every rank then computes the *same* loss from the gathered rows, so the gradient that
+    reaches this rank's rows is the gradient of that loss with respect to them: its own slice
+    of the incoming gradient, with no communication. It is multiplied by the world size because
+    :func:`all_reduce_gradients` averages the parameter gradients over the ranks: the average of
+    ``world_size * J_r^T g_r`` over ranks r is the single-process ``sum_r J_r^T g_r``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.world, ctx.rows = dist.get_rank(), dist.get_world_size(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows] * ctx.world
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` of every rank of the default process group (the same number of rows on each),
+    concatenated in rank order; differentiable (see :class:`_GatherRows`). ``x`` itself
+    without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    if x.requires_grad:
+        return _GatherRows.apply(x)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class GatheredMetricLoss(nn.Module):
+    """A batch-hard metric loss over the global batch of a data-parallel run: embeddings and
+    labels of every rank are gathered (in rank order: the global PK batch's order) before the
+    mining, so every rank computes the single-process loss and its gradient."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(gather_rows(emb), gather_rows(labels))
 
 
 class RankSlice:
@@ -122,7 +175,11 @@ def init_distributed(device: str | None) -> tuple[DistInfo, bool]:
         return DistInfo(), owns
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         wants_cuda = torch.cuda.is_available() and device != "cpu"
-        dist.init_process_group("nccl" if wants_cuda else "gloo")
+        # EDAAN_FAST_DIST_BACKEND=gloo: several processes sharing one GPU (NCCL refuses that)
+        backend = os.environ.get("EDAAN_FAST_DIST_BACKEND") or ("nccl" if wants_cuda else "gloo")
+        # rank 0 alone evaluates the target set and writes the translated source set while the
+        # others wait in a collective: NCCL's default 10-minute timeout would abort the run
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
         owns = True
     if not dist.is_initialized():
         return DistInfo(), owns
@@ -153,11 +210,15 @@ def any_rank(info: DistInfo, flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The process's RNG streams, with the generator of the run's CUDA ``device`` only (a
+    resuming process may see fewer GPUs, e.g. one GPU per task under a scheduler)."""
     np_state = np.random.get_state()
+    cuda = (torch.cuda.get_rng_state(device)
+            if device is not None and device.type == "cuda" else None)
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": cuda,
         "python": list(random.getstate()[1]),
         "python_version": random.getstate()[0],
         "python_gauss": random.getstate()[2],
@@ -167,10 +228,26 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def _cuda_rng_of(saved: Any, device: torch.device) -> torch.Tensor | None:
+    """The saved CUDA generator state for ``device``: the one state of a current checkpoint,
+    or from an older checkpoint's list of every visible GPU's states the run device's entry
+    (the first one when the list is shorter: the process now sees fewer GPUs)."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if isinstance(saved, (list, tuple)) and saved:
+        index = device.index or 0
+        return saved[index] if index < len(saved) else saved[0]
+    return None
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state` (or an older checkpoint's); the CUDA state goes to the run's
+    ``device`` and is skipped on a CPU run or when none was saved."""
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is not None and device.type == "cuda":
+        cuda = _cuda_rng_of(state.get("cuda"), device)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32),
                          state["numpy_pos"], *state["numpy_gauss"]))
@@ -195,6 +272,28 @@ def resolve_device(requested: str | None, info: DistInfo) -> torch.device:
             device = torch.device("cuda", info.local_rank if info.enabled else 0)
         torch.cuda.set_device(device)
     return device
+
+
+#: How long a collective waits for the slowest rank (rank 0's evaluations included).
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+#: The salt of each training loader's augmentation stream (see :func:`derive_seed`).
+LOADER_STREAMS = {"source": 1, "target": 2}
+
+
+def derive_seed(seed: int, *salt: int) -> int:
+    """The seed of one random stream of a run: ``seed`` itself for an all-zero ``salt``, else
+    a well-mixed 31-bit seed of ``(seed, *salt)`` (numpy's ``SeedSequence``).
+
+    The streams of a run: the process generators of rank r, ``derive_seed(seed, r)`` (rank 0
+    keeps the run's seed, so a one-process run draws what it always drew), and the augmentation
+    of training loader ``name`` on rank r, ``derive_seed(seed, r, LOADER_STREAMS[name])``. So the
+    source and the target loader never flip and crop image i alike, and no two ranks share an
+    augmentation or dropout stream. The samplers are seeded apart from these: every rank must
+    draw the same global batch plan."""
+    if not any(salt):
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), *map(int, salt)]).generate_state(1)[0] >> 1)
 
 
 def seed_everything(seed: int) -> None:

@@ -31,6 +31,8 @@ from edaan_fast.metrics.features import (  # noqa: F401  (re-exported: their for
 )
 from edaan_fast.metrics.protocols import ProtocolResult
 
+from .precision import resolve_precision
+
 __all__ = [
     "PROTOCOLS",
     "FeatureMismatchError",
@@ -54,13 +56,13 @@ if TYPE_CHECKING:  # the data package (torchvision) loads only when images are r
 def model_features(model: nn.Module, x: torch.Tensor, *, amp: bool = False,
                    flip: bool = False) -> torch.Tensor:
     """Test-time features ``[N, embedding_dim]`` (float32) of a preprocessed batch ``x`` on the
-    model's device: ``embedding(pool(E_S(x)))``, under autocast (bfloat16 on CPU, float16 on
-    CUDA) with ``amp``, averaged with the features of the mirrored images with ``flip``. The
+    model's device: ``embedding(pool(E_S(x)))``, under autocast with ``amp`` (the dtype of
+    :func:`~edaan_fast.engine.precision.resolve_precision`), averaged with the features of the mirrored images with ``flip``. The
     one feature computation of evaluation and
     :class:`~edaan_fast.engine.extractor.FeatureExtractor`.
     """
-    amp_dtype = torch.float16 if x.device.type == "cuda" else torch.bfloat16
-    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp):
+    amp_dtype = resolve_precision(amp, "auto", x.device)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         f = model.extract_features(x).float()
         if flip:
             f = (f + model.extract_features(x.flip(-1)).float()) / 2
@@ -80,7 +82,9 @@ def extract_features(model: nn.Module, records: Sequence[Record], *,
         records: the split (``dataset.query``, ``dataset.gallery``).
         image_size: ``(H, W)`` the model was trained at.
         loader: ``"torch"`` or ``"dali"``.
-        amp: run under autocast (bfloat16 on CPU, float16 on CUDA); features come back float32.
+        amp: run under autocast in the dtype of
+            :func:`~edaan_fast.engine.precision.resolve_precision` (bfloat16 on CPUs and on GPUs
+            of compute capability 8.0+, float16 on older GPUs); features come back float32.
         flip: average the features of each image and its horizontal mirror.
         progress: show a progress bar (labelled ``desc``).
     """
@@ -91,8 +95,7 @@ def extract_features(model: nn.Module, records: Sequence[Record], *,
     model.eval()
     dl = build_loader(records, loader=loader, train=False, batch_size=batch_size,
                       num_workers=num_workers, image_size=image_size,
-                      device=None if loader == "torch" else ("gpu" if device.type == "cuda"
-                                                             else "cpu"))
+                      device=None if loader == "torch" else device)
     feats, pids, camids, order = [], [], [], []
     batches = progress_bar(dl, enabled=progress, desc=desc, unit="batch", leave=False)
     for batch in batches:

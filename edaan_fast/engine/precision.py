@@ -1,9 +1,13 @@
 """The one precision resolver: which autocast dtype a run or a step computes in.
 
+Every place that picks an autocast dtype asks this module: the trainer, the training steps
+(and so the train-step benchmark) and feature extraction (``evaluate --amp``).
+
 ``amp`` off -> float32 (``None``). A forced ``"bfloat16"`` / ``"float16"`` (or the torch dtype)
-is taken as given. ``"auto"`` (or ``None``) picks bfloat16 on CUDA devices that support it (no
-loss scaling needed), float16 with a grad scaler per optimiser on older GPUs, and bfloat16 on
-CPUs. With ``cpu_fallback`` (what a training run asks for), a CPU without native bfloat16
+is taken as given. ``"auto"`` (or ``None``) picks bfloat16 on CUDA devices that run it natively
+(compute capability 8.0 and newer: Ampere, Hopper, Blackwell; no loss scaling needed), float16
+with a grad scaler per optimiser on older GPUs (``torch.cuda.is_bf16_supported()`` answers True
+on Turing, where bfloat16 is emulated and slow), and bfloat16 on CPUs. With ``cpu_fallback`` (what a training run asks for), a CPU without native bfloat16
 (AVX512-BF16/AMX) trains in float32 instead: PyTorch runs bfloat16 convolutions there through a
 slow reference path (measured about 10x slower than float32 on the 2-core AVX2 machine), so
 AMP would only slow training down; a warning says so.
@@ -17,7 +21,7 @@ import torch
 
 logger = logging.getLogger("edaan_fast.engine.trainer")
 
-__all__ = ["PRECISION_NAMES", "cpu_has_native_bf16", "resolve_precision"]
+__all__ = ["PRECISION_NAMES", "cpu_has_native_bf16", "cuda_has_native_bf16", "resolve_precision"]
 
 #: How reports and logs name a resolved precision.
 PRECISION_NAMES = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -34,9 +38,19 @@ def cpu_has_native_bf16() -> bool:
         return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
 
 
-def resolve_precision(amp: bool, amp_dtype: str | torch.dtype | None, device_type: str, *,
+def cuda_has_native_bf16(device: str | torch.device | None = None) -> bool:
+    """Whether the CUDA ``device`` (default: the current one) computes bfloat16 natively:
+    compute capability >= 8.0 (``torch.cuda.is_bf16_supported()`` also counts emulation)."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def resolve_precision(amp: bool, amp_dtype: str | torch.dtype | None,
+                      device: str | torch.device, *,
                       cpu_fallback: bool = False) -> torch.dtype | None:
-    """The autocast dtype (``None`` = float32); see the module docstring.
+    """The autocast dtype (``None`` = float32) on ``device`` (a device or its type name, e.g.
+    ``"cuda"`` for the current GPU); see the module docstring.
 
     Raises:
         ValueError: ``amp_dtype`` is neither ``"auto"``/``None`` nor a 16-bit float type.
@@ -49,9 +63,10 @@ def resolve_precision(amp: bool, amp_dtype: str | torch.dtype | None, device_typ
         except (KeyError, TypeError):
             raise ValueError(f"amp_dtype must be torch.float16 or torch.bfloat16, got "
                              f"{amp_dtype}") from None
-    if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if cpu_fallback and device_type == "cpu" and not cpu_has_native_bf16():
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
+    if cpu_fallback and device.type == "cpu" and not cpu_has_native_bf16():
         logger.warning(
             "--amp: this CPU (%s) has no native bfloat16, so autocast would run the "
             "convolutions through PyTorch's slow reference kernels (about 10x slower than "

@@ -43,7 +43,10 @@ from .checkpoint import (
     CheckpointError, load_checkpoint, load_model_state, model_config_from_dict,
     model_config_to_dict, save_checkpoint,
 )
-from .distributed import DistInfo, RankSlice, all_reduce_gradients, barrier, gather, set_rng_state
+from .distributed import (
+    LOADER_STREAMS, DistInfo, GatheredMetricLoss, RankSlice, all_reduce_gradients, barrier,
+    derive_seed, gather, set_rng_state,
+)
 from .run_config import RUN_PRESETS, RunConfig, RunConfigError, resume_config
 from .run_dir import TRANSLATED_DIR, TRANSLATOR_NAME
 from .steps import EDAANTrainStep, ReIDStep
@@ -114,10 +117,14 @@ def stages_of(run: RunConfig) -> list[Stage]:
     return [Stage("reid", run.epochs)]
 
 
-def build_objective(run: RunConfig) -> EDAANObjective:
-    """The loss of eq. (9) with the run's weights and metric loss."""
+def build_objective(run: RunConfig, world_size: int = 1) -> EDAANObjective:
+    """The loss of eq. (9) with the run's weights and metric loss (mined over the global batch
+    when ``world_size`` > 1 processes each hold a slice of it)."""
+    metric_loss = build_metric_loss(run.metric_loss, run.margin)
+    if world_size > 1:
+        metric_loss = GatheredMetricLoss(metric_loss)
     return EDAANObjective(
-        build_metric_loss(run.metric_loss, run.margin),
+        metric_loss,
         LossWeights(gan=run.lambda_gan, cycle=run.lambda_cyc, attention=run.lambda_attn,
                     metric=run.lambda_metric, attention_tv=run.lambda_tv, id=run.lambda_id),
         label_smoothing=run.label_smoothing, attention_consistency=run.attention_consistency,
@@ -201,14 +208,17 @@ def build_step(stage: Stage, model: EDAAN, objective: EDAANObjective, run: RunCo
 
 
 def train_loader(records: Sequence[Record], sampler, run: RunConfig, dist: DistInfo,
-                 device: torch.device, num_workers: int):
-    """A training loader over ``records``; under a process group, each rank's slice."""
+                 device: torch.device, num_workers: int, stream: str = "source"):
+    """A training loader over ``records``; under a process group, each rank's slice. Its
+    augmentation is seeded per ``stream`` (``"source"`` / ``"target"``) and rank
+    (:func:`~edaan_fast.engine.distributed.derive_seed`); the sampler keeps its own seed."""
     if dist.enabled:
         sampler = RankSlice(sampler, dist.rank, dist.world_size)
     return build_loader(records, loader=run.loader, train=True, sampler=sampler,
                         num_workers=num_workers, image_size=tuple(run.image_size),
-                        seed=run.seed, pad=run.pad, flip_p=run.flip_p,
-                        pin_memory=device.type == "cuda")
+                        seed=derive_seed(run.seed, dist.rank, LOADER_STREAMS[stream]),
+                        pad=run.pad, flip_p=run.flip_p, pin_memory=device.type == "cuda",
+                        device=device)
 
 
 def translate_source(model: EDAAN | Path, records: Sequence[Record], folder: Path,
@@ -321,7 +331,7 @@ def restore_stage(ckpt: dict[str, Any], rank: int, where: str, optimizers: dict,
         if target_loader is not None and ckpt["sampler"]["target"] is not None:
             target_loader.load_state_dict(ckpt["sampler"]["target"])
         part = "random number generator"
-        set_rng_state(mine["rng"])
+        set_rng_state(mine["rng"], device)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         text = str(exc).strip().splitlines()
         raise CheckpointError(f"{where}: its {part} state cannot be restored "

@@ -53,7 +53,7 @@ from edaan_fast.models.blocks import set_requires_grad
 from .image_pool import ImagePool
 from .precision import resolve_precision
 
-__all__ = ["EDAANTrainStep", "NonFiniteLossError", "Phase", "ReIDStep", "resolve_amp_dtype"]
+__all__ = ["EDAANTrainStep", "NonFiniteLossError", "Phase", "ReIDStep"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,13 +78,6 @@ class Phase:
         """The paper's schedule: 0-based ``epoch`` < 30 -> (train attention, whole images)."""
         return cls(train_attention=epoch < attention_epochs,
                    masked_discriminator=epoch >= whole_image_epochs)
-
-
-def resolve_amp_dtype(device_type: str, amp: bool, amp_dtype: torch.dtype | None
-                      ) -> torch.dtype | None:
-    """``None`` without AMP; else ``amp_dtype`` or the device's default
-    (:func:`~edaan_fast.engine.precision.resolve_precision`)."""
-    return resolve_precision(amp, amp_dtype, device_type)
 
 
 GENERATOR_TERMS = ("gan_s2t", "gan_t2s", "cycle", "attention", "smoothness", "metric", "id",
@@ -128,8 +121,9 @@ class EDAANTrainStep:
 
     # ------------------------------------------------------------------ helpers
 
-    def _setup(self, device_type: str) -> torch.dtype | None:
-        dtype = resolve_amp_dtype(device_type, self.amp, self.amp_dtype_request)
+    def _setup(self, device: torch.device) -> torch.dtype | None:
+        dtype = resolve_precision(self.amp, self.amp_dtype_request, device)
+        device_type = device.type
         if dtype == torch.float16 and self.scaler_G is None:
             self.scaler_G = torch.amp.GradScaler(device_type, init_scale=self.init_scale)
             self.scaler_D = torch.amp.GradScaler(device_type, init_scale=self.init_scale)
@@ -209,7 +203,7 @@ class EDAANTrainStep:
         """
         model, objective = self.model, self.objective
         device_type = x_s.device.type
-        dtype = self._setup(device_type)
+        dtype = self._setup(x_s.device)
         model.train()
 
         # 1. generator step: E, G, (A if training attention), re-ID head.
@@ -298,7 +292,7 @@ class ReIDStep(EDAANTrainStep):
                  optimizer: torch.optim.Optimizer) -> dict[str, float]:
         model, objective = self.model, self.objective
         device_type = x.device.type
-        dtype = self._setup(device_type)
+        dtype = self._setup(x.device)
         model.train()
         optimizer.zero_grad(set_to_none=True)
         with self._autocast(device_type, dtype):

@@ -38,8 +38,8 @@ from edaan_fast.data.translated import write_translated_set  # noqa: F401  (re-e
 
 from .checkpoint import ResumePoint, load_model_state, model_config_to_dict, save_checkpoint
 from .distributed import (  # noqa: F401  (RankSlice, all_reduce_gradients: re-exported)
-    RankSlice, all_reduce_gradients, barrier, gather, init_distributed, resolve_device,
-    rng_state, seed_everything,
+    RankSlice, all_reduce_gradients, barrier, derive_seed, gather, init_distributed,
+    resolve_device, rng_state, seed_everything,
 )
 from .evaluator import evaluate_attention
 from .hooks import (  # noqa: F401  (TrainingInterrupted: re-exported)
@@ -103,6 +103,8 @@ class Trainer:
         check_output_dir(self.output_dir, resume_path, overwrite, runs=resume is None)
         self.dist, self._owns_group = init_distributed(self.run.device)
         self.device = resolve_device(self.run.device, self.dist)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
         self.precision = resolve_precision(self.run.amp, self.run.amp_dtype, self.device.type,
                                            cpu_fallback=True)
         self.num_workers = (self.run.num_workers if self.run.num_workers is not None
@@ -115,7 +117,7 @@ class Trainer:
                 f"gives {self.run.num_identities_per_batch} identities per batch, which do not "
                 f"split evenly over {self.dist.world_size} processes")
         self.model_config = run_model_config(self.run, self.source.num_train_pids)
-        self.objective = build_objective(self.run)
+        self.objective = build_objective(self.run, self.dist.world_size)
         self.stages = stages_of(self.run)
         self.total_epochs = sum(s.epochs for s in self.stages)
         self.epoch = self.iteration = self.global_step = 0  # epochs over all stages
@@ -124,7 +126,7 @@ class Trainer:
         self.elapsed_before, self.stage_index, self.batch_images = 0.0, -1, 0
         self.phase, self._in_step = Phase(), False
         self.writer = self._target_iter = self.probe = None
-        seed_everything(self.run.seed)
+        seed_everything(derive_seed(self.run.seed, self.dist.rank))
         if resume is not None:
             self._resume(resume)
             check_output_dir(self.output_dir, resume_path, overwrite)
@@ -168,7 +170,7 @@ class Trainer:
             target = RandomBatchSampler(len(self.target.train), self.run.batch_size,
                                         seed=self.run.seed + 1)
             self.target_loader = train_loader(self.target.train, target, self.run, self.dist,
-                                              self.device, self.num_workers)
+                                              self.device, self.num_workers, stream="target")
 
     def _enter_stage(self, index: int) -> None:
         """Move to stage ``index``; after a translator stage, save the translator and write
@@ -187,7 +189,8 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint payload (see the module docstring); collective under DDP."""
-        ranks = gather(self.dist, {"rng": rng_state(), "step": self.step.state_dict()})
+        ranks = gather(self.dist, {"rng": rng_state(self.device),
+                                   "step": self.step.state_dict()})
         return {
             "model_config": model_config_to_dict(self.model_config),
             "model": self.model.state_dict(),

@@ -119,12 +119,42 @@ def require_ops(op: str) -> None:
     )
 
 
+def _arch_serves(arch_list: str, capability: tuple[int, int]) -> bool:
+    """Whether a TORCH_CUDA_ARCH_LIST build runs on a GPU of ``capability``: a cubin of the
+    same major and no newer minor, or PTX of no newer version (the driver compiles it)."""
+    for entry in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        if not entry:
+            continue
+        ptx = entry.endswith("+PTX")
+        try:
+            major, minor = (int(v) for v in entry.removesuffix("+PTX").split(".")[:2])
+        except ValueError:
+            return True  # a name like "Ampere": cannot tell, let CUDA decide
+        if (major == capability[0] and minor <= capability[1]) or (
+                ptx and (major, minor) <= capability):
+            return True
+    return False
+
+
 def require_cuda_kernels(op: str, tensor: torch.Tensor) -> None:
-    """A clear error for a CUDA tensor when the library was built without CUDA kernels."""
-    if tensor.is_cuda and _state.info is not None and not _state.info.get("with_cuda"):
+    """A clear error for a CUDA tensor when the library was built without CUDA kernels, or
+    without kernels for that tensor's GPU (instead of CUDA's "no kernel image")."""
+    if not tensor.is_cuda or _state.info is None:
+        return
+    if not _state.info.get("with_cuda"):
         raise OpsNotAvailableError(
             f"edaan_fast.{op}: got a CUDA tensor, but the library was built without CUDA kernels "
             f"({_describe(_state.info)}). Rebuild with a CUDA toolkit: FORCE_CUDA=1 "
+            f"{REBUILD_COMMAND}"
+        )
+    arch = _state.info.get("cuda_arch_list")
+    capability = torch.cuda.get_device_capability(tensor.device)
+    if arch and not _arch_serves(arch, capability):
+        raise OpsNotAvailableError(
+            f"edaan_fast.{op}: the library was built for CUDA architectures {arch!r}, which do "
+            f"not run on {torch.cuda.get_device_name(tensor.device)} (compute capability "
+            f"{capability[0]}.{capability[1]}). Rebuild with "
+            f"TORCH_CUDA_ARCH_LIST=\"{capability[0]}.{capability[1]}\" FORCE_CUDA=1 "
             f"{REBUILD_COMMAND}"
         )
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .rank_eval import rank_count_preceding, rank_sort_positives
+from .rank_eval import distance_gemm, rank_count_preceding, rank_sort_positives
 
 __all__ = [
     "RankMetrics",
@@ -408,8 +408,10 @@ def _prepare_features(qf, gf, metric: str):
             raise ValueError(f"rank_metrics_from_features: {name} holds {kind} values (row {row} "
                              f"of {f.shape[0]}); features must be finite")
     dtype = torch.promote_types(qf.dtype, gf.dtype)
-    if not dtype.is_floating_point or (qf.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)):
-        dtype = torch.float32  # half GEMMs are slow on CPU
+    if not dtype.is_floating_point or dtype in (torch.float16, torch.bfloat16):
+        # On every device: in bfloat16 the 2048-d squared distances collapse into ties, in
+        # float16 they overflow to inf/NaN (and half GEMMs are slow on CPU).
+        dtype = torch.float32
     qf, gf = qf.to(dtype).contiguous(), gf.to(dtype).contiguous()
     if metric == "cosine":
         qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
@@ -421,12 +423,26 @@ def _distance_tile(qf, gf, qn, gn, out=None):
     """The distance formula of the features path, for one tile (and for pairwise_distance).
 
     euclidean: ``|q|^2 + |g|^2 - 2 q.g`` (squared, as torchreid's ``euclidean_squared_distance``);
-    cosine: ``1 - q.g`` on L2-normalised features.
+    cosine: ``1 - q.g`` on L2-normalised features. The product is taken in full float32 even
+    where the process allows TF32 / bfloat16 float32 GEMMs (``torch.set_float32_matmul_precision``):
+    the difference of large terms amplifies their error, and the positives (computed
+    elementwise in float32) would be ranked against reduced-precision negatives.
     """
-    out = torch.matmul(qf, gf.t(), out=out)
+    if qf.dtype == torch.float32 and _fp32_matmul_reduced(qf.device):
+        full = distance_gemm(qf, gf)
+        out = full if out is None else out.copy_(full)
+    else:
+        out = torch.matmul(qf, gf.t(), out=out)
     if qn is None:
         return out.neg_().add_(1.0)
     return out.mul_(-2.0).add_(qn[:, None]).add_(gn[None, :])
+
+
+def _fp32_matmul_reduced(device: torch.device) -> bool:
+    """Whether float32 GEMMs on ``device`` may run in TF32 / bfloat16 (read through the new
+    ``fp32_precision`` API, which also reflects the legacy ``allow_tf32`` flag)."""
+    backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+    return backend.fp32_precision in ("tf32", "bf16")
 
 
 def _pair_distance(qf, gf, qn, gn):
@@ -473,7 +489,8 @@ def rank_metrics_from_features(
 
     Distances: ``metric="euclidean"`` is the squared euclidean distance
     ``|q|^2 + |g|^2 - 2 q.g`` (torchreid's default); ``"cosine"`` is ``1 - cos``. Ranks are taken
-    on the distances computed here, in the features' dtype (float32 for half features on CPU).
+    on the distances computed here, in float64 for float64 features and in full float32 otherwise
+(half features are promoted on every device; TF32 / bfloat16 GEMM settings are overridden).
     The positives' distances are computed pair by pair with the same formula (never read from
     a tile), so they can differ from the matrix entries of :func:`pairwise_distance` by float
     rounding; the result equals :func:`rank_metrics` on that matrix whenever the arithmetic is

@@ -19,7 +19,7 @@ import torch
 
 from . import _library
 
-__all__ = ["rank_count_preceding", "rank_sort_positives"]
+__all__ = ["distance_gemm", "rank_count_preceding", "rank_sort_positives"]
 
 NAN_FLAG = -(1 << 62)  # csrc/ops/rank_eval.h kRankNanFlag
 
@@ -78,7 +78,27 @@ def rank_count_preceding(
     )
 
 
+def distance_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` (``[Q, D]``, ``[G, D]`` -> ``[Q, G]``) with float32 products in full float32,
+    whatever TF32 / bfloat16 precision the process allows for float32 GEMMs (cuBLAS TF32 is
+    switched off for the call, thread-locally; a CPU whose oneDNN may use bfloat16 or TF32 takes
+    the product in float64). Without the compiled ops: the float64 product, rounded."""
+    if not _library.has_ops() or _library.reference_enabled():
+        return (a.double() @ b.double().t()).to(a.dtype)
+    _library.require_cuda_kernels("distance_gemm", a)
+    return torch.ops.edaan_fast._distance_gemm.default(a, b)
+
+
 def _register() -> None:
+    @torch.library.register_fake("edaan_fast::_distance_gemm")
+    def _(a, b):
+        torch._check(
+            a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1],
+            lambda: f"_distance_gemm: a and b must be 2-D [num, dim] with the same dim, got "
+            f"{list(a.shape)} and {list(b.shape)}",
+        )
+        return a.new_empty((a.shape[0], b.shape[0]))
+
     @torch.library.register_fake("edaan_fast::_rank_sort_positives")
     def _(pos_offsets, pos_dist, pos_gidx):
         torch._check(

@@ -1,0 +1,197 @@
+"""The CUDA path's host-side rules, checked where a CPU can run them: the one precision
+resolver, the RNG state a resume restores on the run's device only, the per-loader and per-rank
+seeds, the GPU check's plan, and EDAAN_FAST_REQUIRE_CUDA."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edaan_fast.engine import distributed, precision
+from edaan_fast.engine.distributed import LOADER_STREAMS, derive_seed, rng_state, set_rng_state
+from edaan_fast.engine.precision import resolve_precision
+
+from tests.conftest import HAS_CUDA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- precision: one resolver ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capability, want", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                              ((9, 0), torch.bfloat16), ((12, 0), torch.bfloat16)])
+def test_cuda_auto_precision_is_bf16_only_from_capability_8(monkeypatch, capability, want):
+    # Turing (7.5) emulates bfloat16: is_bf16_supported() says True there, the resolver not
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda index=None: capability if index in (None, 0, 1) else None)
+    assert resolve_precision(True, "auto", "cuda") == want
+    assert resolve_precision(True, None, torch.device("cuda", 1)) == want
+    assert resolve_precision(True, "float16", "cuda") == torch.float16  # forced: as given
+    assert resolve_precision(False, "auto", "cuda") is None
+
+
+def test_cpu_precision_is_unchanged():
+    assert resolve_precision(True, "auto", "cpu") == torch.bfloat16
+    assert resolve_precision(True, "auto", torch.device("cpu")) == torch.bfloat16
+    fallback = resolve_precision(True, "auto", "cpu", cpu_fallback=True)
+    assert fallback == (torch.bfloat16 if precision.cpu_has_native_bf16() else None)
+    with pytest.raises(ValueError, match="amp_dtype must be torch.float16 or torch.bfloat16"):
+        resolve_precision(True, "float32", "cpu")
+
+
+def test_every_autocast_site_asks_the_resolver():
+    """The trainer, the steps (and so the train-step benchmark) and feature extraction take
+    their dtype from engine.precision; no module picks one on its own."""
+    engine = ROOT / "edaan_fast" / "engine"
+    for name in ("trainer.py", "steps.py", "evaluator.py"):
+        text = (engine / name).read_text()
+        assert "resolve_precision" in text, name
+        assert "torch.float16 if" not in text and "is_bf16_supported" not in text, name
+    assert not hasattr(__import__("edaan_fast.engine.steps", fromlist=["x"]), "resolve_amp_dtype")
+
+
+# --- resume: the run device's CUDA generator only -------------------------------------------
+
+
+def test_rng_state_of_a_cpu_run_has_no_cuda_state_and_restores():
+    state = rng_state(torch.device("cpu"))
+    assert state["cuda"] is None
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(state, torch.device("cpu"))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
+
+
+@pytest.mark.parametrize("saved, device, want", [
+    ("one", torch.device("cuda", 1), "s"),             # current format: one state
+    ("list4", torch.device("cuda", 2), "s2"),          # old format: every visible GPU's
+    ("list4", torch.device("cuda", 0), "s0"),
+    ("list1", torch.device("cuda", 3), "s0"),          # saved with fewer GPUs visible
+    ("empty", torch.device("cuda", 0), None),          # saved by a CPU run
+])
+def test_resume_restores_the_run_devices_cuda_state_only(monkeypatch, saved, device, want):
+    states = {f"s{i}": torch.full((8,), i, dtype=torch.uint8) for i in range(4)}
+    states["s"] = torch.full((8,), 9, dtype=torch.uint8)
+    cuda = {"one": states["s"], "list4": [states[f"s{i}"] for i in range(4)],
+            "list1": [states["s0"]], "empty": []}[saved]
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append((s, d)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                        lambda s: pytest.fail("restores every GPU: fails with fewer visible"))
+    state = {**rng_state(torch.device("cpu")), "cuda": cuda}
+    set_rng_state(state, device)
+    if want is None:
+        assert calls == []
+    else:
+        assert len(calls) == 1 and torch.equal(calls[0][0], states[want]) and calls[0][1] == device
+
+
+# --- seeds: one stream per loader and per rank ----------------------------------------------
+
+
+def test_loader_and_rank_seeds_differ_and_rank_zero_keeps_the_run_seed():
+    seed = 1
+    assert derive_seed(seed, 0) == seed  # a one-process run draws what it always drew
+    streams = {(rank, name): derive_seed(seed, rank, salt)
+               for rank in range(4) for name, salt in LOADER_STREAMS.items()}
+    process = {rank: derive_seed(seed, rank) for rank in range(4)}
+    values = list(streams.values()) + list(process.values())
+    assert len(set(values)) == len(values)  # source != target, rank r != rank s
+    assert all(0 <= v < 2 ** 31 for v in values)
+    assert derive_seed(2, 1, 1) != derive_seed(1, 1, 1)
+    assert derive_seed(1, 1, 1) == streams[(1, "source")]  # reproducible
+
+
+def test_source_and_target_loaders_augment_differently(tmp_path):
+    """With workers, the source and the target loader used to share a seed, so image i of
+    each got the same flip and crop; now their worker streams differ."""
+    from edaan_fast.engine.run_config import RunConfig
+    from edaan_fast.engine.trainer import Trainer
+
+    from .test_trainer import MICRO
+
+    run = RunConfig(**{**MICRO, "num_workers": 1, "device": "cpu"},
+                    output_dir=str(tmp_path / "run"))
+    trainer = Trainer(run)
+    seeds = [loader._loader.generator.initial_seed()
+             for loader in (trainer.source_loader, trainer.target_loader)]
+    assert seeds[0] != seeds[1]
+    assert seeds == [derive_seed(run.seed, 0, 1), derive_seed(run.seed, 0, 2)]
+
+
+# --- the GPU check and EDAAN_FAST_REQUIRE_CUDA ----------------------------------------------
+
+
+def _python(*args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                               **(env or {})}, timeout=300)
+
+
+def test_gpu_check_prints_its_plan_and_exits_0_without_a_gpu(tmp_path):
+    from edaan_fast import gpu_check
+
+    steps = gpu_check.plan(tmp_path)
+    names = [s.name for s in steps]
+    for wanted in ("cuda tests", "gpu benchmarks", "train paper fp16", "train paper bf16",
+                   "train paper dali", "resume fp16", "evaluate cuda", "evaluate cpu",
+                   "ddp two processes", "memcheck", "racecheck"):
+        assert wanted in names
+    assert steps[0].env == {"EDAAN_FAST_REQUIRE_CUDA": "1"} and "-m cuda" in steps[0].command
+    assert sum(s.timeout_s for s in steps) <= 1300
+    proc = _python("-m", "edaan_fast.gpu_check", "--dry-run", "--out", str(tmp_path / "g"))
+    assert proc.returncode == 0, proc.stderr
+    assert "would run" in proc.stdout and "compute-sanitizer --tool racecheck" in proc.stdout
+    assert not (tmp_path / "g").exists()  # a plan writes nothing
+    if not torch.cuda.is_available():
+        plain = _python("-m", "edaan_fast.gpu_check", "--out", str(tmp_path / "g"))
+        assert plain.returncode == 0 and "no visible CUDA device" in plain.stdout
+
+
+def test_gpu_check_summaries(tmp_path):
+    from edaan_fast import gpu_check
+
+    records = [{"name": "cuda tests", "status": "passed", "rc": 0, "seconds": 3.0, "tail": ""},
+               {"name": "memcheck", "status": "failed", "rc": 1, "seconds": 9.5,
+                "tail": "========= Invalid __global__ read"}]
+    json_path, md_path = gpu_check._write(tmp_path, records, "Test GPU")
+    summary = json.loads(json_path.read_text())
+    assert summary["passed"] is False and summary["device"] == "Test GPU"
+    md = md_path.read_text()
+    assert "| memcheck | failed | 9.5 |" in md and "Invalid __global__ read" in md
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour where CUDA is missing")
+def test_require_cuda_turns_cuda_skips_into_failures():
+    test = "tests/test_metric_losses.py::test_errors_device_mismatch"
+    skipped = _python("-m", "pytest", test, "-q", "-p", "no:cacheprovider")
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout
+    failed = _python("-m", "pytest", test, "-q", "-p", "no:cacheprovider",
+                     env={"EDAAN_FAST_REQUIRE_CUDA": "1"})
+    assert failed.returncode == 1 and "EDAAN_FAST_REQUIRE_CUDA=1 but" in failed.stdout
+
+
+
+def test_collectives_outwait_rank_zeros_evaluation():
+    assert distributed.COLLECTIVE_TIMEOUT.total_seconds() > 600  # NCCL's 10-minute default
+
+
+@pytest.mark.parametrize("arch, capability, runs", [
+    ("8.0;9.0", (8, 6), True), ("8.0;9.0", (7, 5), False), ("8.0;9.0", (10, 0), False),
+    ("8.0;9.0+PTX", (10, 0), True), ("8.0;9.0+PTX", (12, 0), True), ("7.5;8.0", (7, 5), True),
+    ("9.0+PTX", (8, 9), False)])
+def test_load_check_names_a_gpu_without_kernels(arch, capability, runs):
+    from edaan_fast.ops._library import _arch_serves
+
+    assert _arch_serves(arch, capability) is runs
