@@ -207,6 +207,15 @@ def build_step(stage: Stage, model: EDAAN, objective: EDAANObjective, run: RunCo
     return ReIDStep(model, objective, **amp)
 
 
+def check_batch_split(run: RunConfig, world_size: int) -> None:
+    """Raise unless the ``P`` identities of a PK batch split evenly over the processes."""
+    if run.num_identities_per_batch % world_size:
+        raise RunConfigError(
+            f"batch_size {run.batch_size} with num_instances {run.num_instances} gives "
+            f"{run.num_identities_per_batch} identities per batch, which do not split evenly "
+            f"over {world_size} processes")
+
+
 def train_loader(records: Sequence[Record], sampler, run: RunConfig, dist: DistInfo,
                  device: torch.device, num_workers: int, stream: str = "source"):
     """A training loader over ``records``; under a process group, each rank's slice. Its

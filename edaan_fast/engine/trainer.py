@@ -53,9 +53,9 @@ from .run_config import (  # noqa: F401  (resume_config: re-exported)
 )
 from .run_dir import CHECKPOINT_NAME, FINAL_NAME, check_output_dir, prepare_output_dir, write_config
 from .stages import (  # noqa: F401  (LinearDecay: re-exported)
-    LinearDecay, Stage, build_objective, build_optimizers, build_step, check_resumable,
-    epoch_length, new_model, restore_stage, run_model_config, save_translator, stage_records,
-    stages_of, train_loader,
+    LinearDecay, Stage, build_objective, build_optimizers, build_step, check_batch_split,
+    check_resumable, epoch_length, new_model, restore_stage, run_model_config, save_translator,
+    stage_records, stages_of, train_loader,
 )
 from .steps import EDAANTrainStep, Phase, ReIDStep  # noqa: F401  (re-exported)
 from .targets import evaluate_target  # noqa: F401  (re-exported: its former home)
@@ -103,19 +103,14 @@ class Trainer:
         check_output_dir(self.output_dir, resume_path, overwrite, runs=resume is None)
         self.dist, self._owns_group = init_distributed(self.run.device)
         self.device = resolve_device(self.run.device, self.dist)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
+        torch.backends.cudnn.benchmark |= self.device.type == "cuda"  # one fixed input size
         self.precision = resolve_precision(self.run.amp, self.run.amp_dtype, self.device.type,
                                            cpu_fallback=True)
         self.num_workers = (self.run.num_workers if self.run.num_workers is not None
                             else (0 if self.device.type == "cpu" else 4))
         self.source = source_dataset(self.run.to_dict())
         self.target = target_dataset(self.run.to_dict())
-        if self.run.num_identities_per_batch % self.dist.world_size:
-            raise RunConfigError(
-                f"batch_size {self.run.batch_size} with num_instances {self.run.num_instances} "
-                f"gives {self.run.num_identities_per_batch} identities per batch, which do not "
-                f"split evenly over {self.dist.world_size} processes")
+        check_batch_split(self.run, self.dist.world_size)
         self.model_config = run_model_config(self.run, self.source.num_train_pids)
         self.objective = build_objective(self.run, self.dist.world_size)
         self.stages = stages_of(self.run)
