@@ -14,7 +14,8 @@ Cases (the ratio table at the end of the run takes ``reference float32`` as the 
   (AVX512-BF16/AMX), where the trainer runs ``--amp`` in float32.
 
 Workload: the ``tiny`` preset (64 x 32 images) on CPU, the ``paper`` preset (256 x 128) on a
-GPU; a PK batch of 16 source images (4 identities x 4) and 16 target images; the phase of the
+GPU (``EDAAN_FAST_BENCH_PRESET=paper|tiny`` chooses; the ``paper`` preset on a CPU times 5
+rounds); a PK batch of 16 source images (4 identities x 4) and 16 target images; the phase of the
 first epochs (attention trained, discriminators on whole images). ``images/s`` counts the 32
 images of a step. EDAAN_FAST_BENCH_QUICK=1 runs a batch of 8 with few rounds.
 """
@@ -35,7 +36,8 @@ from edaan_fast.ops._library import use_reference_ops
 
 QUICK = os.environ.get("EDAAN_FAST_BENCH_QUICK", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PRESET = "paper" if DEVICE == "cuda" else "tiny"
+PRESET = os.environ.get("EDAAN_FAST_BENCH_PRESET") or ("paper" if DEVICE == "cuda" else "tiny")
+ROUNDS = 5 if PRESET == "paper" and DEVICE == "cpu" else 30
 BATCH = 8 if QUICK else 16
 K = 4  # images per identity
 
@@ -64,10 +66,10 @@ def test_train_step(benchmark, measure, case):
     if case.startswith("reference"):
         with use_reference_ops():
             result = measure(benchmark, f"train step ({PRESET}, B={BATCH}+{BATCH})", case, run,
-                             device=DEVICE, baseline=True, rounds=None if QUICK else 30)
+                             device=DEVICE, baseline=True, rounds=None if QUICK else ROUNDS)
     else:
         result = measure(benchmark, f"train step ({PRESET}, B={BATCH}+{BATCH})", case, run,
-                         device=DEVICE, rounds=None if QUICK else 30)
+                         device=DEVICE, rounds=None if QUICK else ROUNDS)
     assert all(torch.isfinite(torch.tensor(v)) for v in result.values()), result
     median = median_seconds(benchmark)
     if median is not None:

@@ -43,7 +43,7 @@ from torch import nn
 from .run_config import RunConfigError
 
 __all__ = ["LOADER_STREAMS", "DistInfo", "GatheredMetricLoss", "RankSlice",
-           "all_reduce_gradients", "any_rank", "barrier", "derive_seed", "gather", "gather_rows",
+           "all_reduce_gradients", "any_rank", "StopPoll", "barrier", "derive_seed", "gather", "gather_rows",
            "init_distributed", "resolve_device", "rng_state", "seed_everything",
            "set_rng_state"]
 
@@ -208,6 +208,41 @@ def any_rank(info: DistInfo, flag: bool, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return bool(t.item() > 0)
+
+
+class StopPoll:
+    """Whether any rank was asked to stop, polled every iteration without a host sync.
+
+    The flag of iteration ``i`` travels in an asynchronous all-reduce over a CPU (gloo) group
+    and is read at iteration ``i + 1``, by which time it has long arrived: every rank sees the
+    same answer at the same iteration, so the ranks stop together, one iteration after the
+    request. Without a process group the flag is answered at once.
+    """
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+        self._group = None
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def __call__(self, flag: bool) -> bool:
+        if not self.info.enabled:
+            return flag
+        if self._group is None:  # collective: every rank polls at the same iterations
+            self._group = (dist.group.WORLD if dist.get_backend() == "gloo"
+                           else dist.new_group(backend="gloo"))
+        seen = self.drain()
+        t = torch.tensor([float(flag)])
+        self._pending = (dist.all_reduce(t, group=self._group, async_op=True), t)
+        return seen
+
+    def drain(self) -> bool:
+        """Wait for the flag in flight (if any); whether it said stop."""
+        if self._pending is None:
+            return False
+        work, t = self._pending
+        self._pending = None
+        work.wait()
+        return bool(t.item() > 0)
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:

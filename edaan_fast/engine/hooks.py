@@ -26,7 +26,7 @@ from edaan_fast.data import build_loader
 from edaan_fast.data.transforms import to_unit_range
 from edaan_fast.metrics import AttentionQuality
 
-from .distributed import any_rank
+from .distributed import StopPoll, any_rank
 from .precision import PRECISION_NAMES
 from .report import method_name, transfer_name
 from .steps import Phase
@@ -322,6 +322,7 @@ class StopRequest(HookBase):
         self._previous = None
         self._installed = False
         self._pid = os.getpid()
+        self._poll: StopPoll | None = None
 
     def before_train(self, trainer):
         if threading.current_thread() is threading.main_thread():
@@ -330,14 +331,20 @@ class StopRequest(HookBase):
             self._installed = True
 
     def after_iteration(self, trainer, log):
-        if self.any_rank(trainer):
+        if self._poll is None:
+            self._poll = StopPoll(trainer.dist)
+        if self._poll(self.requested):  # under DDP: the ranks' flags of the last iteration
             raise KeyboardInterrupt
 
     def any_rank(self, trainer: Trainer) -> bool:
-        """Whether any rank was asked to stop."""
+        """Whether any rank was asked to stop (a blocking all-reduce under DDP)."""
+        if self._poll is not None:
+            self._poll.drain()  # the flag in flight: its group must not hold an open op
         return any_rank(trainer.dist, self.requested, trainer.device)
 
     def close(self, trainer):
+        if self._poll is not None:
+            self._poll.drain()
         if self._installed:
             signal.signal(signal.SIGINT, self._previous)
             self._installed = False

@@ -56,6 +56,18 @@ from .precision import resolve_precision
 __all__ = ["EDAANTrainStep", "NonFiniteLossError", "Phase", "ReIDStep"]
 
 
+def _scale(scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """The scaler's current scale as a tensor on its device (``get_scale()`` would sync)."""
+    return scaler._get_scale_async()
+
+
+def _flags(*flags: bool | torch.Tensor) -> list[float]:
+    """Booleans and device flags as floats, with one host transfer for the tensors."""
+    tensors = [f for f in flags if isinstance(f, torch.Tensor)]
+    values = iter(torch.stack(tensors).float().tolist() if tensors else [])
+    return [next(values) if isinstance(f, torch.Tensor) else float(f) for f in flags]
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss term came out NaN or infinite; the message names the step and the term."""
 
@@ -153,8 +165,9 @@ class EDAANTrainStep:
         return dict(zip(names, floats))
 
     def _optimise(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler | None) -> bool:
-        """Backward and step; returns whether the step was skipped (fp16 overflow)."""
+                  scaler: torch.amp.GradScaler | None) -> bool | torch.Tensor:
+        """Backward and step; returns whether the step was skipped (fp16 overflow), as a
+        device flag with a scaler (no host sync here)."""
         if scaler is None:
             loss.backward()
             if self.gradient_sync is not None:
@@ -164,10 +177,10 @@ class EDAANTrainStep:
         scaler.scale(loss).backward()
         if self.gradient_sync is not None:
             self.gradient_sync(optimizer)
-        before = scaler.get_scale()
+        before = _scale(scaler).clone()
         scaler.step(optimizer)
         scaler.update()
-        return scaler.get_scale() < before
+        return _scale(scaler) < before  # a device flag: read with the step's log, one sync
 
     @staticmethod
     def _pooled(pool: ImagePool, image: torch.Tensor, mask: torch.Tensor | None):
@@ -238,8 +251,7 @@ class EDAANTrainStep:
         skipped_D = self._optimise(d.total, optimizer_D, self.scaler_D)
 
         self.num_steps += 1
-        log["skipped_G"] = float(skipped_G)
-        log["skipped_D"] = float(skipped_D)
+        log["skipped_G"], log["skipped_D"] = _flags(skipped_G, skipped_D)
         return log
 
     # ------------------------------------------------------------------ resume
@@ -304,5 +316,5 @@ class ReIDStep(EDAANTrainStep):
         log = self._to_floats("re-ID", self.TERMS, [metric, ident, total], dtype)
         skipped = self._optimise(total, optimizer, self.scaler_G)
         self.num_steps += 1
-        log["skipped_G"] = float(skipped)
+        log["skipped_G"], = _flags(skipped)
         return log
