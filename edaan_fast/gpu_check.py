@@ -16,6 +16,10 @@ It runs, each step as a subprocess with its own time limit, stopping when the bu
 6. ``compute-sanitizer`` memcheck and racecheck on a small subset of the op tests, where the
    tool exists.
 
+``--cpu-rehearsal`` runs the steps that need no GPU (3 to 5 and the cross-checks) on the CPU
+with the ``tiny`` preset (the float16 run in float32), so that the commands, the files they write and the checks that read
+them are proven before a GPU session spends its time on them.
+
 It writes ``gpu_check.json`` (every step: command, exit status, seconds, output tail) and
 ``gpu_check.md`` (a table) into ``--out``. The tests and benchmarks are read from the source
 tree (``--source``, default: the checkout this package was imported from). Without a visible
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +49,10 @@ QUICK_BENCH = ("benchmarks/bench_mask_blend.py benchmarks/bench_metric_losses.py
                "benchmarks/bench_rank_eval.py benchmarks/bench_reranking.py")
 
 
+#: The steps a CPU rehearsal leaves out.
+REHEARSAL_SKIPS = ("cuda tests", "gpu benchmarks", "train paper dali", "memcheck", "racecheck")
+
+
 @dataclass
 class Step:
     """One verification step: a shell command run from the source tree."""
@@ -55,39 +64,48 @@ class Step:
     needs: str | None = None  # an executable that must exist (else the step is skipped)
 
 
-def _train(out: Path, name: str, extra: str) -> str:
-    return (f"{sys.executable} -m edaan_fast.train --preset paper --epochs 1 "
-            f"--iters-per-epoch 20 --eval-every 0 --checkpoint-every 1 --device cuda "
-            f"--output-dir {out / name} --overwrite {extra}")
-
-
-def plan(out: Path) -> list[Step]:
-    """The steps, in order, writing their runs under ``out``."""
+def plan(out: Path, rehearsal: bool = False) -> list[Step]:
+    """The steps, in order, writing their runs under ``out``; with ``rehearsal`` the ones that
+    run on a CPU, on the CPU, with the ``tiny`` preset."""
     py = sys.executable
-    evaluate = f"{py} -m edaan_fast.evaluate --checkpoint {out / 'fp16' / 'final.pt'} --dataset synthetic"
-    return [
+    gpu, preset, iters = ("cpu", "tiny", 5) if rehearsal else ("cuda", "paper", 20)
+
+    def train(name: str, extra: str) -> str:
+        if rehearsal:  # float16 autocast runs through slow reference kernels on a CPU
+            extra = extra.replace("--amp --amp-dtype float16", "--no-amp")
+        return (f"{py} -m edaan_fast.train --preset {preset} --epochs 1 --iters-per-epoch "
+                f"{iters} --eval-every 0 --checkpoint-every 1 --device {gpu} "
+                f"--output-dir {out / name} --overwrite {extra}")
+
+    evaluate = (f"{py} -m edaan_fast.evaluate --checkpoint {out / 'fp16' / 'final.pt'} "
+                f"--dataset synthetic")
+    steps = [
         Step("cuda tests", f"{py} -m pytest tests -m cuda -q -ra -p no:cacheprovider", 240,
              {"EDAAN_FAST_REQUIRE_CUDA": "1"}),
         Step("gpu benchmarks", f"{py} -m pytest {QUICK_BENCH} --benchmark-only -q "
              f"-o python_files='bench_*.py' --benchmark-json={out / 'benchmarks.json'}", 150,
              {"EDAAN_FAST_BENCH_QUICK": "1"}),
-        Step("train paper fp16", _train(out, "fp16", "--amp --amp-dtype float16"), 90),
-        Step("train paper bf16", _train(out, "bf16", "--amp --amp-dtype bfloat16"), 90),
-        Step("train paper dali", _train(out, "dali", "--amp --loader dali --epochs 2"), 90),
-        Step("resume fp16", _train(out, "fp16", "--amp --amp-dtype float16 --epochs 2 "
-                                   f"--resume {out / 'fp16' / 'checkpoint.pt'}").replace(
-                                       " --overwrite", ""), 90),
-        Step("evaluate cuda", f"{evaluate} --device cuda --output {out / 'eval_cuda.json'}", 60),
+        Step("train paper fp16", train("fp16", "--amp --amp-dtype float16"), 90),
+        Step("train paper bf16", train("bf16", "--amp --amp-dtype bfloat16"), 90),
+        Step("train paper dali", train("dali", "--amp --loader dali --epochs 2"), 90),
+        # resumes the run's last state (RNG, scalers, optimisers) and evaluates it again
+        Step("resume fp16", train("fp16", "--amp --amp-dtype float16 "
+                                  f"--resume {out / 'fp16' / 'checkpoint.pt'}").replace(
+                                      " --overwrite", ""), 90),
+        Step("evaluate cuda", f"{evaluate} --device {gpu} --output {out / 'eval_cuda.json'}", 60),
         Step("evaluate cpu", f"{evaluate} --device cpu --output {out / 'eval_cpu.json'}", 120),
         Step("ddp two processes", f"{py} -m torch.distributed.run --nproc_per_node 2 -m "
-             f"edaan_fast.train --preset paper --epochs 1 --iters-per-epoch 5 --eval-every 0 "
-             f"--device cuda:0 --output-dir {out / 'ddp'} --overwrite", 120,
-             {"EDAAN_FAST_DIST_BACKEND": "gloo"}),
+             f"edaan_fast.train --preset {preset} --epochs 1 --iters-per-epoch 5 --eval-every 0 "
+             f"--device {gpu}{'' if rehearsal else ':0'} --output-dir {out / 'ddp'} --overwrite",
+             120, {"EDAAN_FAST_DIST_BACKEND": "gloo"}),
         Step("memcheck", f"compute-sanitizer --tool memcheck --error-exitcode 1 {py} -m pytest "
              f"{SANITIZER_TESTS}", 120, needs="compute-sanitizer"),
         Step("racecheck", f"compute-sanitizer --tool racecheck --error-exitcode 1 {py} -m "
              f"pytest {SANITIZER_TESTS}", 120, needs="compute-sanitizer"),
     ]
+    if rehearsal:  # what needs a GPU (kernels, DALI's GPU decode, the sanitizers) is left out
+        steps = [s for s in steps if s.name not in REHEARSAL_SKIPS]
+    return steps
 
 
 def _run(step: Step, source: Path, left_s: float) -> dict:
@@ -116,17 +134,28 @@ def _run(step: Step, source: Path, left_s: float) -> dict:
     return record
 
 
+def _check(name: str, command: str, ok: bool, detail: str) -> dict:
+    return {"name": name, "command": command, "status": "passed" if ok else "failed",
+            "rc": 0 if ok else 1, "seconds": 0.0, "tail": detail}
+
+
 def _extra_checks(out: Path, records: list[dict]) -> None:
-    """Cross-step checks: CUDA and CPU evaluations agree; the DDP ranks' weights match."""
+    """Cross-step checks: the CUDA and CPU evaluations agree (rank-1 and mAP within 1e-3); the
+    two DDP processes trained with a metric term > 0 and wrote one run."""
     a, b = out / "eval_cuda.json", out / "eval_cpu.json"
     if a.is_file() and b.is_file():
-        ma, mb = json.loads(a.read_text()), json.loads(b.read_text())
-        keys = [k for k in ("mAP", "rank1", "rank-1") if k in ma and k in mb]
-        same = bool(keys) and all(abs(float(ma[k]) - float(mb[k])) < 1e-3 for k in keys)
-        records.append({"name": "evaluate cuda == cpu", "command": f"compare {a} {b}",
-                        "status": "passed" if same else "failed", "rc": 0 if same else 1,
-                        "seconds": 0.0, "tail": f"cuda {[ma.get(k) for k in keys]}, "
-                                                f"cpu {[mb.get(k) for k in keys]}"})
+        ma, mb = (json.loads(p.read_text()).get("metrics", {}) for p in (a, b))
+        keys = [k for k in ("rank1", "mAP") if ma.get(k) is not None and mb.get(k) is not None]
+        same = len(keys) == 2 and all(abs(float(ma[k]) - float(mb[k])) < 1e-3 for k in keys)
+        records.append(_check("evaluate cuda == cpu", f"compare {a} {b}", same,
+                              f"cuda {[ma.get(k) for k in keys]}, cpu {[mb.get(k) for k in keys]}"))
+    ddp = next((r for r in records if r["name"] == "ddp two processes"
+                and r["status"] == "passed"), None)
+    if ddp is not None:
+        terms = [float(m) for m in re.findall(r"\bmet=([0-9.eE+-]+)", ddp["tail"])]
+        ok = bool(terms) and all(t > 0 for t in terms) and (out / "ddp" / "final.pt").is_file()
+        records.append(_check("ddp metric term > 0", "read the ddp log and run folder", ok,
+                              f"metric terms logged: {terms}"))
 
 
 def _write(out: Path, records: list[dict], device: str) -> tuple[Path, Path]:
@@ -151,6 +180,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=str(Path(__file__).resolve().parents[1]),
                    help="the source tree holding tests/ and benchmarks/")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--cpu-rehearsal", action="store_true",
+                   help="run the steps that need no GPU on the CPU (tiny preset)")
     return p
 
 
@@ -161,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     source, out = Path(args.source), Path(args.out).resolve()
-    steps = plan(out)
-    gpu = torch.cuda.is_available()
+    steps = plan(out, rehearsal=args.cpu_rehearsal)
+    gpu = torch.cuda.is_available() or args.cpu_rehearsal
     if args.dry_run or not gpu:
         why = "dry run" if args.dry_run else "no visible CUDA device"
         print(f"gpu_check ({why}): would run from {source}, writing {out}:")
@@ -175,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name(0)
+    device = "CPU rehearsal" if args.cpu_rehearsal else torch.cuda.get_device_name(0)
     deadline = time.perf_counter() + args.budget
     records = []
     for step in steps:

@@ -133,10 +133,10 @@ def test_source_and_target_loaders_augment_differently(tmp_path):
 # --- the GPU check and EDAAN_FAST_REQUIRE_CUDA ----------------------------------------------
 
 
-def _python(*args, env=None):
+def _python(*args, env=None, timeout=300):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                               **(env or {})}, timeout=300)
+                               **(env or {})}, timeout=timeout)
 
 
 def test_gpu_check_prints_its_plan_and_exits_0_without_a_gpu(tmp_path):
@@ -157,6 +157,22 @@ def test_gpu_check_prints_its_plan_and_exits_0_without_a_gpu(tmp_path):
     if not torch.cuda.is_available():
         plain = _python("-m", "edaan_fast.gpu_check", "--out", str(tmp_path / "g"))
         assert plain.returncode == 0 and "no visible CUDA device" in plain.stdout
+
+
+def test_gpu_check_cpu_rehearsal_runs_its_commands_and_cross_checks(tmp_path):
+    """The GPU check's train / resume / evaluate / DDP commands and the checks that read their
+    files, proven on the CPU (tiny preset) before a GPU session spends time on them."""
+    out = tmp_path / "rehearsal"
+    proc = _python("-m", "edaan_fast.gpu_check", "--cpu-rehearsal", "--out", str(out),
+                   "--budget", "900", timeout=1000)
+    summary = json.loads((out / "gpu_check.json").read_text())
+    status = {r["name"]: r["status"] for r in summary["steps"]}
+    assert proc.returncode == 0, (status, proc.stdout[-2000:])
+    assert set(status) == {"train paper fp16", "train paper bf16", "resume fp16",
+                           "evaluate cuda", "evaluate cpu", "ddp two processes",
+                           "evaluate cuda == cpu", "ddp metric term > 0"}
+    assert set(status.values()) == {"passed"}
+    assert "resumed" in next(r["tail"] for r in summary["steps"] if r["name"] == "resume fp16")
 
 
 def test_gpu_check_summaries(tmp_path):
