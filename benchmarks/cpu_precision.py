@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print("this CPU has no native bfloat16 (AVX512-BF16/AMX): --amp trains in float32 here, "
               "nothing to compare", file=sys.stderr)
         return 0
-    cpu = f"{_cpu_name()}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+    cpu = (f"{_cpu_name()}, {torch.get_num_threads()} threads, "
+           f"{torch.backends.cpu.get_cpu_capability()}")
     rows = [measure(name, args.rounds, args.batch) for name in args.presets.split(",")]
     print(f"CPU: {cpu}; torch {torch.__version__}")
     print("| preset | batch | float32 s/step | bfloat16 s/step | bf16 speed-up |")

@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fx = p.add_argument_group("feature extraction")
     fx.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                    help="autocast (bf16 on CPU, fp16 on CUDA); off = float32, as the trainer "
-                         "evaluates")
+                    help="autocast: bfloat16 on GPUs of compute capability >= 8.0 and on CPUs "
+                         "with native bfloat16, float16 on older GPUs, float32 on other CPUs; "
+                         "off = float32, as the trainer evaluates")
     fx.add_argument("--loader", choices=("torch", "dali"),
                     help="image loader (default: the run's, torch when DALI is missing)")
     fx.add_argument("--flip", action="store_true",

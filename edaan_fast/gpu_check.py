@@ -17,8 +17,8 @@ It runs, each step as a subprocess with its own time limit, stopping when the bu
    tool exists.
 
 ``--cpu-rehearsal`` runs the steps that need no GPU (3 to 5 and the cross-checks) on the CPU
-with the ``tiny`` preset (the float16 run in float32), so that the commands, the files they write and the checks that read
-them are proven before a GPU session spends its time on them.
+with the ``tiny`` preset (the float16 run in float32), so that the commands, the files they
+write and the checks that read them are proven before a GPU session spends its time on them.
 
 It writes ``gpu_check.json`` (every step: command, exit status, seconds, output tail) and
 ``gpu_check.md`` (a table) into ``--out``. The tests and benchmarks are read from the source

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=2, help="loader worker processes")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="autocast (bf16 on CPU, fp16 on CUDA)")
+                   help="autocast: bfloat16 on GPUs of compute capability >= 8.0 and on "
+                        "CPUs with native bfloat16, float16 on older GPUs, float32 on other "
+                        "CPUs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--save-masks", action="store_true",
                    help="also write the attention masks as PNG under masks/")

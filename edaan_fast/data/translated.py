@@ -81,7 +81,8 @@ def write_translations(translate: Translate, records: Sequence[Record],
 
     With ``skip_existing`` a record whose files all exist is not translated again (each file is
     written under a temporary name and renamed, so an existing file is complete). ``amp`` runs
-    under autocast (the dtype of :func:`~edaan_fast.engine.precision.resolve_precision`). Returns the number of images written.
+    under autocast (the dtype of :func:`~edaan_fast.engine.precision.resolve_precision`).
+    Returns the number of images written.
     """
     device = torch.device(device)
     todo = _pending(destinations, masks, skip_existing)
@@ -93,7 +94,7 @@ def write_translations(translate: Translate, records: Sequence[Record],
     batches = progress_bar(dl, enabled=progress, desc=desc, unit="batch", leave=False)
     from edaan_fast.engine.precision import resolve_precision
 
-    dtype = resolve_precision(amp, "auto", device)
+    dtype = resolve_precision(amp, "auto", device, cpu_fallback=True)
     for batch in batches:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             images, attention = translate(batch.images.to(device))

@@ -42,9 +42,9 @@ from torch import nn
 
 from .run_config import RunConfigError
 
-__all__ = ["LOADER_STREAMS", "DistInfo", "GatheredMetricLoss", "RankSlice",
-           "all_reduce_gradients", "any_rank", "StopPoll", "barrier", "derive_seed", "gather", "gather_rows",
-           "init_distributed", "resolve_device", "rng_state", "seed_everything",
+__all__ = ["LOADER_STREAMS", "DistInfo", "GatheredMetricLoss", "RankSlice", "StopPoll",
+           "all_reduce_gradients", "any_rank", "barrier", "derive_seed", "gather",
+           "gather_rows", "init_distributed", "resolve_device", "rng_state", "seed_everything",
            "set_rng_state"]
 
 

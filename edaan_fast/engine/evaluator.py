@@ -57,11 +57,11 @@ def model_features(model: nn.Module, x: torch.Tensor, *, amp: bool = False,
                    flip: bool = False) -> torch.Tensor:
     """Test-time features ``[N, embedding_dim]`` (float32) of a preprocessed batch ``x`` on the
     model's device: ``embedding(pool(E_S(x)))``, under autocast with ``amp`` (the dtype of
-    :func:`~edaan_fast.engine.precision.resolve_precision`), averaged with the features of the mirrored images with ``flip``. The
-    one feature computation of evaluation and
+    :func:`~edaan_fast.engine.precision.resolve_precision`), averaged with the features of the
+    mirrored images with ``flip``. The one feature computation of evaluation and
     :class:`~edaan_fast.engine.extractor.FeatureExtractor`.
     """
-    amp_dtype = resolve_precision(amp, "auto", x.device)
+    amp_dtype = resolve_precision(amp, "auto", x.device, cpu_fallback=True)
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         f = model.extract_features(x).float()
         if flip:

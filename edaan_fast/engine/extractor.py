@@ -60,7 +60,8 @@ class FeatureExtractor:
     Args:
         checkpoint: a checkpoint written by ``edaan_fast.train`` (any variant), or its path.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; default CUDA when present.
-        amp: autocast (bfloat16 on CPU, float16 on CUDA), as ``evaluate --amp``.
+        amp: autocast as ``evaluate --amp`` (the dtype of
+            :func:`~edaan_fast.engine.precision.resolve_precision`).
         flip: average each image's features with its mirror's, as ``evaluate --flip``.
         normalize: L2-normalise each feature vector.
         batch_size: images per forward pass.

@@ -1,20 +1,27 @@
 """The one precision resolver: which autocast dtype a run or a step computes in.
 
 Every place that picks an autocast dtype asks this module: the trainer, the training steps
-(and so the train-step benchmark) and feature extraction (``evaluate --amp``).
+(and so the train-step benchmark), feature extraction (``evaluate --amp``,
+``FeatureExtractor``) and translation (``translate --amp``).
 
 ``amp`` off -> float32 (``None``). A forced ``"bfloat16"`` / ``"float16"`` (or the torch dtype)
-is taken as given. ``"auto"`` (or ``None``) picks bfloat16 on CUDA devices that run it natively
-(compute capability 8.0 and newer: Ampere, Hopper, Blackwell; no loss scaling needed), float16
-with a grad scaler per optimiser on older GPUs (``torch.cuda.is_bf16_supported()`` answers True
-on Turing, where bfloat16 is emulated and slow), and bfloat16 on CPUs. With ``cpu_fallback`` (what a training run asks for), a CPU without native bfloat16
-(AVX512-BF16/AMX) trains in float32 instead: PyTorch runs bfloat16 convolutions there through a
-slow reference path (measured about 10x slower than float32 on the 2-core AVX2 machine), so
-AMP would only slow training down; a warning says so.
+is taken as given. ``"auto"`` (or ``None``) picks:
+
+- on CUDA, bfloat16 where the GPU runs it natively (compute capability 8.0 and newer: Ampere,
+  Hopper, Blackwell; no loss scaling needed), else float16 with a grad scaler per optimiser
+  (``torch.cuda.is_bf16_supported()`` answers True on Turing, where bfloat16 is emulated);
+- on a CPU with native bfloat16 (AVX512-BF16 / AMX), bfloat16: measured faster than float32 on
+  a 2-core AVX512-BF16 Xeon for both presets (a training step 1.39x for ``tiny``, 2.63x for
+  ``paper``, ``benchmarks/cpu_precision.py``) at the same accuracy over seeds
+  (benchmarks/RESULTS.md);
+- on other CPUs, with ``cpu_fallback`` (what the trainer, evaluation and translation ask for),
+  float32 with a warning: PyTorch runs bfloat16 convolutions there through a slow reference
+  path (about 10x slower than float32 on a 2-core AVX2 machine).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -67,10 +74,15 @@ def resolve_precision(amp: bool, amp_dtype: str | torch.dtype | None,
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     if cpu_fallback and device.type == "cpu" and not cpu_has_native_bf16():
-        logger.warning(
-            "--amp: this CPU (%s) has no native bfloat16, so autocast would run the "
-            "convolutions through PyTorch's slow reference kernels (about 10x slower than "
-            "float32 here); training in float32. Force it with --amp-dtype bfloat16.",
-            torch.backends.cpu.get_cpu_capability())
+        _warn_float32_fallback(torch.backends.cpu.get_cpu_capability())
         return None
     return torch.bfloat16
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_float32_fallback(capability: str) -> None:
+    """Said once per process (feature extraction asks per batch)."""
+    logger.warning(
+        "--amp: this CPU (%s) has no native bfloat16, so autocast would run the convolutions "
+        "through PyTorch's slow reference kernels (about 10x slower than float32 here); "
+        "running in float32. Force it with --amp-dtype bfloat16.", capability)

@@ -135,8 +135,8 @@ def run_model_config(run: RunConfig, num_ids: int) -> ModelConfig:
     """The model of a run: its preset with the run's image size, identities, attention and
     ``model`` overrides."""
     try:
-        return model_config(RUN_PRESETS[run.preset].model, image_size=tuple(run.image_size), num_ids=num_ids,
-                            no_attention=not run.attention,
+        return model_config(RUN_PRESETS[run.preset].model, image_size=tuple(run.image_size),
+                            num_ids=num_ids, no_attention=not run.attention,
                             **{"reid_attention_grad": run.reid_attention_grad, **run.model})
     except (TypeError, ValueError) as exc:
         raise RunConfigError(f"model configuration: {exc}") from None

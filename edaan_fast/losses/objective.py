@@ -9,7 +9,8 @@ Paper symbols -> code (``GeneratorLosses`` field: what it is):
 ``attention``          ``L_attn(A_S) + L_attn(A_T)`` (eq. 5), weighted by ``λ_attn``
 ``smoothness``         total variation of ``A_S(x_S)`` and ``A_T(x_T)`` (a mask regulariser,
                        not in eq. 9), weighted by ``λ_tv`` (0 = the paper's objective)
-``metric``             ``L_quartet`` (eq. 7) or ``L_triplet`` (eq. 6), weighted by ``λ_quartet`` (``LossWeights.metric``)
+``metric``             ``L_quartet`` (eq. 7) or ``L_triplet`` (eq. 6), weighted by ``λ_quartet``
+                       (``LossWeights.metric``)
 ``id``                 ``L_id`` (eq. 8), weighted by ``λ_id``
 ``total``              ``gan_s2t + gan_t2s + λ_cyc cycle + λ_attn attention
                        + λ_tv smoothness + λ_quartet metric + λ_id id``
@@ -174,6 +175,8 @@ class EDAANObjective(nn.Module):
         All four inputs are what the discriminators should see (already masked in the second
         phase, see :func:`discriminator_input`) and detached from the generators.
         """
-        d_t = lsgan_discriminator_loss(model.discriminator_T(real_t), model.discriminator_T(fake_st))
-        d_s = lsgan_discriminator_loss(model.discriminator_S(real_s), model.discriminator_S(fake_ts))
+        d_t = lsgan_discriminator_loss(model.discriminator_T(real_t),
+                                       model.discriminator_T(fake_st))
+        d_s = lsgan_discriminator_loss(model.discriminator_S(real_s),
+                                       model.discriminator_S(fake_ts))
         return DiscriminatorLosses(d_s, d_t, d_s + d_t)
