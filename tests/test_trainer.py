@@ -254,6 +254,8 @@ def test_report_json_markdown_and_config(straight):
     assert quality["epoch"] == 3 and set(quality) == {"epoch", "A_S", "A_T"}
     assert 0.0 <= quality["A_T"]["auc"] <= 1.0 and quality["A_S"]["images"] > 0
     assert "## Attention (epoch 3" in md and "| A_T on target |" in md
+    assert data["precision"] == "float32" and data["world_size"] == 1
+    assert data["peak_gpu_memory_mib"] is None  # a CPU run
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved == data["config"] and saved["phase_epoch"] == 1
     assert (out / "images" / "epoch0001.png").is_file()

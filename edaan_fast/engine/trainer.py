@@ -179,7 +179,6 @@ class Trainer:
             barrier(self.dist)
         self._build_stage(index)
 
-
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
@@ -382,9 +381,10 @@ class Trainer:
         self.save(FINAL_NAME)
         report = build_report(self.run.to_dict(), metrics, self._elapsed(), self.total_epochs,
                               self.history)
-        report["precision"] = PRECISION_NAMES[self.precision]
-        report["world_size"] = self.dist.world_size
-        report["attention_quality"] = self.attention
+        report.update(precision=PRECISION_NAMES[self.precision], world_size=self.dist.world_size,
+                      attention_quality=self.attention, peak_gpu_memory_mib=(
+                          torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+                          if self.device.type == "cuda" else None))
         if self.dist.is_main:
             json_path, md_path = write_report(self.output_dir, report)
             logger.info("report: %s, %s (%.0f s)", json_path, md_path, report["seconds"])
