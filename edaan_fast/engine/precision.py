@@ -12,8 +12,8 @@ is taken as given. ``"auto"`` (or ``None``) picks:
   (``torch.cuda.is_bf16_supported()`` answers True on Turing, where bfloat16 is emulated);
 - on a CPU with native bfloat16 (AVX512-BF16 / AMX), bfloat16: measured faster than float32 on
   a 2-core AVX512-BF16 Xeon for both presets (a training step 1.39x for ``tiny``, 2.63x for
-  ``paper``, ``benchmarks/cpu_precision.py``) at the same accuracy over seeds
-  (benchmarks/RESULTS.md);
+  ``paper``, ``benchmarks/cpu_precision.py``), and no measured loss of accuracy over four
+  seeds of the default run (benchmarks/RESULTS.md);
 - on other CPUs, with ``cpu_fallback`` (what the trainer, evaluation and translation ask for),
   float32 with a warning: PyTorch runs bfloat16 convolutions there through a slow reference
   path (about 10x slower than float32 on a 2-core AVX2 machine).
