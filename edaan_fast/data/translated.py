@@ -70,7 +70,8 @@ def _pending(destinations: Sequence[Path], masks: Sequence[Path] | None,
 def write_translations(translate: Translate, records: Sequence[Record],
                        destinations: Sequence[Path], *, image_size: tuple[int, int],
                        pixel_mean, pixel_std, masks: Sequence[Path] | None = None,
-                       device: torch.device | str = "cpu", amp: bool = False,
+                       device: torch.device | str = "cpu",
+                       amp_dtype: torch.dtype | None = None,
                        batch_size: int = 64, num_workers: int = 0, loader: str = "torch",
                        skip_existing: bool = False, progress: bool = False,
                        desc: str = "translating") -> int:
@@ -80,9 +81,9 @@ def write_translations(translate: Translate, records: Sequence[Record],
     attention map to ``masks[i]`` as an 8-bit PNG if given.
 
     With ``skip_existing`` a record whose files all exist is not translated again (each file is
-    written under a temporary name and renamed, so an existing file is complete). ``amp`` runs
-    under autocast (the dtype of :func:`~edaan_fast.engine.precision.resolve_precision`).
-    Returns the number of images written.
+    written under a temporary name and renamed, so an existing file is complete). ``amp_dtype``
+    (the caller's :func:`~edaan_fast.engine.precision.resolve_precision`; ``None`` = float32)
+    runs the translator under autocast. Returns the number of images written.
     """
     device = torch.device(device)
     todo = _pending(destinations, masks, skip_existing)
@@ -92,11 +93,8 @@ def write_translations(translate: Translate, records: Sequence[Record],
                       batch_size=batch_size, num_workers=num_workers, image_size=image_size,
                       device=None if loader == "torch" else device)
     batches = progress_bar(dl, enabled=progress, desc=desc, unit="batch", leave=False)
-    from edaan_fast.engine.precision import resolve_precision
-
-    dtype = resolve_precision(amp, "auto", device, cpu_fallback=True)
     for batch in batches:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             images, attention = translate(batch.images.to(device))
         pixels = to_unit_range(images, pixel_mean, pixel_std)
         pixels = pixels.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

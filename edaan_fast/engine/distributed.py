@@ -96,11 +96,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     without a process group."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    if x.requires_grad:
-        return _GatherRows.apply(x)
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    return _GatherRows.apply(x)  # without grad (labels) a plain gather, nothing recorded
 
 
 class GatheredMetricLoss(nn.Module):

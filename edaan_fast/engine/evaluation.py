@@ -31,6 +31,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .extractor import device_of
 from .figures import Compared, require_viz, write_figures
 from .report import DATASET_NAMES, method_name
+from .run_dir import nearest_existing
 from .targets import Plan, TargetOptions, extract_plan, plan_target
 
 logger = logging.getLogger("edaan_fast.evaluate")
@@ -158,9 +159,7 @@ def _check_output(flag: str, path: Path | None, folder: bool = False) -> None:
         if not folder and path.is_dir():
             raise EvaluationError(f"{flag} {path} is a folder; expected a file path")
         return
-    parent = path.parent
-    while not parent.exists() and parent.parent != parent:
-        parent = parent.parent
+    parent = nearest_existing(path.parent)
     if not parent.is_dir():
         raise EvaluationError(f"{flag} {path}: {parent} is a file, so nothing can be written "
                               "under it")

@@ -17,7 +17,8 @@ from .run_config import RunConfigError
 logger = logging.getLogger("edaan_fast.engine.trainer")
 
 __all__ = ["CHECKPOINT_NAME", "FINAL_NAME", "OVERWRITTEN_FILES", "RUN_FILES", "TRANSLATED_DIR",
-           "TRANSLATOR_NAME", "check_output_dir", "prepare_output_dir", "write_config"]
+           "TRANSLATOR_NAME", "check_output_dir", "nearest_existing", "prepare_output_dir",
+           "write_config"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FINAL_NAME = "final.pt"
@@ -30,6 +31,15 @@ RUN_FILES = (CHECKPOINT_NAME, FINAL_NAME, TRANSLATOR_NAME)
 OVERWRITTEN_FILES = RUN_FILES + ("report.json", "report.md")
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists: what decides whether an output that is
+    created if missing can be created (it cannot under a file)."""
+    existing = Path(path)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    return existing
+
+
 def check_output_dir(folder: Path, resume: str | os.PathLike | None, overwrite: bool,
                       runs: bool = True) -> None:
     """Refuse an output folder that cannot be one, or (``runs``) that holds a run this one
@@ -39,9 +49,7 @@ def check_output_dir(folder: Path, resume: str | os.PathLike | None, overwrite: 
     resumed run may write into the folder of the checkpoint it resumes, and needs
     ``overwrite`` for another folder holding a run.
     """
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if existing.exists() and not existing.is_dir():
         what = "is a file" if existing == folder else f"is under {existing}, which is a file"
         raise RunConfigError(f"output_dir {folder} {what}; expected a folder (it is created if "

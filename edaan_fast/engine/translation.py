@@ -20,7 +20,8 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .extractor import device_of
-from .run_dir import TRANSLATOR_NAME
+from .precision import resolve_precision
+from .run_dir import TRANSLATOR_NAME, nearest_existing
 
 logger = logging.getLogger("edaan_fast.translate")
 
@@ -105,9 +106,7 @@ def _check(opts: TranslateOptions) -> None:
         if value < low:
             raise TranslationError(f"{flag} must be >= {low}, got {value}")
     out = Path(opts.output_dir)
-    existing = out
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = nearest_existing(out)
     if not existing.is_dir():
         raise TranslationError(f"--output-dir {out}: {existing} is a file; expected a folder "
                                "(it is created if missing)")
@@ -210,7 +209,8 @@ def run_translation(opts: TranslateOptions) -> dict:
         written = write_translations(
             translation_of(model, opts.direction), records, destinations, masks=masks,
             image_size=tuple(model.config.image_size), pixel_mean=model.config.pixel_mean,
-            pixel_std=model.config.pixel_std, device=device, amp=opts.amp,
+            pixel_std=model.config.pixel_std, device=device,
+            amp_dtype=resolve_precision(opts.amp, "auto", device, cpu_fallback=True),
             batch_size=opts.batch_size, num_workers=opts.num_workers, skip_existing=True,
             progress=opts.progress, desc=f"translating {split}")
         counts[split] = {"images": len(records), "written": written}
