@@ -204,3 +204,84 @@ def test_reid_head_order_and_dropout(tiny):
     assert kinds == ["Linear", "BatchNorm1d", "Dropout", "ReLU", "Linear"]
     assert tiny.reid_head.classifier[2].p == 0.5
     assert tiny.reid_head.classifier[0].out_features == tiny.config.reid_bottleneck
+
+
+def test_attention_options_shapes_and_size_rules():
+    x = torch.randn(2, 3, 64, 32)
+    for overrides in ({"attn_downsamplings": 3}, {"attn_coords": True},
+                      {"shared_attention": True}, {"cycle_attention_grad": False}):
+        model = build_model("tiny", **overrides)
+        out = model(x, x)
+        assert out.s2t.attention.shape == (2, 1, 64, 32)
+        assert out.attention_T_of_ST.shape == (2, 1, 64, 32)
+    cfg = model_config("tiny", attn_downsamplings=3)
+    assert cfg.size_multiple == 8 and cfg.min_image_size == (24, 24)
+    assert model_config("tiny", attn_downsamplings=4).min_image_size == (32, 32)
+    with pytest.raises(ValueError, match=r"multiples of 8 .*2\*\*attn_downsamplings=8"):
+        model_config("tiny", attn_downsamplings=3, image_size=(60, 36))
+    with pytest.raises(ValueError, match="attn_downsamplings must be an integer >= 2"):
+        model_config("tiny", attn_downsamplings=1)
+    with pytest.raises(ValueError, match="shared_attention must be true or false"):
+        model_config("tiny", shared_attention=1)
+
+
+def test_deeper_attention_net_sees_further():
+    """One more stride-2 stage widens the convolutions' field (about +-19 -> +-35 pixels):
+    a pixel 26 rows below the scored one reaches the score only then. Instance norm, which
+    mixes in every pixel through its statistics, is taken out to see the field itself."""
+    torch.manual_seed(0)
+    for downsamplings, far_changes in ((2, False), (3, True)):
+        net = build_model("tiny", attn_downsamplings=downsamplings).attention_S.eval()
+        for module in list(net.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.InstanceNorm2d):
+                    setattr(module, name, torch.nn.Identity())
+        x = torch.randn(1, 3, 64, 32, requires_grad=True)
+        net.logits(x)[0, 0, 4, 16].backward()
+        reach = x.grad.abs().sum(dim=(0, 1)) > 0
+        assert bool(reach[20].any())
+        assert bool(reach[30:].any()) is far_changes
+
+
+def test_coordinate_channels_let_the_map_depend_on_position():
+    from edaan_fast.models.attention import coordinate_channels
+
+    c = coordinate_channels(torch.zeros(2, 3, 4, 3))
+    torch.testing.assert_close(c[1, 0, :, 0], torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))
+    torch.testing.assert_close(c[0, 1, 0], torch.tensor([-1.0, 0.0, 1.0]))
+    flat = torch.zeros(1, 3, 64, 32)  # a constant image: only the coordinates vary
+    plain = build_model("tiny").attention_S(flat)
+    coords = build_model("tiny", attn_coords=True).attention_S(flat)
+    assert plain[..., 8:-8, 8:-8].std() < 1e-5 < coords[..., 8:-8, 8:-8].std()
+
+
+def test_shared_attention_is_one_net_in_every_group():
+    model = build_model("tiny", shared_attention=True)
+    assert model.attention_T is model.attention_S and model.attention_nets() == [model.attention_S]
+    ids = [id(p) for p in model.generator_parameters()]
+    assert len(ids) == len(set(ids))
+    state = model.state_dict()
+    twin = build_model("tiny", shared_attention=True)
+    twin.load_state_dict(state)
+    torch.testing.assert_close(twin.attention_T.head[1].weight, model.attention_S.head[1].weight)
+
+
+def test_cycle_attention_grad_off_keeps_the_cycle_away_from_the_maps():
+    torch.manual_seed(0)
+    x_s, x_t = torch.randn(2, 3, 64, 32), torch.randn(2, 3, 64, 32)
+    grads = {}
+    for flag in (True, False):
+        torch.manual_seed(1)
+        model = build_model("tiny", cycle_attention_grad=flag)
+        out = model(x_s, x_t, with_reid=False)
+        ((out.rec_S - x_s).abs().mean() + (out.rec_T - x_t).abs().mean()).backward()
+        grads[flag] = [sum(p.grad.abs().sum() for p in net.parameters() if p.grad is not None)
+                       for net in model.attention_nets()]
+        assert sum(p.grad.abs().sum() for p in model.generator_T.parameters()) > 0
+        reference = out
+    assert all(g > 0 for g in grads[True]) and all(g == 0 for g in grads[False])
+    # the values do not change, only where the gradient goes
+    torch.manual_seed(1)
+    same = build_model("tiny")(x_s, x_t, with_reid=False)
+    torch.testing.assert_close(reference.rec_S, same.rec_S)
+    torch.testing.assert_close(reference.attention_T_of_ST, same.attention_T_of_ST)

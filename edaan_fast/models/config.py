@@ -39,7 +39,11 @@ class ModelConfig:
             bottleneck", so the re-ID module (which shares ``E_S``) sees features that the
             translation also has to go through, and ``G_d`` still holds residual capacity of its
             own for the translation.
-        attn_widths: channels of the attention net's two stride-2 stages (Mejjati: 32, 64).
+        attn_widths: channels of the attention net's first and later stride-2 stages
+            (Mejjati: 32, 64).
+        attn_downsamplings: stride-2 stages of the attention net (Mejjati: 2). Each one more
+            doubles the field of view of its residual block: with 2 a map score sees about 40
+            pixels, a third of a 64x32 person crop's height and a sixth of a 256x128 one's.
         disc_width: channels of the PatchGAN's first conv (64).
         disc_layers: stride-2 4x4 convs of the PatchGAN after the first (3 -> 70x70 field,
             64/128/256/512).
@@ -62,6 +66,15 @@ class ModelConfig:
             (the paper's "w/o attention" rows and the CycleGAN baseline).
         attn_init_bias: initial bias of the attention net's last convolution, so the maps start
             at ``sigmoid(attn_init_bias)`` everywhere (0 -> 0.5, CycleGAN's zero-bias init).
+        attn_coords: give the attention nets two coordinate channels (``y``, ``x`` in
+            ``[-1, 1]``, CoordConv, Liu et al. 2018), so a map can depend on where a pixel is in
+            the crop (re-ID crops centre the person).
+        shared_attention: one attention net for both domains (``A_T is A_S``); eq. (5) then
+            asks one net to give the same map before and after the translation.
+        cycle_attention_grad: let the cycle loss (eq. 4) train the attention nets (as printed).
+            ``False`` reconstructs through maps detached from the cycle term; the cycle loss
+            still trains the encoders and generators. Measured: the cycle term is what keeps
+            the person (docs/attention.md §8).
         reid_attention_grad: let the re-ID terms (eq. 6-8 on ``x_ST``) train the attention net
             ``A_S`` too (eq. 9 as printed). ``False`` stops their gradient at the map: the re-ID
             loss then still trains ``E_S``, ``G_S`` and the head through ``x_ST``, but cannot
@@ -92,6 +105,10 @@ class ModelConfig:
     no_attention: bool = False
     cycle_through_attention: bool = True
     attn_init_bias: float = 0.0
+    attn_downsamplings: int = 2
+    attn_coords: bool = False
+    shared_attention: bool = False
+    cycle_attention_grad: bool = True
     reid_attention_grad: bool = True
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
     pixel_std: tuple[float, float, float] = IMAGENET_STD
@@ -109,7 +126,8 @@ class ModelConfig:
         if h % step or w % step:
             raise ValueError(
                 f"ModelConfig: image_size {self.image_size} must be positive multiples of {step} "
-                f"(2**gen_downsamplings={2 ** self.gen_downsamplings} and the attention net's 4)")
+                f"(2**gen_downsamplings={2 ** self.gen_downsamplings} and "
+                f"2**attn_downsamplings={2 ** self.attn_downsamplings})")
         if not 0 <= self.encoder_blocks <= self.gen_res_blocks:
             raise ValueError(f"ModelConfig: encoder_res_blocks must be in [0, gen_res_blocks="
                              f"{self.gen_res_blocks}], got {self.encoder_res_blocks}")
@@ -126,9 +144,9 @@ class ModelConfig:
     @property
     def size_multiple(self) -> int:
         """H and W must be multiples of this: ``2 ** gen_downsamplings`` (the generator's
-        transposed convs restore exactly the encoder's size) and 4 (the attention net's two
-        stride-2 stages and two x2 upsamplings)."""
-        return max(2 ** self.gen_downsamplings, 4)
+        transposed convs restore exactly the encoder's size) and ``2 ** attn_downsamplings``
+        (the attention net's stride-2 stages and as many x2 upsamplings; 4 by default)."""
+        return max(2 ** self.gen_downsamplings, 2 ** self.attn_downsamplings)
 
     def _size_needs(self) -> list[tuple[str, int, int]]:
         """``(reason, min H, min W)`` of every part of the networks."""
@@ -142,7 +160,9 @@ class ModelConfig:
             (f"a 2x2 encoder bottleneck: >= {2 * down}", 2 * down, 2 * down),
         ]
         if not self.no_attention:
-            needs.append(("the attention net's stride-4 residual block: >= 8", 8, 8))
+            stride = 2 ** self.attn_downsamplings
+            needs.append((f"the attention net's stride-{stride} residual block: >= {2 * stride}",
+                          2 * stride, 2 * stride))
         return needs
 
     def _size_reasons(self) -> list[str]:
@@ -155,7 +175,7 @@ class ModelConfig:
         least one score (``floor(x / 2**disc_layers) - 2 >= 1``: 24 for the 70x70 PatchGAN,
         whose receptive field may exceed the image, as zero padding fills it), the encoder's
         bottleneck must be at least 2x2 (reflection padding and instance norm need 2 values per
-        axis), the attention net's stride-4 residual block likewise (8), and each of the re-ID
+        axis), the attention net's stride-4 residual block likewise (8 by default), and each of the re-ID
         head's ``reid_stripes`` bands at least one row of the bottleneck. 24x24 for both
         presets; a 256x128 or 64x32 person crop is far above it."""
         step = self.size_multiple
@@ -207,7 +227,7 @@ def _check_fields(config: "ModelConfig") -> None:
     for name, low in (("in_channels", 1), ("gen_width", 1), ("gen_downsamplings", 0),
                       ("gen_res_blocks", 0), ("disc_width", 1), ("disc_layers", 1),
                       ("num_ids", 1), ("reid_bottleneck", 1), ("embedding_dim", 1),
-                      ("reid_stripes", 1)):
+                      ("reid_stripes", 1), ("attn_downsamplings", 2)):
         value = getattr(config, name)
         if not integer(value) or value < low:
             fail(name, f"an integer >= {low}", value)
@@ -222,7 +242,8 @@ def _check_fields(config: "ModelConfig") -> None:
         fail("dropout", "a number in [0, 1)", config.dropout)
     if not number(config.attn_init_bias) or not abs(config.attn_init_bias) < float("inf"):
         fail("attn_init_bias", "a finite number", config.attn_init_bias)
-    for name in ("no_attention", "cycle_through_attention", "reid_attention_grad"):
+    for name in ("no_attention", "cycle_through_attention", "reid_attention_grad",
+                 "attn_coords", "shared_attention", "cycle_attention_grad"):
         if not isinstance(getattr(config, name), bool):
             fail(name, "true or false", getattr(config, name))
     for name in ("pixel_mean", "pixel_std"):

@@ -119,8 +119,12 @@ class EDAAN(nn.Module):
         if cfg.no_attention:
             self.attention_S = self.attention_T = None
         else:
-            self.attention_S = AttentionNet(c, cfg.attn_widths, cfg.attn_init_bias)
-            self.attention_T = AttentionNet(c, cfg.attn_widths, cfg.attn_init_bias)
+            def attention() -> AttentionNet:
+                return AttentionNet(c, cfg.attn_widths, cfg.attn_init_bias,
+                                    cfg.attn_downsamplings, cfg.attn_coords)
+
+            self.attention_S = attention()
+            self.attention_T = self.attention_S if cfg.shared_attention else attention()
         self.discriminator_S = PatchDiscriminator(c, cfg.disc_width, cfg.disc_layers)
         self.discriminator_T = PatchDiscriminator(c, cfg.disc_width, cfg.disc_layers)
         self.reid_head = ReIDHead(cfg.feature_dim, cfg.num_ids, cfg.reid_bottleneck,
@@ -136,8 +140,12 @@ class EDAAN(nn.Module):
         return self.attention_S is not None
 
     def attention_nets(self) -> list[nn.Module]:
-        """``[A_S, A_T]`` (empty without attention)."""
-        return [self.attention_S, self.attention_T] if self.has_attention else []
+        """``[A_S, A_T]`` (``[A_S]`` when they are one net; empty without attention)."""
+        if not self.has_attention:
+            return []
+        if self.attention_T is self.attention_S:
+            return [self.attention_S]
+        return [self.attention_S, self.attention_T]
 
     def discriminators(self) -> list[nn.Module]:
         """``[D_S, D_T]``."""
@@ -200,11 +208,19 @@ class EDAAN(nn.Module):
 
     # ------------------------------------------------------------------ training forward
 
-    def _cycle(self, fwd: Translation, back_encoder: Encoder, back_generator: Generator,
-               back_attention: AttentionNet | None):
-        """(reconstruction, back attention map ``A(x_translated)``) for one direction."""
+    def _cycle(self, x: torch.Tensor, fwd: Translation, back_encoder: Encoder,
+               back_generator: Generator, back_attention: AttentionNet | None):
+        """(reconstruction, back attention map ``A(x_translated)``) for one direction.
+
+        Without ``cycle_attention_grad`` both blends of the cycle use detached maps, so the
+        cycle loss cannot reach the attention nets; the back map ``A(x_translated)`` is then
+        taken of that translation and trains only the back net through eq. (5)."""
         if self.config.cycle_through_attention:
-            back = self._map(fwd.image, back_encoder, back_generator, back_attention)
+            cut = fwd.attention is not None and not self.config.cycle_attention_grad
+            image = mask_blend(x, fwd.generated, fwd.attention.detach()) if cut else fwd.image
+            back = self._map(image, back_encoder, back_generator, back_attention)
+            if cut:
+                return mask_blend(image, back.generated, back.attention.detach()), back.attention
             return back.image, back.attention
         rec = back_generator(back_encoder(fwd.generated))  # eq. (4) literally
         return rec, (back_attention(fwd.image) if back_attention is not None else None)
@@ -219,8 +235,10 @@ class EDAAN(nn.Module):
         """
         s2t = self.s2t(x_s)
         t2s = self.t2s(x_t)
-        rec_s, a_t_of_st = self._cycle(s2t, self.encoder_T, self.generator_T, self.attention_T)
-        rec_t, a_s_of_ts = self._cycle(t2s, self.encoder_S, self.generator_S, self.attention_S)
+        rec_s, a_t_of_st = self._cycle(x_s, s2t, self.encoder_T, self.generator_T,
+                                       self.attention_T)
+        rec_t, a_s_of_ts = self._cycle(x_t, t2s, self.encoder_S, self.generator_S,
+                                       self.attention_S)
         reid = None
         if with_reid:
             x_st = s2t.image
