@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edaan_fast.metrics import attention_quality, roc_auc
+from edaan_fast.metrics import attention_quality, position_auc, roc_auc
 
 
 def _person_masks(n=6, h=32, w=16, seed=0):
@@ -105,3 +105,28 @@ def test_evaluate_attention_uses_masks_where_they_exist():
     if root is not None:
         assert q["A_S"].images == 40 and q["A_S"].auc is None and q["A_S"].iou is None
         assert 0 < q["A_S"].mean < 1
+
+
+def test_position_auc_ignores_where_the_person_usually_is():
+    masks = _person_masks()
+    prior = masks.mean(dim=0, keepdim=True).expand_as(masks).contiguous()
+    q = attention_quality(prior, masks)
+    assert q.auc > 0.7  # position alone ranks the pixels well
+    assert q.position_auc == pytest.approx(0.5, abs=1e-12)  # but reads nothing from the image
+    assert attention_quality(masks, masks).position_auc == pytest.approx(1.0)
+    assert attention_quality(1 - masks, masks).position_auc == pytest.approx(0.0)
+
+
+def test_position_auc_matches_a_loop_over_positions():
+    rng = np.random.default_rng(3)
+    maps = torch.tensor(np.round(rng.random((40, 1, 6, 5)), 1))  # ties at every position
+    masks = torch.tensor(rng.random((40, 1, 6, 5)) < 0.4, dtype=torch.float64)
+    wins = pairs = 0.0
+    for p in range(30):
+        s, y = maps.flatten(1)[:, p].numpy(), masks.flatten(1)[:, p].numpy() > 0.5
+        pos, neg = s[y], s[~y]
+        wins += (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
+        pairs += pos.size * neg.size
+    assert position_auc(maps, masks, chunk=7) == pytest.approx(wins / pairs, abs=1e-12)
+    everywhere_person = torch.ones(3, 1, 4, 4)
+    assert position_auc(torch.rand(3, 1, 4, 4), everywhere_person) is None

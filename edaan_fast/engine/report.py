@@ -15,7 +15,8 @@ attention nets add ``"attention_quality": {"epoch": 40, "A_S": {...}, "A_T": {..
 quality of each map on its domain's held-out test images at that epoch (the last one measured;
 for DAAN, the end of its translator stage), with the fields of
 :class:`~edaan_fast.metrics.AttentionQuality` (``auc``, ``iou``, ``best_iou``, ``best_t`` against
-the true person masks, ``null`` without them; ``mean``, ``spatial_std``, ``centre_contrast``).
+the true person masks, ``null`` without them; ``position_auc`` likewise; ``mean``,
+``spatial_std``, ``centre_contrast``).
 """
 
 from __future__ import annotations
@@ -151,13 +152,13 @@ def attention_markdown(attention: Mapping[str, Any] | None) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     lines = ["", f"## Attention (epoch {attention['epoch']}, held-out test images)", "",
-             "| map | ROC-AUC | IoU @0.5 | best IoU (threshold) | mean | spatial std | "
-             "centre contrast |", "|:---|---:|---:|---:|---:|---:|---:|"]
+             "| map | ROC-AUC | IoU @0.5 | best IoU (threshold) | position AUC | mean | "
+             "spatial std | centre contrast |", "|:---|---:|---:|---:|---:|---:|---:|---:|"]
     for net, what in (("A_S", "A_S on source"), ("A_T", "A_T on target")):
         q = attention[net]
         best = "-" if q["best_iou"] is None else f"{q['best_iou']:.2f} ({q['best_t']:.2f})"
         lines.append(f"| {what} | {cell(q['auc'])} | {cell(q['iou'])} | {best} | "
-                     f"{cell(q['mean'])} | {cell(q['spatial_std'])} | "
+                     f"{cell(q.get('position_auc'))} | {cell(q['mean'])} | {cell(q['spatial_std'])} | "
                      f"{cell(q['centre_contrast'])} |")
     return "\n".join(lines) + "\n"
 

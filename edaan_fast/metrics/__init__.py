@@ -13,6 +13,6 @@ numbers, computed from features, distances and maps (never from a model or a dat
 ``rank_metrics``); the modules above are imported on use, so importing this package stays light.
 """
 
-from .attention import AttentionQuality, attention_quality, roc_auc
+from .attention import AttentionQuality, attention_quality, position_auc, roc_auc
 
-__all__ = ["AttentionQuality", "attention_quality", "roc_auc"]
+__all__ = ["AttentionQuality", "attention_quality", "position_auc", "roc_auc"]
