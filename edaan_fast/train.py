@@ -175,6 +175,9 @@ def _attention_options(p: argparse.ArgumentParser, d, c) -> None:
         "after the phase switch the discriminators see the background 1 - A > TAU unscaled "
         "(Mejjati et al.'s binarised mask, 0.1); 0 = the soft (1 - A) * x of the paper",
         d.binary_mask))
+    g.add_argument("--attention-refine", action=argparse.BooleanOptionalAction,
+                   help=_default("after the phase switch A_T keeps learning A_T(x_ST) -> A_S(x_S) "
+                                 "alone (not in the paper)", d.attention_refine))
     g.add_argument("--reid-attention-grad", action=argparse.BooleanOptionalAction,
                    help=_default("let the re-ID loss on x_ST train the attention nets",
                                  d.reid_attention_grad))

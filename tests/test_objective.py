@@ -149,12 +149,14 @@ def test_total_is_the_weighted_sum_of_the_logged_terms(model_and_batch, weights,
     objective = EDAANObjective(BatchHardTriplet(), weights)
     with torch.no_grad():
         out = model(x_s, x_t)
-        g = objective.generator_losses(model, out, x_s, x_t, labels, masked)
+        g = objective.generator_losses(model, out, x_s, x_t, labels, masked,
+                                       refine_target_attention=masked)
     t = {k: v.item() for k, v in g.terms().items()}
-    assert all(v > 0 for k, v in t.items() if k != "metric")
+    assert all(v > 0 for k, v in t.items() if k != "metric" and (masked or k != "refine"))
+    assert masked or t["refine"] == 0.0
     expected = (weights.gan * (t["gan_s2t"] + t["gan_t2s"]) + weights.cycle * t["cycle"]
-                + weights.attention * t["attention"] + weights.attention_tv * t["smoothness"]
-                + weights.metric * t["metric"]
+                + weights.attention * (t["attention"] + t["refine"])
+                + weights.attention_tv * t["smoothness"] + weights.metric * t["metric"]
                 + weights.id * t["id"])
     assert t["total"] == pytest.approx(expected, rel=1e-6)
 

@@ -81,8 +81,33 @@ def test_gradients_reach_every_learner_and_no_frozen_module(phase):
     assert all(p.requires_grad for p in model.discriminator_T.parameters())
     assert log["skipped_G"] == 0.0 and log["skipped_D"] == 0.0
     assert set(log) == {"gan_s2t", "gan_t2s", "cycle", "attention", "smoothness", "metric", "id",
-                        "total",
+                        "refine", "total",
                         "d_S", "d_T", "d_total", "skipped_G", "skipped_D"}
+
+
+def test_refinement_trains_only_the_target_attention_net_from_its_own_term():
+    """After the switch with ``refine``: A_S stays frozen; A_T changes, and its gradient is
+    exactly that of ``λ_attn mean|A_T(x_ST) - A_S(x_S)|`` with the right side fixed."""
+    model, objective = make()
+    x_s, labels, x_t = batch()
+    with torch.no_grad():
+        x_st, a_s = model.s2t(x_s).image, model.attention_S(x_s)
+    twin = copy.deepcopy(model.attention_T)
+    expected = torch.autograd.grad(
+        objective.weights.attention * (twin(x_st) - a_s).abs().mean(), list(twin.parameters()))
+    opt_g = SpyAdam(model.generator_parameters(), model)
+    opt_d = SpyAdam(model.discriminator_parameters(), model)
+    before = snapshot(model)
+    log = EDAANTrainStep(model, objective)(x_s, labels, x_t, opt_g, opt_d,
+                                            Phase(False, True, refine_target_attention=True))
+    learners = names(model, ("encoder_", "generator_", "reid_head", "attention_T"))
+    assert opt_g.with_grad == learners
+    assert changed(before, model) == learners | names(model, ("discriminator_",))
+    for got, want in zip((p.grad for p in model.attention_T.parameters()), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    assert log["refine"] == pytest.approx(float((twin(x_st) - a_s).abs().mean()), rel=1e-5)
+    assert Phase.for_epoch(3, 4, 4, refine=True) == Phase(True, False, False)
+    assert Phase.for_epoch(4, 4, 4, refine=True) == Phase(False, True, True)
 
 
 def test_no_attention_model_trains_without_attention_terms():

@@ -103,7 +103,7 @@ class PhaseSwitch(HookBase):
     def before_epoch(self, trainer):
         _, local_epoch = trainer.stage_at(trainer.epoch)
         trainer.phase = Phase.for_epoch(local_epoch, trainer.run.phase_epoch,
-                                        trainer.run.phase_epoch)
+                                        trainer.run.phase_epoch, trainer.run.attention_refine)
 
 
 class LRSchedule(HookBase):

@@ -198,6 +198,7 @@ class RunConfig:
     attention_consistency: str = "real-target"
     lambda_tv: float = 0.0
     binary_mask: float = 0.0
+    attention_refine: bool = False
     reid_attention_grad: bool = False
     lambda_metric: float = 1.0
     lambda_id: float = 1.0
@@ -324,7 +325,7 @@ class RunConfig:
             lr=float(self.lr), amp=bool(self.amp), compile=bool(self.compile),
             binary_mask=float(self.binary_mask), attention_anneal=float(self.attention_anneal),
             reid_attention_grad=bool(self.reid_attention_grad),
-            progress=bool(self.progress), model=dict(self.model),
+            attention_refine=bool(self.attention_refine), progress=bool(self.progress), model=dict(self.model),
         )
 
     def _check_names(self) -> None:

@@ -79,21 +79,27 @@ class Phase:
     Attributes:
         train_attention: the attention nets learn (first 30 epochs) or are frozen.
         masked_discriminator: the discriminators see backgrounds only (after 30 epochs).
+        refine_target_attention: while the attention nets are frozen, ``A_T`` still learns
+            from ``target_attention_refinement`` alone (``--attention-refine``; not in the
+            paper).
     """
 
     train_attention: bool = True
     masked_discriminator: bool = False
+    refine_target_attention: bool = False
 
     @classmethod
     def for_epoch(cls, epoch: int, attention_epochs: int = 30,
-                  whole_image_epochs: int = 30) -> "Phase":
-        """The paper's schedule: 0-based ``epoch`` < 30 -> (train attention, whole images)."""
+                  whole_image_epochs: int = 30, refine: bool = False) -> "Phase":
+        """The paper's schedule: 0-based ``epoch`` < 30 -> (train attention, whole images);
+        ``refine`` turns on ``refine_target_attention`` once the attention nets freeze."""
         return cls(train_attention=epoch < attention_epochs,
-                   masked_discriminator=epoch >= whole_image_epochs)
+                   masked_discriminator=epoch >= whole_image_epochs,
+                   refine_target_attention=refine and epoch >= attention_epochs)
 
 
 GENERATOR_TERMS = ("gan_s2t", "gan_t2s", "cycle", "attention", "smoothness", "metric", "id",
-                   "total")
+                   "refine", "total")
 DISCRIMINATOR_TERMS = ("d_S", "d_T", "d_total")
 
 
@@ -207,8 +213,9 @@ class EDAANTrainStep:
                  phase: Phase = Phase()) -> dict[str, float]:
         """One generator step and one discriminator step; returns the logged terms as floats.
 
-        Keys: ``gan_s2t, gan_t2s, cycle, attention, metric, id, total`` (generator, unweighted
-        terms and the weighted total of eq. 9), ``d_S, d_T, d_total`` (discriminators), and
+        Keys: ``gan_s2t, gan_t2s, cycle, attention, smoothness, metric, id, refine, total``
+        (generator, unweighted terms and the weighted total of eq. 9), ``d_S, d_T, d_total``
+        (discriminators), and
         ``skipped_G``, ``skipped_D`` (1.0 when an fp16 GradScaler skipped that optimiser's step).
 
         Raises:
@@ -225,8 +232,11 @@ class EDAANTrainStep:
         optimizer_G.zero_grad(set_to_none=True)
         with self._autocast(device_type, dtype):
             out = model(x_s, x_t, with_reid=labels is not None)
+            refine = phase.refine_target_attention and model.attention_T is not None
+            if refine:  # A_T learns from this term alone: it was frozen for the forward
+                set_requires_grad(model.attention_T, True)
             g = objective.generator_losses(model, out, x_s, x_t, labels,
-                                           phase.masked_discriminator)
+                                           phase.masked_discriminator, refine)
         log = self._to_floats("generator", GENERATOR_TERMS, list(g.terms().values()), dtype)
         skipped_G = self._optimise(g.total, optimizer_G, self.scaler_G)
 

@@ -50,6 +50,18 @@ def attention_consistency_loss(attn_s: torch.Tensor, attn_t_of_st: torch.Tensor,
             + F.l1_loss(attn_s_of_ts.float(), attn_t.float()))
 
 
+def target_attention_refinement(attention_T, x_st: torch.Tensor,
+                                attn_s: torch.Tensor) -> torch.Tensor:
+    """``mean|A_T(x_ST) - A_S(x_S)|`` with ``x_ST`` and ``A_S(x_S)`` fixed (float32).
+
+    The real-target half of eq. (5) on its own, for after the phase switch: ``A_S`` is frozen
+    and ``A_T`` keeps learning its map from translations of a generator that is still
+    improving, so it sees target-style backgrounds closer to the real ones than the early
+    translations it learnt from before the switch (docs/attention.md §8).
+    """
+    return F.l1_loss(attention_T(x_st.detach()).float(), attn_s.detach().float())
+
+
 def attention_smoothness_loss(*maps: torch.Tensor) -> torch.Tensor:
     """Total variation of attention maps, ``mean|A[y+1] - A[y]| + mean|A[x+1] - A[x]|``,
     summed over ``maps`` (each ``[N, 1, H, W]``), in float32.

@@ -12,8 +12,11 @@ Paper symbols -> code (``GeneratorLosses`` field: what it is):
 ``metric``             ``L_quartet`` (eq. 7) or ``L_triplet`` (eq. 6), weighted by ``λ_quartet``
                        (``LossWeights.metric``)
 ``id``                 ``L_id`` (eq. 8), weighted by ``λ_id``
+``refine``             after the phase switch with ``--attention-refine`` only (not in eq. 9):
+                       ``mean|A_T(x_ST) - A_S(x_S)|`` with both right-hand maps fixed, weighted
+                       by ``λ_attn``; 0 otherwise
 ``total``              ``gan_s2t + gan_t2s + λ_cyc cycle + λ_attn attention
-                       + λ_tv smoothness + λ_quartet metric + λ_id id``
+                       + λ_tv smoothness + λ_quartet metric + λ_id id (+ λ_attn refine)``
 =====================  ===================================================================
 
 Eq. (9) as printed has no separate cycle term: "an attention loss is used within the
@@ -34,7 +37,11 @@ import torch
 from torch import nn
 
 from .adversarial import discriminator_input, lsgan_discriminator_loss, lsgan_generator_loss
-from .attention import attention_consistency_loss, attention_smoothness_loss
+from .attention import (
+    attention_consistency_loss,
+    attention_smoothness_loss,
+    target_attention_refinement,
+)
 from .cycle import cycle_loss
 from .identity import id_loss
 
@@ -74,6 +81,7 @@ class GeneratorLosses:
     smoothness: torch.Tensor
     metric: torch.Tensor
     id: torch.Tensor
+    refine: torch.Tensor
     total: torch.Tensor
 
     def terms(self) -> dict[str, torch.Tensor]:
@@ -124,8 +132,8 @@ class EDAANObjective(nn.Module):
                 + w.attention_tv * smoothness + w.metric * metric + w.id * id_)
 
     def generator_losses(self, model, out, x_s: torch.Tensor, x_t: torch.Tensor,
-                         labels: torch.Tensor | None, masked_discriminator: bool
-                         ) -> GeneratorLosses:
+                         labels: torch.Tensor | None, masked_discriminator: bool,
+                         refine_target_attention: bool = False) -> GeneratorLosses:
         """All generator-side terms of eq. (9) for one forward ``out = model(x_s, x_t)``.
 
         Args:
@@ -135,6 +143,9 @@ class EDAANObjective(nn.Module):
             labels: int64 ``[N]`` source identities (``None`` or ``out.reid is None``: no re-ID
                 terms).
             masked_discriminator: the phase flag (discriminators see backgrounds only).
+            refine_target_attention: add ``λ_attn *``
+                :func:`~edaan_fast.losses.attention.target_attention_refinement` (``refine``;
+                the caller lets only ``A_T`` learn from it, after the phase switch).
         """
         zero = x_s.new_zeros((), dtype=torch.float32)
         fake_st = self.discriminator_view(out.s2t.image, out.s2t.attention, masked_discriminator)
@@ -160,7 +171,13 @@ class EDAANObjective(nn.Module):
             if self.metric_loss is not None:
                 metric = self.metric_loss(out.reid.embedding.float(), both).float()
         total = self.weighted_total(gan_s2t, gan_t2s, cyc, attn, metric, ident, smooth)
-        return GeneratorLosses(gan_s2t, gan_t2s, cyc, attn, smooth, metric, ident, total)
+        refine = zero
+        if refine_target_attention and out.s2t.attention is not None:
+            refine = target_attention_refinement(model.attention_T, out.s2t.image,
+                                                 out.s2t.attention)
+            total = total + self.weights.attention * refine
+        return GeneratorLosses(gan_s2t, gan_t2s, cyc, attn, smooth, metric, ident, refine,
+                               total)
 
     def discriminator_view(self, x: torch.Tensor, mask: torch.Tensor | None,
                            masked: bool) -> torch.Tensor:
