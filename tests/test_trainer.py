@@ -144,6 +144,12 @@ def test_attention_anneal_ramps_the_attention_group_to_zero_at_the_phase_switch(
         RunConfig(attention_anneal=1.5).resolve()
 
 
+def test_attention_refine_is_resolved_and_needs_two_attention_nets():
+    assert RunConfig(attention_refine=True).resolve().attention_refine is True
+    with pytest.raises(RunConfigError, match="attention_refine needs two attention nets"):
+        RunConfig(attention_refine=True, model={"shared_attention": True}).resolve()
+
+
 @pytest.mark.parametrize("epochs, expected", [(200, 30), (80, 12), (40, 6), (10, 2), (7, 1),
                                               (3, 1), (1, 1)])
 def test_phase_switch_scales_the_papers_30_of_200_epochs(epochs, expected):

@@ -317,6 +317,9 @@ class RunConfig:
                                  f"{image_size!r}")
         attention = bool(self.attention and flags.attention)
         _check_model(preset.model, [int(v) for v in image_size], attention, self.model)
+        if self.attention_refine and self.model.get("shared_attention"):
+            raise RunConfigError("attention_refine needs two attention nets (A_T learns from "
+                                 "the frozen A_S); got model shared_attention: true")
         return self.replace(
             attention=attention,
             epochs=int(epochs), lambda_cyc=float(lambda_cyc), phase_epoch=int(phase),
