@@ -257,7 +257,8 @@ def test_coordinate_channels_let_the_map_depend_on_position():
 
 def test_shared_attention_is_one_net_in_every_group():
     model = build_model("tiny", shared_attention=True)
-    assert model.attention_T is model.attention_S and model.attention_nets() == [model.attention_S]
+    assert model.attention_T is model.attention_S
+    assert model.attention_nets() == [model.attention_S]
     ids = [id(p) for p in model.generator_parameters()]
     assert len(ids) == len(set(ids))
     state = model.state_dict()

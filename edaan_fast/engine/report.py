@@ -158,8 +158,8 @@ def attention_markdown(attention: Mapping[str, Any] | None) -> str:
         q = attention[net]
         best = "-" if q["best_iou"] is None else f"{q['best_iou']:.2f} ({q['best_t']:.2f})"
         lines.append(f"| {what} | {cell(q['auc'])} | {cell(q['iou'])} | {best} | "
-                     f"{cell(q.get('position_auc'))} | {cell(q['mean'])} | {cell(q['spatial_std'])} | "
-                     f"{cell(q['centre_contrast'])} |")
+                     f"{cell(q.get('position_auc'))} | {cell(q['mean'])} | "
+                     f"{cell(q['spatial_std'])} | {cell(q['centre_contrast'])} |")
     return "\n".join(lines) + "\n"
 
 

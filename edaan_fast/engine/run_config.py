@@ -328,7 +328,8 @@ class RunConfig:
             lr=float(self.lr), amp=bool(self.amp), compile=bool(self.compile),
             binary_mask=float(self.binary_mask), attention_anneal=float(self.attention_anneal),
             reid_attention_grad=bool(self.reid_attention_grad),
-            attention_refine=bool(self.attention_refine), progress=bool(self.progress), model=dict(self.model),
+            attention_refine=bool(self.attention_refine), progress=bool(self.progress),
+            model=dict(self.model),
         )
 
     def _check_names(self) -> None:

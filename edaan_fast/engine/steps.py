@@ -232,7 +232,7 @@ class EDAANTrainStep:
         optimizer_G.zero_grad(set_to_none=True)
         with self._autocast(device_type, dtype):
             out = model(x_s, x_t, with_reid=labels is not None)
-            refine = phase.refine_target_attention and model.attention_T is not None
+            refine = phase.refine_target_attention and model.has_attention
             if refine:  # A_T learns from this term alone: it was frozen for the forward
                 set_requires_grad(model.attention_T, True)
             g = objective.generator_losses(model, out, x_s, x_t, labels,

@@ -136,15 +136,15 @@ def position_auc(maps, masks, chunk: int = 64) -> float | None:
     if a.shape != y.shape:
         raise ValueError(f"position_auc: masks must match the maps' shape, got "
                          f"{tuple(y.shape)} and {tuple(a.shape)}")
-    wins = pairs = 0.0
+    above = ties = pairs = 0
     for lo in range(0, a.shape[1], chunk):
         s, pos = a[:, lo:lo + chunk], y[:, lo:lo + chunk]
         both = pos[:, None, :] & ~pos[None, :, :]  # [i person, j background, position]
         diff = s[:, None, :] - s[None, :, :]
-        score = (diff > 0).to(torch.float64) + 0.5 * (diff == 0).to(torch.float64)
-        wins += float((score * both).sum())
-        pairs += float(both.sum())
-    return wins / pairs if pairs else None
+        above += int(((diff > 0) & both).sum())
+        ties += int(((diff == 0) & both).sum())
+        pairs += int(both.sum())
+    return (above + 0.5 * ties) / pairs if pairs else None
 
 
 def _pooled_iou(pred: torch.Tensor, truth: torch.Tensor) -> float:

@@ -175,8 +175,8 @@ class ModelConfig:
         least one score (``floor(x / 2**disc_layers) - 2 >= 1``: 24 for the 70x70 PatchGAN,
         whose receptive field may exceed the image, as zero padding fills it), the encoder's
         bottleneck must be at least 2x2 (reflection padding and instance norm need 2 values per
-        axis), the attention net's stride-4 residual block likewise (8 by default), and each of the re-ID
-        head's ``reid_stripes`` bands at least one row of the bottleneck. 24x24 for both
+        axis), the attention net's stride-4 residual block likewise (8 by default), and each of
+        the re-ID head's ``reid_stripes`` bands at least one row of the bottleneck. 24x24 for both
         presets; a 256x128 or 64x32 person crop is far above it."""
         step = self.size_multiple
 

@@ -208,19 +208,19 @@ class EDAAN(nn.Module):
 
     # ------------------------------------------------------------------ training forward
 
-    def _cycle(self, x: torch.Tensor, fwd: Translation, back_encoder: Encoder,
-               back_generator: Generator, back_attention: AttentionNet | None):
+    def _cycle(self, start: torch.Tensor, fixed_maps: bool, fwd: Translation,
+               back_encoder: Encoder, back_generator: Generator,
+               back_attention: AttentionNet | None):
         """(reconstruction, back attention map ``A(x_translated)``) for one direction.
 
-        Without ``cycle_attention_grad`` both blends of the cycle use detached maps, so the
-        cycle loss cannot reach the attention nets; the back map ``A(x_translated)`` is then
-        taken of that translation and trains only the back net through eq. (5)."""
+        ``start`` is the translation the cycle maps back: ``fwd.image``, or with ``fixed_maps``
+        (no ``cycle_attention_grad``) the same blend with a detached map; the back blend then
+        detaches its map too, so the cycle loss cannot reach the attention nets, and the back
+        map (taken of ``start``) trains only the back net through eq. (5)."""
         if self.config.cycle_through_attention:
-            cut = fwd.attention is not None and not self.config.cycle_attention_grad
-            image = mask_blend(x, fwd.generated, fwd.attention.detach()) if cut else fwd.image
-            back = self._map(image, back_encoder, back_generator, back_attention)
-            if cut:
-                return mask_blend(image, back.generated, back.attention.detach()), back.attention
+            back = self._map(start, back_encoder, back_generator, back_attention)
+            if fixed_maps:
+                return mask_blend(start, back.generated, back.attention.detach()), back.attention
             return back.image, back.attention
         rec = back_generator(back_encoder(fwd.generated))  # eq. (4) literally
         return rec, (back_attention(fwd.image) if back_attention is not None else None)
@@ -233,17 +233,23 @@ class EDAAN(nn.Module):
             x_t: ``[M, C, H, W]`` target images (unlabelled).
             with_reid: also run ``E_S`` + re-ID head on ``cat([x_S, x_ST])``.
         """
+        cfg = self.config
         s2t = self.s2t(x_s)
         t2s = self.t2s(x_t)
-        rec_s, a_t_of_st = self._cycle(x_s, s2t, self.encoder_T, self.generator_T,
-                                       self.attention_T)
-        rec_t, a_s_of_ts = self._cycle(x_t, t2s, self.encoder_S, self.generator_S,
-                                       self.attention_S)
+        cut_cycle = self.has_attention and not cfg.cycle_attention_grad
+        cut_reid = self.has_attention and with_reid and not cfg.reid_attention_grad
+        # x_ST with a detached map, once, for whichever losses must not move A_S
+        st_fixed = (mask_blend(x_s, s2t.generated, s2t.attention.detach())
+                    if cut_cycle or cut_reid else s2t.image)
+        ts_start = (mask_blend(x_t, t2s.generated, t2s.attention.detach()) if cut_cycle
+                    else t2s.image)
+        rec_s, a_t_of_st = self._cycle(st_fixed if cut_cycle else s2t.image, cut_cycle, s2t,
+                                       self.encoder_T, self.generator_T, self.attention_T)
+        rec_t, a_s_of_ts = self._cycle(ts_start, cut_cycle, t2s,
+                                       self.encoder_S, self.generator_S, self.attention_S)
         reid = None
         if with_reid:
-            x_st = s2t.image
-            if s2t.attention is not None and not self.config.reid_attention_grad:
-                x_st = mask_blend(x_s, s2t.generated, s2t.attention.detach())
+            x_st = st_fixed if cut_reid else s2t.image
             features = torch.cat([s2t.features, self.encoder_S(x_st)], dim=0)
             reid = self.reid_head(features)
         return EDAANOutput(s2t, t2s, rec_s, rec_t, a_t_of_st, a_s_of_ts, reid)
