@@ -1,11 +1,13 @@
 """Core data types shared by every reader: :class:`Record`, :class:`ReIDDataset`,
-:class:`DatasetError`, and the image helpers that report a bad file by its path."""
+:class:`DatasetError`, the image helpers that report a bad file by its path, and
+:func:`install_folder` for caches that several processes may write at once."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import shutil
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -202,3 +204,33 @@ def list_images(folder: Path) -> list[Path]:
     if skipped:
         logger.debug("%s: skipped %d non-image file(s)", folder, skipped)
     return images
+
+
+def install_folder(tmp: Path, final: Path, keep: Callable[[Path], bool] = lambda _: False) -> None:
+    """Move the finished folder ``tmp`` to ``final``, replacing what is there.
+
+    Safe when other processes install the same folder at the same time (one render per DDP
+    rank, parallel benchmark runs): a folder at ``final`` for which ``keep(final)`` holds
+    (another process's complete copy) is kept and ``tmp`` discarded; anything else is renamed
+    aside first, an atomic step only one process can win, and then removed; and when another
+    process installs its copy between that step and ours, ``os.replace`` refuses to overwrite
+    it and that copy is kept if ``keep`` accepts it.
+    """
+    if keep(final):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    aside = final.with_name(f".{final.name}.old{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.replace(final, aside)
+    except FileNotFoundError:  # nothing there, or another process moved it first
+        pass
+    else:
+        logger.info("replacing %s", final)
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.replace(tmp, final)
+    except OSError:  # a non-empty folder appeared at ``final`` in the meantime
+        if not keep(final):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

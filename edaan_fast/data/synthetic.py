@@ -12,14 +12,17 @@ still show the effect EDAAN is about. So the data set is built around the paper'
 - **the domain gap lives in the background**, where the paper puts it ("transform only the
   color and structure of the background"): the source domain ``S`` is a bright street (pale
   sky/facades with windows, grey pavement with tile lines); the target ``T`` is a dark indoor
-  scene (navy/purple gradient, saturated vertical columns, lamp glows, tiled floor with fine
-  noise), under its own illumination (gain, gamma) and colour cast. The person is drawn from
+  scene (navy/purple gradient, saturated vertical columns, tiled floor with fine noise),
+  under its own illumination (gain, gamma) and colour cast. The person is drawn from
   the same distribution in both domains and keeps their colours: only the per-camera tint and
   a per-image exposure jitter, the same spread in both domains, touch the whole image.
   Translating the background while preserving the person (eq. (1)'s mask) is exactly what
   closes the gap. (Cache version 2 lit the person with the domain's light too, so that the
   discriminators had a reason to want the person translated; the attention measurements that
-  led to the change are in docs/attention.md.)
+  led to the change are in docs/attention.md. Version 3 also lit the target scene with lamp
+  glows: a background detail the source domain has no counterpart for, which the cycle term
+  cannot carry through a source-style image, so the target attention learnt to keep the lamps
+  rather than the person; version 4 has none.)
 - each domain has several cameras: a camera fixes its scene layout and a colour tint; each
   image jitters the pose (stride, arm swing), scale, position, facing (mirror) and noise.
 
@@ -54,12 +57,12 @@ from PIL import Image
 
 from edaan_fast._progress import progress_bar
 
-from .base import DatasetError, ReIDDataset, read_mask
+from .base import DatasetError, ReIDDataset, install_folder, read_mask
 from .market_layout import MARKET_LAYOUT, MARKET_PATTERN, read_market_layout
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 DOMAINS = ("source", "target")
 MARKER = ".complete.json"
 RENDER_CHUNK = 256  # images per parallel render task
@@ -381,10 +384,6 @@ def _static_background(style: DomainStyle, cam: dict, H: int, W: int, margin: in
             col = np.array(colorsys.hsv_to_rgb(h_, 0.85, 0.55 + 0.3 * bh), np.float32) * 255
             ridge = 0.75 + 0.25 * (np.floor(yy / (0.05 * H)) % 2)
             out = out * (1 - cov[..., None]) + (col * ridge[..., None]) * cov[..., None]
-        for bx0, bw, _, _ in cam["blocks"][:3]:  # lamps
-            ly, lx = 0.12 + 0.2 * bw, bx0
-            glow = np.exp(-(((y - ly) / 0.08) ** 2 + ((x - lx) / 0.18) ** 2))
-            out += glow[..., None] * np.array([150, 130, 60], np.float32)
         floor = y >= horizon
         tiles = (np.floor(xx / (0.2 * W)) + np.floor(yy / (0.06 * H))) % 2
         out = np.where(floor[..., None], (30 + 35 * tiles)[..., None]
@@ -541,13 +540,8 @@ def render(root: str | Path | None = None, preset: str | SyntheticPreset = "tiny
     (tmp / MARKER).write_text(json.dumps({
         "version": CACHE_VERSION, "seed": seed, "preset": asdict(preset), "counts": counts,
         "seconds": round(time.perf_counter() - start, 2)}, indent=1))
-    if final.exists():
-        if not force and _marker_matches(final, preset, seed):  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-            return final
-        logger.info("replacing incomplete or stale synthetic cache %s", final)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    # another process may have finished the same set meanwhile: its complete copy is kept
+    install_folder(tmp, final, keep=lambda f: not force and _marker_matches(f, preset, seed))
     return final
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from edaan_fast._progress import progress_bar
 
-from .base import Record
+from .base import Record, install_folder
 from .loaders import build_loader
 from .transforms import to_unit_range
 
@@ -133,8 +133,7 @@ def write_translated_set(model: nn.Module, records: Sequence[Record],
                        progress=progress)
     model.train(was_training)
     (tmp / ".complete.json").write_text(json.dumps({"count": len(records)}) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    install_folder(tmp, folder)
     return translated_records(records, folder)
 
 
