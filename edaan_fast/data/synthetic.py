@@ -12,7 +12,7 @@ still show the effect EDAAN is about. So the data set is built around the paper'
 - **the domain gap lives in the background**, where the paper puts it ("transform only the
   color and structure of the background"): the source domain ``S`` is a bright street (pale
   sky/facades with windows, grey pavement with tile lines); the target ``T`` is a dark indoor
-  scene (navy/purple gradient, saturated vertical columns, tiled floor with fine noise),
+  scene (navy/purple gradient, muted blue-violet columns, tiled floor with fine noise),
   under its own illumination (gain, gamma) and colour cast. The person is drawn from
   the same distribution in both domains and keeps their colours: only the per-camera tint and
   a per-image exposure jitter, the same spread in both domains, touch the whole image.
@@ -20,9 +20,10 @@ still show the effect EDAAN is about. So the data set is built around the paper'
   closes the gap. (Cache version 2 lit the person with the domain's light too, so that the
   discriminators had a reason to want the person translated; the attention measurements that
   led to the change are in docs/attention.md. Version 3 also lit the target scene with lamp
-  glows: a background detail the source domain has no counterpart for, which the cycle term
-  cannot carry through a source-style image, so the target attention learnt to keep the lamps
-  rather than the person; version 4 has none.)
+  glows, a background detail the source domain has no counterpart for and which the cycle
+  term cannot carry through a source-style image, and painted its columns in saturated
+  clothing colours; the attention nets kept both as if they were people. Version 4 has no
+  lamps and columns in the scene's own muted hues.)
 - each domain has several cameras: a camera fixes its scene layout and a colour tint; each
   image jitters the pose (stride, arm swing), scale, position, facing (mirror) and noise.
 
@@ -377,11 +378,11 @@ def _static_background(style: DomainStyle, cam: dict, H: int, W: int, margin: in
         top = np.array([20, 24, 62], np.float32)
         low = np.array([58, 30, 74], np.float32)
         out[:] = top + (low - top) * y[..., None]
-        for k, (bx0, bw, bh, hue) in enumerate(cam["blocks"]):  # coloured columns
+        for k, (bx0, bw, bh, hue) in enumerate(cam["blocks"]):  # columns in the scene's hues
             x0 = bx0 * 1.3 - 0.15
             cov = ((x >= x0) & (x < x0 + 0.05 + 0.12 * bw)).astype(np.float32)
-            h_ = (cam["hue"] + 0.35 * k + 0.1 * hue) % 1.0
-            col = np.array(colorsys.hsv_to_rgb(h_, 0.85, 0.55 + 0.3 * bh), np.float32) * 255
+            h_ = 0.6 + 0.15 * ((cam["hue"] + 0.35 * k + 0.1 * hue) % 1.0)  # blue to violet
+            col = np.array(colorsys.hsv_to_rgb(h_, 0.3, 0.35 + 0.25 * bh), np.float32) * 255
             ridge = 0.75 + 0.25 * (np.floor(yy / (0.05 * H)) % 2)
             out = out * (1 - cov[..., None]) + (col * ridge[..., None]) * cov[..., None]
         floor = y >= horizon
