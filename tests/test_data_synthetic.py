@@ -100,6 +100,22 @@ def test_masks_and_domain_gap(tiny):
     assert _background_texture(folder, "target") > 2 * _background_texture(folder, "source")
 
 
+def test_only_the_people_wear_vivid_colours(tiny):
+    """The backgrounds differ in tone and structure but hold nothing coloured like clothing,
+    which a discriminator would accept as a person (version 3's target columns did)."""
+    _, folder, _ = tiny
+    for domain in ("source", "target"):
+        fg, bg = _pixels(folder, domain)
+        vivid_fg, vivid_bg = _vivid(fg).mean(), _vivid(bg).mean()
+        assert vivid_fg > 0.25 and vivid_bg < 0.03, (domain, vivid_fg, vivid_bg)
+
+
+def _vivid(rgb: np.ndarray) -> np.ndarray:
+    """Saturation above 0.5 at a value above 0.3 (HSV) -- clothing colours."""
+    top, bottom = rgb.max(1) / 255, rgb.min(1) / 255
+    return ((top - bottom) / np.maximum(top, 1e-3) > 0.5) & (top > 0.3)
+
+
 def _background_texture(folder: Path, domain: str) -> float:
     """Mean absolute difference between horizontally adjacent background pixels."""
     diffs = []
