@@ -33,9 +33,10 @@ EPILOG = """\
 schedule (paper section IV-B): Adam lr 2e-4, betas (0.5, 0.999); lr constant for the first half
 of the epochs, then linear decay to 0. Attention nets learn and discriminators see whole images
 until the phase epoch (paper preset: max(1, round(30/200 * epochs)), the paper's 30 of 200;
-tiny preset: round(0.3 * epochs), 12 of 40), then the attention nets are frozen and the
-discriminators see backgrounds only. Attention training departs from the printed setting in
-three places (docs/attention.md); --paper-attention restores it.
+tiny preset: round(0.3 * epochs), 12 of 40), then A_S is frozen, A_T learns only from A_S's
+maps on the translations (--attention-refine) and the discriminators see backgrounds only.
+Attention training departs from the printed setting in four places (docs/attention.md);
+--paper-attention restores it.
 
 variants: edaan = translator and re-ID trained jointly; daan = translator first, translated
 source set written to <output-dir>/translated/, then re-ID on real + translated; cyclegan =
@@ -177,7 +178,8 @@ def _attention_options(p: argparse.ArgumentParser, d, c) -> None:
         d.binary_mask))
     g.add_argument("--attention-refine", action=argparse.BooleanOptionalAction,
                    help=_default("after the phase switch A_T keeps learning A_T(x_ST) -> A_S(x_S) "
-                                 "alone (not in the paper)", d.attention_refine))
+                                 "alone (not in the paper)", "on, unless the model shares one "
+                                 "attention net between the domains"))
     g.add_argument("--reid-attention-grad", action=argparse.BooleanOptionalAction,
                    help=_default("let the re-ID loss on x_ST train the attention nets",
                                  d.reid_attention_grad))

@@ -22,7 +22,8 @@ from edaan_fast.engine.checkpoint import (
 )
 from edaan_fast.engine.report import METRIC_KEYS
 from edaan_fast.engine.run_config import (
-    VARIANTS, RunConfig, RunConfigError, load_run_file, phase_epochs, target_dataset,
+    PAPER_ATTENTION, VARIANTS, RunConfig, RunConfigError, load_run_file, phase_epochs,
+    target_dataset,
 )
 from edaan_fast.engine.step import Phase
 from edaan_fast.engine.trainer import (
@@ -144,10 +145,14 @@ def test_attention_anneal_ramps_the_attention_group_to_zero_at_the_phase_switch(
         RunConfig(attention_anneal=1.5).resolve()
 
 
-def test_attention_refine_is_resolved_and_needs_two_attention_nets():
-    assert RunConfig(attention_refine=True).resolve().attention_refine is True
+def test_attention_refine_is_on_by_default_where_there_are_two_attention_nets():
+    assert RunConfig().resolve().attention_refine is True
+    assert RunConfig(attention_refine=False).resolve().attention_refine is False
+    assert RunConfig(**PAPER_ATTENTION).resolve().attention_refine is False
+    shared = {"shared_attention": True}
+    assert RunConfig(model=shared).resolve().attention_refine is False  # nothing to refine
     with pytest.raises(RunConfigError, match="attention_refine needs two attention nets"):
-        RunConfig(attention_refine=True, model={"shared_attention": True}).resolve()
+        RunConfig(attention_refine=True, model=shared).resolve()
 
 
 @pytest.mark.parametrize("epochs, expected", [(200, 30), (80, 12), (40, 6), (10, 2), (7, 1),

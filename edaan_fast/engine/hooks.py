@@ -202,11 +202,13 @@ class Progress(HookBase):
         means = {k: v / self.count for k, v in self.sums.items()}
         trainer.last_epoch_losses = means
         phase = trainer.phase
+        attention = ("learning" if phase.train_attention else
+                     "A_S frozen, A_T refining" if phase.refine_target_attention else "frozen")
         logger.info("epoch %d/%d %s: %s | %.0f img/s | lr %.2e | %s",
                     trainer.epoch, trainer.total_epochs, trainer.stage.name,
                     postfix(means, None), self.images / max(seconds, 1e-9), self.lr,
                     "re-ID only" if not trainer.stage.translates else
-                    f"attention {'learning' if phase.train_attention else 'frozen'}, "
+                    f"attention {attention}, "
                     f"D on {'backgrounds' if phase.masked_discriminator else 'whole images'}")
 
     def close(self, trainer):
