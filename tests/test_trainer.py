@@ -151,6 +151,7 @@ def test_attention_refine_is_on_by_default_where_there_are_two_attention_nets():
     assert RunConfig(**PAPER_ATTENTION).resolve().attention_refine is False
     shared = {"shared_attention": True}
     assert RunConfig(model=shared).resolve().attention_refine is False  # nothing to refine
+    assert RunConfig(attention=False).resolve().attention_refine is False
     with pytest.raises(RunConfigError, match="attention_refine needs two attention nets"):
         RunConfig(attention_refine=True, model=shared).resolve()
 

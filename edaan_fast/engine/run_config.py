@@ -322,7 +322,8 @@ class RunConfig:
         if self.attention_refine and shared:
             raise RunConfigError("attention_refine needs two attention nets (A_T learns from "
                                  "the frozen A_S); got model shared_attention: true")
-        refine = not shared if self.attention_refine is None else bool(self.attention_refine)
+        refine = attention and (not shared if self.attention_refine is None
+                                else bool(self.attention_refine))
         return self.replace(
             attention=attention,
             epochs=int(epochs), lambda_cyc=float(lambda_cyc), phase_epoch=int(phase),
