@@ -63,7 +63,8 @@ class Recorder(HookBase):
 
     @staticmethod
     def _attention(trainer):
-        return {k: v.clone() for k, v in trainer.model.attention_S.state_dict().items()}
+        return {f"{net}.{k}": v.clone() for net in ("attention_S", "attention_T")
+                for k, v in getattr(trainer.model, net).state_dict().items()}
 
     def before_train(self, trainer):
         self.attention.append(self._attention(trainer))
@@ -236,13 +237,17 @@ def straight(tmp_path_factory):
 
 def test_phase_switches_and_attention_freezes(straight):
     _, _, _, rec = straight
-    assert rec.phases == [Phase(True, False), Phase(False, True), Phase(False, True)]
+    # from epoch 2 on A_S is frozen and A_T refined (the default --attention-refine)
+    assert rec.phases == [Phase(True, False), Phase(False, True, True), Phase(False, True, True)]
     # 3 epochs: constant for ceil(3 / 2) = 2, then 1 - 1/2
     assert [rec.lrs[e] for e in range(3)] == pytest.approx([2e-4, 2e-4, 1e-4])
     init, first, second, third = rec.attention
-    assert any(not torch.equal(init[k], first[k]) for k in init)        # learned in epoch 1
+    source = [k for k in init if k.startswith("attention_S.")]
+    target = [k for k in init if k.startswith("attention_T.")]
+    assert any(not torch.equal(init[k], first[k]) for k in source)      # learned in epoch 1
     assert all(torch.equal(first[k], second[k]) and torch.equal(second[k], third[k])
-               for k in first)                                          # frozen from epoch 2
+               for k in source)                                         # frozen from epoch 2
+    assert any(not torch.equal(first[k], second[k]) for k in target)    # A_T refined
 
 
 def test_report_json_markdown_and_config(straight):
