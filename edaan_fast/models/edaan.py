@@ -238,12 +238,13 @@ class EDAAN(nn.Module):
         t2s = self.t2s(x_t)
         cut_cycle = self.has_attention and not cfg.cycle_attention_grad
         cut_reid = self.has_attention and with_reid and not cfg.reid_attention_grad
-        # x_ST with a detached map, once, for whichever losses must not move A_S
+        # x_ST with a detached map, blended once for whichever losses must not move A_S
         st_fixed = (mask_blend(x_s, s2t.generated, s2t.attention.detach())
-                    if cut_cycle or cut_reid else s2t.image)
+                    if cut_cycle or cut_reid else None)
+        st_start = st_fixed if cut_cycle else s2t.image
         ts_start = (mask_blend(x_t, t2s.generated, t2s.attention.detach()) if cut_cycle
                     else t2s.image)
-        rec_s, a_t_of_st = self._cycle(st_fixed if cut_cycle else s2t.image, cut_cycle, s2t,
+        rec_s, a_t_of_st = self._cycle(st_start, cut_cycle, s2t,
                                        self.encoder_T, self.generator_T, self.attention_T)
         rec_t, a_s_of_ts = self._cycle(ts_start, cut_cycle, t2s,
                                        self.encoder_S, self.generator_S, self.attention_S)
