@@ -105,7 +105,7 @@ def test_refinement_trains_only_the_target_attention_net_from_its_own_term():
     assert changed(before, model) == learners | names(model, ("discriminator_",))
     for got, want in zip((p.grad for p in model.attention_T.parameters()), expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
-    assert log["refine"] == pytest.approx(float((twin(x_st) - a_s).abs().mean()), rel=1e-5)
+    assert log["refine"] == pytest.approx((twin(x_st) - a_s).abs().mean().item(), rel=1e-5)
     assert Phase.for_epoch(3, 4, 4, refine=True) == Phase(True, False, False)
     assert Phase.for_epoch(4, 4, 4, refine=True) == Phase(False, True, True)
 
