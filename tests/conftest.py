@@ -51,6 +51,56 @@ def pytest_runtest_setup(item):
         pytest.skip(f"needs CUDA: {CUDA_MISSING}")
 
 
+@pytest.fixture(autouse=True)
+def _run_in_a_temporary_folder(tmp_path, monkeypatch):
+    """Every test runs in its own empty working directory, so nothing a user left in the
+    checkout (``runs/default`` of an interrupted ``python -m edaan_fast.train``) changes a test,
+    and no test writes into the checkout (checked at the end of the session, below)."""
+    monkeypatch.chdir(tmp_path)
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+#: What a build or a test tool may write in the checkout; everything else must stay as it was.
+_BUILD_OUTPUTS = {".git", "build", "build-cmake", "dist", ".pytest_cache", ".benchmarks",
+                  ".ruff_cache", "__pycache__", ".eggs"}
+
+
+def _checkout_files() -> dict[str, int]:
+    """``{relative path: mtime_ns}`` of the checkout's files outside build outputs."""
+    found = {}
+    for folder, dirs, files in os.walk(CHECKOUT):
+        dirs[:] = [d for d in dirs if d not in _BUILD_OUTPUTS and not d.endswith(".egg-info")]
+        for name in files:
+            if name.endswith((".so", ".pyc")) or name == "_build_info.json":
+                continue
+            path = os.path.join(folder, name)
+            try:
+                found[os.path.relpath(path, CHECKOUT)] = os.stat(path).st_mtime_ns
+            except OSError:
+                pass
+    return found
+
+
+def pytest_sessionstart(session):
+    session.config._checkout_before = _checkout_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_checkout_before", None)
+    if before is None:
+        return
+    after = _checkout_files()
+    changed = sorted(p for p in after if before.get(p) != after[p])
+    removed = sorted(set(before) - set(after))
+    if changed or removed:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = ("the tests wrote into the checkout " + str(CHECKOUT) + ": "
+                + ", ".join([*changed[:10], *(f"{p} (removed)" for p in removed[:10])]))
+        if reporter is not None:
+            reporter.write_line("ERROR: " + text, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def shared_data_dir() -> Path | None:
     """``../shared/data`` beside the checkout (or $EDAAN_FAST_SHARED_DATA); None if absent."""
     env = os.environ.get("EDAAN_FAST_SHARED_DATA")

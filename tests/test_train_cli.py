@@ -65,7 +65,11 @@ def test_config_file_then_command_line_overrides(tmp_path):
     (["--epochs", "0"], "epochs must be an integer >= 1; got 0"),
     (["--source", "market1501"], "needs a folder: pass --data-root"),
 ])
-def test_bad_options_exit_2_with_one_line(argv, match, capsys):
+@pytest.mark.parametrize("output_dir_holds_a_run", [False, True])
+def test_bad_options_exit_2_with_one_line(argv, match, output_dir_holds_a_run, capsys):
+    if output_dir_holds_a_run:  # a bad option is named first, whatever the folder holds
+        os.makedirs("runs/default")
+        open("runs/default/checkpoint.pt", "wb").close()
     assert cli.main(argv + ["--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and match in err and err.startswith("edaan_fast.train: error:")

@@ -271,6 +271,8 @@ class RunConfig:
                 option, what was expected and what came.
         """
         self._check_names()
+        for which in ("source", "target"):  # before anything reads a folder
+            data_root(self.to_dict(), which)
         flags = VARIANTS[self.variant]
         preset = RUN_PRESETS[self.preset]
         epochs = preset.epochs if self.epochs is None else self.epochs
@@ -424,15 +426,27 @@ def load_run_file(path: str | os.PathLike) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- data sets
 
-def _dataset(run: dict[str, Any], which: str) -> ReIDDataset:
+def data_root(run: dict[str, Any], which: str) -> str | None:
+    """The folder of the ``which`` (``"source"``/``"target"``) data set of a run dict: its own
+    root, else ``data_root``; None for the embedded synthetic set's default cache.
+
+    Raises:
+        RunConfigError: a named (non-synthetic) data set without a folder.
+    """
     name = run[which]
     root = run.get(f"{which}_root") or run.get("data_root")
+    if root is None and name != "synthetic":
+        raise RunConfigError(f"the {which} data set {name!r} needs a folder: pass --data-root "
+                             f"(or --{which}-root)")
+    return root
+
+
+def _dataset(run: dict[str, Any], which: str) -> ReIDDataset:
+    name = run[which]
+    root = data_root(run, which)
     if name == "synthetic":
         return build_dataset("synthetic", root=root, domain=which,
                              preset=synthetic_preset(run), seed=int(run["seed"]))
-    if root is None:
-        raise RunConfigError(f"the {which} data set {name!r} needs a folder: pass --data-root "
-                             f"(or --{which}-root)")
     dataset = build_dataset(name, root=root)
     if not dataset.train:
         raise RunConfigError(f"the {which} data set {name!r} under {dataset.root} has no "
