@@ -61,6 +61,27 @@ ERRORS = (("edaan_fast.metrics.features", "EvaluationError"),
 VARIANTS = tuple(VARIANT_NAMES)
 
 
+def _check_options(p: argparse.ArgumentParser) -> None:
+    chk = p.add_argument_group("checks")
+    chk.add_argument("--expect-variant", choices=VARIANTS,
+                     help="refuse a checkpoint of another variant")
+    chk.add_argument("--expect-preset", choices=("tiny", "paper"),
+                     help="refuse a checkpoint of another preset")
+    chk.add_argument("--expect-attention", action=argparse.BooleanOptionalAction, default=None,
+                     help="refuse a checkpoint with (--expect-no-attention) / without attention")
+
+
+def _attention_options(p: argparse.ArgumentParser) -> None:
+    at = p.add_argument_group("attention (models with attention nets)")
+    at.add_argument("--person-masks", type=Path, metavar="DIR",
+                    help="person masks of the evaluated data set (python -m edaan_fast.masks): "
+                         "score the attention net of its domain against them (ROC-AUC, IoU, "
+                         "position AUC) and draw them beside the maps in the figures")
+    at.add_argument("--attention-domain", choices=("target", "source"), default="target",
+                    help="which net the evaluated data set's images belong to: target = A_T, "
+                         "source = A_S")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -130,13 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images in the mask and translation figures")
     out.add_argument("--name", help="row label of the table (default: from the run)")
 
-    chk = p.add_argument_group("checks")
-    chk.add_argument("--expect-variant", choices=VARIANTS,
-                     help="refuse a checkpoint of another variant")
-    chk.add_argument("--expect-preset", choices=("tiny", "paper"),
-                     help="refuse a checkpoint of another preset")
-    chk.add_argument("--expect-attention", action=argparse.BooleanOptionalAction, default=None,
-                     help="refuse a checkpoint with (--expect-no-attention) / without attention")
+    _attention_options(p)
+    _check_options(p)
 
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and the table only")

@@ -90,6 +90,11 @@ def _data_options(p: argparse.ArgumentParser, d, c) -> None:
                    "(overrides --data-root for it)")
     g.add_argument("--target-root", metavar="DIR", help="folder of the target data set "
                    "(overrides --data-root for it)")
+    g.add_argument("--source-person-masks", metavar="DIR", help="person masks of the source "
+                   "data set (python -m edaan_fast.masks): the run's evaluations score A_S "
+                   "against them (ROC-AUC, IoU, position AUC) on real images")
+    g.add_argument("--target-person-masks", metavar="DIR", help="person masks of the target "
+                   "data set: the run's evaluations score A_T against them")
     g.add_argument("--seed", type=int, help=_default(
         "seed of the weights, the samplers, the augmentation and the synthetic set", d.seed))
     g.add_argument("--loader", choices=c.LOADERS,
@@ -169,6 +174,12 @@ def _attention_options(p: argparse.ArgumentParser, d, c) -> None:
     g.add_argument("--lambda-tv", type=float, help=_default(
         "weight of the attention maps' total variation (a mask regulariser; 0 = off)",
         d.lambda_tv))
+    g.add_argument("--lambda-area", type=float, help=_default(
+        "weight of the kept area of the attention maps beyond --area-budget (the L1 mask "
+        "penalty of GANimation / Chen et al.'s Attention-GAN; 0 = off)", d.lambda_area))
+    g.add_argument("--area-budget", type=float, metavar="F", help=_default(
+        "fraction of each image the maps may keep at no cost (0 = a plain L1 penalty)",
+        d.area_budget))
     g.add_argument("--attention-anneal", type=float, metavar="F", help=_default(
         "decay the attention nets' learning rate linearly to 0 over the last fraction F of "
         "the epochs before the phase switch (0 = off)", d.attention_anneal))

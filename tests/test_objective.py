@@ -10,6 +10,7 @@ from torch import nn
 from edaan_fast.losses import (
     EDAANObjective,
     LossWeights,
+    attention_area_loss,
     attention_consistency_loss,
     cycle_loss,
     discriminator_input,
@@ -143,7 +144,9 @@ def model_and_batch():
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("weights", [LossWeights(), LossWeights(gan=0.5, cycle=3.0, attention=2.0,
                                                                 metric=0.7, id=1.5,
-                                                                attention_tv=0.4)])
+                                                                attention_tv=0.4,
+                                                                attention_area=0.6,
+                                                                area_budget=0.2)])
 def test_total_is_the_weighted_sum_of_the_logged_terms(model_and_batch, weights, masked):
     model, x_s, x_t, labels = model_and_batch
     objective = EDAANObjective(BatchHardTriplet(), weights)
@@ -156,8 +159,8 @@ def test_total_is_the_weighted_sum_of_the_logged_terms(model_and_batch, weights,
     assert masked or t["refine"] == 0.0
     expected = (weights.gan * (t["gan_s2t"] + t["gan_t2s"]) + weights.cycle * t["cycle"]
                 + weights.attention * (t["attention"] + t["refine"])
-                + weights.attention_tv * t["smoothness"] + weights.metric * t["metric"]
-                + weights.id * t["id"])
+                + weights.attention_tv * t["smoothness"] + weights.attention_area * t["area"]
+                + weights.metric * t["metric"] + weights.id * t["id"])
     assert t["total"] == pytest.approx(expected, rel=1e-6)
 
 
@@ -219,3 +222,16 @@ def test_discriminator_losses_pair_each_discriminator_with_its_domain(model_and_
     assert d.d_T.item() == pytest.approx(d_t.item(), rel=1e-6)
     assert d.d_S.item() == pytest.approx(d_s.item(), rel=1e-6)
     assert d.total.item() == pytest.approx(d_s.item() + d_t.item(), rel=1e-6)
+
+
+def test_attention_area_loss_by_hand():
+    """Two images keeping 0.8 and 0.3 of their pixels: with budget 0.5 only the first pays,
+    (0.8 - 0.5) / 2 images = 0.15 per map; with budget 0 the plain mean, (0.8 + 0.3) / 2; the
+    gradient reaches only the image over budget, 1 / (2 images x 4 pixels) per pixel."""
+    a = torch.tensor([0.8, 0.3]).view(2, 1, 1, 1).expand(2, 1, 2, 2).clone().requires_grad_()
+    loss = attention_area_loss(a, a, budget=0.5)  # two maps: summed
+    assert loss.item() == pytest.approx(2 * 0.15, abs=1e-6)
+    loss.backward()
+    assert torch.allclose(a.grad[0], torch.full((1, 2, 2), 2 / 8))
+    assert torch.equal(a.grad[1], torch.zeros(1, 2, 2))
+    assert attention_area_loss(a.detach(), budget=0.0).item() == pytest.approx(0.55, abs=1e-6)

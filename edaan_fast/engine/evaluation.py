@@ -27,7 +27,11 @@ from edaan_fast.metrics.features import (
 )
 from edaan_fast.metrics.protocols import format_table
 
+from edaan_fast.data import Record
+from edaan_fast.data.person_masks import read_manifest
+
 from .checkpoint import load_checkpoint, model_from_checkpoint
+from .evaluator import evaluate_attention
 from .extractor import device_of
 from .figures import Compared, require_viz, write_figures
 from .report import DATASET_NAMES, method_name
@@ -80,6 +84,8 @@ class EvaluateOptions:
     expect_variant: str | None = None
     expect_preset: str | None = None
     expect_attention: bool | None = None
+    person_masks: Path | None = None
+    attention_domain: str = "target"
     progress: bool = False
 
     @property
@@ -232,6 +238,11 @@ def validate(opts: EvaluateOptions) -> None:
                               "fixes the protocol")
     if opts.compare_checkpoint is not None and opts.figures is None:
         raise EvaluationError("--compare-checkpoint is used by the figures: add --figures DIR")
+    if opts.person_masks is not None:
+        if opts.checkpoint is None:
+            raise EvaluationError("--person-masks scores a model's attention: it needs "
+                                  "--checkpoint, not --features")
+        read_manifest(opts.person_masks)  # a wrong folder is named before any work
     _check_output("--output", opts.output)
     _check_output("--export-features", opts.export_features)
     _check_output("--figures", opts.figures, folder=True)
@@ -341,6 +352,33 @@ def _rank(opts: EvaluateOptions, scored: _Scored) -> tuple[dict, torch.Tensor | 
     return results, dist
 
 
+def _attention(opts: EvaluateOptions, scored: _Scored, device) -> dict | None:
+    """With ``--person-masks``: the attention net of the evaluated domain scored on the first
+    query/gallery pair's images against those masks (``None`` without masks or nets)."""
+    if opts.person_masks is None:
+        return None
+    if scored.model is None or not scored.model.has_attention:
+        logger.warning("--person-masks: %s has no attention net; nothing to score", scored.label)
+        return None
+    net = "A_T" if opts.attention_domain == "target" else "A_S"
+    q, g = next(iter(scored.features.values()))
+    records = [Record(p, int(i), int(c)) for f in (q, g)
+               for p, i, c in zip(f.paths or [], f.pids, f.camids)]
+    t0 = time.perf_counter()
+    quality = evaluate_attention(scored.model, {net: records},
+                                 image_size=tuple(scored.model.config.image_size),
+                                 device=device, batch_size=opts.batch_size,
+                                 person_masks={net: opts.person_masks})
+    scored.seconds["attention"] = time.perf_counter() - t0
+    if net not in quality:
+        raise EvaluationError(f"--person-masks {opts.person_masks}: the segmenter found no "
+                              f"person in any of the {len(records)} images")
+    out = quality[net].to_dict()
+    sys.stdout.write(f"attention {net} against {opts.person_masks}: "
+                     + quality[net].summary() + "\n")
+    return {"net": net, "person_masks": str(opts.person_masks), **out}
+
+
 def _metrics(result) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else float(v))
             for k, v in result.as_metrics().items()}
@@ -393,6 +431,7 @@ def run_evaluation(opts: EvaluateOptions) -> dict:
     sys.stdout.write(format_table(table_rows(scored.protocol, results, scored.label),
                                   columns=TABLE_COLUMNS) + "\n")
     sys.stdout.flush()
+    attention = _attention(opts, scored, device)
     figures: list[Path] = []
     if opts.figures is not None:
         t0 = time.perf_counter()
@@ -400,12 +439,13 @@ def run_evaluation(opts: EvaluateOptions) -> dict:
                                 model=scored.model, run=scored.run,
                                 compare=_compared(opts, scored),
                                 queries=opts.figure_queries, images=opts.figure_images,
-                                device=device)
+                                device=device, person_masks=opts.person_masks)
         scored.seconds["figures"] = time.perf_counter() - t0
         for f in figures:
             logger.info("wrote %s", f)
     scored.seconds["total"] = time.perf_counter() - t_start
     report = _report(opts, scored, results, figures, device)
+    report["attention_quality"] = attention
     if opts.output is not None:
         write_json(opts.output, _jsonable(report))
         logger.info("wrote %s", opts.output)

@@ -14,6 +14,7 @@ Ranking the features (:class:`Features`, :func:`evaluate_features`, :func:`evalu
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -171,7 +172,8 @@ def attention_probe(records: Sequence[Record], max_images: int = 200) -> list[Re
 @torch.no_grad()
 def evaluate_attention(model: nn.Module, splits: Mapping[str, Sequence[Record]], *,
                        image_size: tuple[int, int], device: str | torch.device = "cpu",
-                       batch_size: int = 64, max_images: int = 200):
+                       batch_size: int = 64, max_images: int = 200,
+                       person_masks: Mapping[str, str | Path | None] | None = None):
     """Attention quality of ``A_S`` and ``A_T`` on held-out images (paper eq. 1-2, Fig. 7).
 
     Args:
@@ -180,15 +182,23 @@ def evaluate_attention(model: nn.Module, splits: Mapping[str, Sequence[Record]],
             own domain's images (held-out: pass the test splits, ``query + gallery``).
         image_size: ``(H, W)`` the model was trained at.
         max_images: images per net, spread evenly over the records.
+        person_masks: ``{"A_S": mask folder, "A_T": mask folder}`` of a real data set
+            (:mod:`edaan_fast.data.person_masks`); a net without one is scored against the
+            synthetic set's own masks where its images have them.
 
     Returns:
-        ``{"A_S": AttentionQuality, "A_T": AttentionQuality}``: against the ground-truth person
-        masks where every image has one (the synthetic set), label-free proxies otherwise
+        ``{"A_S": AttentionQuality, "A_T": AttentionQuality}``: against person masks where
+        there are some (the synthetic set's, or a mask folder's; crops in which the segmenter
+        found no person are left out), label-free proxies otherwise
         (:mod:`edaan_fast.metrics.attention`).
+
+    Raises:
+        DatasetError: a mask folder that does not fit the images (the first bad file named).
     """
     import torch.nn.functional as F
 
     from edaan_fast.data import build_loader
+    from edaan_fast.data.person_masks import read_person_masks
     from edaan_fast.data.synthetic import load_masks
     from edaan_fast.metrics import attention_quality
 
@@ -199,10 +209,17 @@ def evaluate_attention(model: nn.Module, splits: Mapping[str, Sequence[Record]],
     out = {}
     for name, records in splits.items():
         probe = attention_probe(records, max_images)
+        folder = (person_masks or {}).get(name)
+        masks = None
+        if folder is not None:
+            probe, masks = read_person_masks(probe, folder, size=tuple(image_size))
+        if not probe:
+            continue
         dl = build_loader(probe, train=False, batch_size=batch_size, num_workers=0,
                           image_size=image_size)
         maps = torch.cat([nets[name](b.images.to(device)).float().cpu() for b in dl])
-        masks = load_masks(probe)
+        if folder is None:
+            masks = load_masks(probe)
         if masks is not None and masks.shape[-2:] != maps.shape[-2:]:
             masks = F.interpolate(masks, size=maps.shape[-2:], mode="bilinear",
                                   align_corners=False)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edaan_fast.data.person_masks import read_person_masks
 from edaan_fast.data.synthetic import load_masks
 from edaan_fast.data.transforms import to_unit_range
 from edaan_fast.metrics.features import EvaluationError
@@ -174,15 +175,19 @@ def _ranking_figures(out: Path, features: dict, dist: torch.Tensor, label: str,
 
 @torch.no_grad()
 def _model_figures(out: Path, q, model, run: dict, label: str, compare: Compared | None,
-                   images: int, device) -> list[Path]:
+                   images: int, device, person_masks: Path | None = None) -> list[Path]:
     """``attention_target.png`` / ``attention_source.png`` (Fig. 7) and
     ``translation_s2t.png`` / ``translation_t2s.png`` (Fig. 4)."""
     from edaan_fast import viz
     from edaan_fast.data import Record
 
     cfg = model.config
-    target = _pick([Record(p, int(i), int(c)) for p, i, c in zip(q.paths or [], q.pids, q.camids)],
-                   images)
+    queries = [Record(p, int(i), int(c)) for p, i, c in zip(q.paths or [], q.pids, q.camids)]
+    truths = {}
+    if person_masks is not None:  # the queries the segmenter found a person in, with masks
+        queries, masks = read_person_masks(queries, person_masks)
+        truths = {r.path: m for r, m in zip(queries, masks)}
+    target = _pick(queries, images)
     if not target or not Path(target[0].path).is_file():
         logger.warning("no readable target images: attention and translation figures skipped")
         return []
@@ -201,7 +206,8 @@ def _model_figures(out: Path, q, model, run: dict, label: str, compare: Compared
             if x is None:
                 continue
             img = _to_unit(x, cfg)
-            truth = load_masks(records)
+            truth = (torch.stack([truths[r.path] for r in records])
+                     if truths and name == "target" else load_masks(records))
             written.append(viz.plot_attention(
                 img, _enlarge(net(x), img), out / f"attention_{name}.png", value_range=(0, 1),
                 truth=None if truth is None else _enlarge(truth, img)))
@@ -221,7 +227,8 @@ def _model_figures(out: Path, q, model, run: dict, label: str, compare: Compared
 
 def write_figures(out: Path, features: dict, dist: torch.Tensor, *, label: str, model=None,
                   run: dict | None = None, compare: Compared | None = None,
-                  queries: int = 8, images: int = 8, device="cpu") -> list[Path]:
+                  queries: int = 8, images: int = 8, device="cpu",
+                  person_masks: Path | None = None) -> list[Path]:
     """The paper's figures for the first query/gallery pair of ``features``.
 
     * ``rank_list.png`` (Fig. 6): ``queries`` queries and their top 10;
@@ -229,7 +236,9 @@ def write_figures(out: Path, features: dict, dist: torch.Tensor, *, label: str, 
     * ``tsne.png`` (Fig. 5): t-SNE of the query and gallery embeddings of 10 identities, one
       marker per camera; ``tsne_compare.png`` likewise;
     * ``attention_target.png`` / ``attention_source.png`` (Fig. 7): ``A_T(x_T)`` / ``A_S(x_S)``
-      with the foreground ``A x`` and background ``(1 - A) x`` (models with attention only);
+      with the foreground ``A x`` and background ``(1 - A) x`` (models with attention only),
+      and the person masks beside them (the synthetic set's, or ``person_masks``, a mask folder
+      of the evaluated data set, for ``attention_target.png``);
     * ``translation_s2t.png`` / ``translation_t2s.png`` (Fig. 4): ``images`` inputs next to
       their translations by the model and by the compare model.
     """
@@ -240,4 +249,5 @@ def write_figures(out: Path, features: dict, dist: torch.Tensor, *, label: str, 
         logger.info("no model (features file): attention and translation figures skipped")
         return written
     q = next(iter(features.values()))[0]
-    return written + _model_figures(out, q, model, run or {}, label, compare, images, device)
+    return written + _model_figures(out, q, model, run or {}, label, compare, images, device,
+                                    person_masks)

@@ -63,7 +63,7 @@ ATTENTION_CONSISTENCY = CONSISTENCY_MODES
 #: collapse, and refine ``A_T`` after the switch.
 PAPER_ATTENTION: dict[str, Any] = {
     "attention_lr_scale": 1.0, "attention_consistency": "symmetric", "lambda_tv": 0.0,
-    "reid_attention_grad": True, "attention_refine": False,
+    "lambda_area": 0.0, "reid_attention_grad": True, "attention_refine": False,
 }
 
 #: The paper trains 200 epochs and switches phase after 30 (§IV-B).
@@ -179,6 +179,8 @@ class RunConfig:
     data_root: str | None = None
     source_root: str | None = None
     target_root: str | None = None
+    source_person_masks: str | None = None  # mask folders scoring the attention on real data
+    target_person_masks: str | None = None
     seed: int = 0
     image_size: list[int] | None = None
     # schedule (§IV-B)
@@ -198,6 +200,8 @@ class RunConfig:
     lambda_attn: float = 10.0
     attention_consistency: str = "real-target"
     lambda_tv: float = 0.0
+    lambda_area: float = 0.0
+    area_budget: float = 0.0
     binary_mask: float = 0.0
     attention_refine: bool | None = None  # None: on wherever there are two attention nets
     reid_attention_grad: bool = False
@@ -353,6 +357,7 @@ class RunConfig:
     def _check_numbers(self, lambda_cyc: Any) -> None:
         """Weights, rates and probabilities in range; ``model`` a mapping."""
         for name in ("lr", "attention_lr_scale", "lambda_gan", "lambda_attn", "lambda_tv",
+                     "lambda_area",
                      "lambda_metric", "lambda_id", "margin", "label_smoothing"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -368,7 +373,7 @@ class RunConfig:
                 or not 0.0 <= self.binary_mask < 1.0):
             raise RunConfigError(f"binary_mask must be a number in [0, 1) (0 = the soft mask); "
                                  f"got {self.binary_mask!r}")
-        for name in ("beta1", "beta2", "flip_p"):
+        for name in ("beta1", "beta2", "flip_p", "area_budget"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise RunConfigError(f"{name} must be a number in [0, 1]; got {value!r}")
@@ -477,7 +482,8 @@ def target_dataset(run: dict[str, Any]) -> ReIDDataset:
 #: Options that may differ between a checkpoint's run and the run that resumes it: where and
 #: how output goes, and how data are read. Everything else defines the training and must match.
 RESUMABLE_KEYS = frozenset({"output_dir", "progress", "num_workers", "eval_every",
-                            "checkpoint_every", "eval_batch_size", "device"})
+                            "checkpoint_every", "eval_batch_size", "device",
+                            "source_person_masks", "target_person_masks"})
 
 
 def resume_config(checkpoint_run: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:

@@ -126,7 +126,8 @@ def build_objective(run: RunConfig, world_size: int = 1) -> EDAANObjective:
     return EDAANObjective(
         metric_loss,
         LossWeights(gan=run.lambda_gan, cycle=run.lambda_cyc, attention=run.lambda_attn,
-                    metric=run.lambda_metric, attention_tv=run.lambda_tv, id=run.lambda_id),
+                    metric=run.lambda_metric, attention_tv=run.lambda_tv, id=run.lambda_id,
+                    attention_area=run.lambda_area, area_budget=run.area_budget),
         label_smoothing=run.label_smoothing, attention_consistency=run.attention_consistency,
         binary_mask=run.binary_mask)
 

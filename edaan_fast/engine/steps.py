@@ -98,8 +98,8 @@ class Phase:
                    refine_target_attention=refine and epoch >= attention_epochs)
 
 
-GENERATOR_TERMS = ("gan_s2t", "gan_t2s", "cycle", "attention", "smoothness", "metric", "id",
-                   "refine", "total")
+GENERATOR_TERMS = ("gan_s2t", "gan_t2s", "cycle", "attention", "smoothness", "area", "metric",
+                   "id", "refine", "total")
 DISCRIMINATOR_TERMS = ("d_S", "d_T", "d_total")
 
 
@@ -213,7 +213,8 @@ class EDAANTrainStep:
                  phase: Phase = Phase()) -> dict[str, float]:
         """One generator step and one discriminator step; returns the logged terms as floats.
 
-        Keys: ``gan_s2t, gan_t2s, cycle, attention, smoothness, metric, id, refine, total``
+        Keys: ``gan_s2t, gan_t2s, cycle, attention, smoothness, area, metric, id, refine,
+        total``
         (generator, unweighted terms and the weighted total of eq. 9), ``d_S, d_T, d_total``
         (discriminators), and
         ``skipped_G``, ``skipped_D`` (1.0 when an fp16 GradScaler skipped that optimiser's step).

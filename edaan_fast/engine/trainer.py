@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from edaan_fast.data import PKSampler, RandomBatchSampler
+from edaan_fast.data.person_masks import read_manifest
 from edaan_fast.data.translated import write_translated_set  # noqa: F401  (re-exported)
 
 from .checkpoint import ResumePoint, load_model_state, model_config_to_dict, save_checkpoint
@@ -110,6 +111,11 @@ class Trainer:
                             else (0 if self.device.type == "cpu" else 4))
         self.source = source_dataset(self.run.to_dict())
         self.target = target_dataset(self.run.to_dict())
+        self.person_masks = {net: folder for net, folder in (
+            ("A_S", self.run.source_person_masks), ("A_T", self.run.target_person_masks))
+            if folder is not None}
+        for folder in self.person_masks.values():
+            read_manifest(folder)  # a wrong folder is named now, not at the first evaluation
         check_batch_split(self.run, self.dist.world_size)
         self.model_config = run_model_config(self.run, self.source.num_train_pids)
         self.objective = build_objective(self.run, self.dist.world_size)
@@ -265,7 +271,7 @@ class Trainer:
             q = evaluate_attention(
                 self.model, held_out,
                 image_size=tuple(self.run.image_size), device=self.device,
-                batch_size=self.run.eval_batch_size)
+                batch_size=self.run.eval_batch_size, person_masks=self.person_masks)
             result = {"epoch": self.epoch, **{k: v.to_dict() for k, v in q.items()}}
         return gather(self.dist, result)[0]
 

@@ -1,7 +1,9 @@
 """EDAAN's objective (eq. 3-9): adversarial, cycle, attention-consistency, metric and ID terms."""
 
 from .adversarial import discriminator_input, lsgan_discriminator_loss, lsgan_generator_loss
-from .attention import attention_consistency_loss, attention_smoothness_loss
+from .attention import (
+    attention_area_loss, attention_consistency_loss, attention_smoothness_loss,
+)
 from .cycle import cycle_loss
 from .identity import CrossEntropyLabelSmooth, id_loss
 from .metric import METRIC_LOSSES, QuartetLoss, TripletLoss, build_metric_loss
@@ -18,6 +20,7 @@ __all__ = [
     "TripletLoss",
     "attention_consistency_loss",
     "attention_smoothness_loss",
+    "attention_area_loss",
     "build_metric_loss",
     "cycle_loss",
     "discriminator_input",

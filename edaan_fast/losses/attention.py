@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CONSISTENCY_MODES", "attention_consistency_loss", "attention_smoothness_loss"]
+__all__ = ["CONSISTENCY_MODES", "attention_area_loss", "attention_consistency_loss",
+           "attention_smoothness_loss"]
 
 
 #: How eq. (5)'s two sides learn: ``symmetric`` (as printed: both maps get gradients),
@@ -75,4 +76,25 @@ def attention_smoothness_loss(*maps: torch.Tensor) -> torch.Tensor:
         a = a.float()
         total = total + (a[..., 1:, :] - a[..., :-1, :]).abs().mean() \
             + (a[..., 1:] - a[..., :-1]).abs().mean()
+    return total
+
+
+def attention_area_loss(*maps: torch.Tensor, budget: float = 0.0) -> torch.Tensor:
+    """How much more of each image the maps keep than ``budget``: the mean over images of
+    ``max(mean(A) - budget, 0)``, summed over ``maps`` (each ``[N, 1, H, W]``), in float32.
+
+    With ``budget = 0`` it is the mean of the map, the L1 mask penalty of GANimation (Pumarola
+    et al., 2018: "the attention mask can easily saturate to 1, which makes the generator have
+    no effect") and of Attention-GAN for object transfiguration (Chen et al., 2018, the paper's
+    ref. [49]), in EDAAN's convention where ``A = 1`` keeps the real pixel. Every term of eq.
+    (9) but the adversarial ones is smallest when nothing is translated (the identity map is
+    cycle-consistent and pairs ``x_ST`` with ``x_S``), so without a price on keeping the maps
+    drift to 1 (docs/attention.md, "Real images"). A ``budget`` (the fraction of a crop the
+    person covers) leaves an image alone once it keeps no more than that, so the price only
+    stops the drift and the other terms decide *where* the kept pixels go.
+    """
+    total = maps[0].new_zeros((), dtype=torch.float32)
+    for a in maps:
+        kept = a.float().flatten(1).mean(1)
+        total = total + (kept - budget).clamp_min(0).mean()
     return total

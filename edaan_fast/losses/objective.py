@@ -9,6 +9,8 @@ Paper symbols -> code (``GeneratorLosses`` field: what it is):
 ``attention``          ``L_attn(A_S) + L_attn(A_T)`` (eq. 5), weighted by ``λ_attn``
 ``smoothness``         total variation of ``A_S(x_S)`` and ``A_T(x_T)`` (a mask regulariser,
                        not in eq. 9), weighted by ``λ_tv`` (0 = the paper's objective)
+``area``               the kept area of ``A_S(x_S)`` and ``A_T(x_T)`` beyond a budget (a mask
+                       regulariser, not in eq. 9), weighted by ``λ_area`` (0 = the paper's)
 ``metric``             ``L_quartet`` (eq. 7) or ``L_triplet`` (eq. 6), weighted by ``λ_quartet``
                        (``LossWeights.metric``)
 ``id``                 ``L_id`` (eq. 8), weighted by ``λ_id``
@@ -16,7 +18,8 @@ Paper symbols -> code (``GeneratorLosses`` field: what it is):
                        ``mean|A_T(x_ST) - A_S(x_S)|`` with both right-hand maps fixed, weighted
                        by ``λ_attn``; 0 otherwise
 ``total``              ``gan_s2t + gan_t2s + λ_cyc cycle + λ_attn attention
-                       + λ_tv smoothness + λ_quartet metric + λ_id id (+ λ_attn refine)``
+                       + λ_tv smoothness + λ_area area + λ_quartet metric + λ_id id
+                       (+ λ_attn refine)``
 =====================  ===================================================================
 
 Eq. (9) as printed has no separate cycle term: "an attention loss is used within the
@@ -38,6 +41,7 @@ from torch import nn
 
 from .adversarial import discriminator_input, lsgan_discriminator_loss, lsgan_generator_loss
 from .attention import (
+    attention_area_loss,
     attention_consistency_loss,
     attention_smoothness_loss,
     target_attention_refinement,
@@ -54,7 +58,8 @@ class LossWeights:
     CycleGAN's ``λ_cyc = 10``; ``gan`` scales both adversarial terms (1 in the paper);
     ``metric`` is the paper's ``λ_quartet``, the weight of the metric loss (quartet or triplet;
     ``train --lambda-metric``, logged as ``metric``); ``attention_tv`` weighs the attention
-    maps' total variation (0 in the paper)."""
+    maps' total variation and ``attention_area`` their kept area beyond ``area_budget`` (both 0
+    in the paper)."""
 
     gan: float = 1.0
     cycle: float = 10.0
@@ -62,6 +67,8 @@ class LossWeights:
     metric: float = 1.0
     attention_tv: float = 0.0
     id: float = 1.0
+    attention_area: float = 0.0
+    area_budget: float = 0.0
 
     def __post_init__(self):
         for f in fields(self):
@@ -79,6 +86,7 @@ class GeneratorLosses:
     cycle: torch.Tensor
     attention: torch.Tensor
     smoothness: torch.Tensor
+    area: torch.Tensor
     metric: torch.Tensor
     id: torch.Tensor
     refine: torch.Tensor
@@ -126,10 +134,11 @@ class EDAANObjective(nn.Module):
         self.label_smoothing = label_smoothing
 
     def weighted_total(self, gan_s2t, gan_t2s, cycle, attention, metric, id_,
-                       smoothness=0.0) -> torch.Tensor:
+                       smoothness=0.0, area=0.0) -> torch.Tensor:
         w = self.weights
         return (w.gan * (gan_s2t + gan_t2s) + w.cycle * cycle + w.attention * attention
-                + w.attention_tv * smoothness + w.metric * metric + w.id * id_)
+                + w.attention_tv * smoothness + w.attention_area * area + w.metric * metric
+                + w.id * id_)
 
     def generator_losses(self, model, out, x_s: torch.Tensor, x_t: torch.Tensor,
                          labels: torch.Tensor | None, masked_discriminator: bool,
@@ -159,24 +168,28 @@ class EDAANObjective(nn.Module):
                                               self.attention_consistency)
         else:
             attn = zero
-        smooth = zero
+        smooth = area = zero
         if out.s2t.attention is not None:
-            # logged even at λ_tv = 0 (a measure of the maps), without a backward then
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.weights.attention_tv > 0):
+            # logged even at λ_tv = λ_area = 0 (measures of the maps), without a backward then
+            grad = torch.is_grad_enabled()
+            with torch.set_grad_enabled(grad and self.weights.attention_tv > 0):
                 smooth = attention_smoothness_loss(out.s2t.attention, out.t2s.attention)
+            with torch.set_grad_enabled(grad and self.weights.attention_area > 0):
+                area = attention_area_loss(out.s2t.attention, out.t2s.attention,
+                                           budget=self.weights.area_budget)
         metric = ident = zero
         if out.reid is not None and labels is not None:
             both = torch.cat([labels, labels])
             ident = id_loss(out.reid.logits, both, self.label_smoothing)
             if self.metric_loss is not None:
                 metric = self.metric_loss(out.reid.embedding.float(), both).float()
-        total = self.weighted_total(gan_s2t, gan_t2s, cyc, attn, metric, ident, smooth)
+        total = self.weighted_total(gan_s2t, gan_t2s, cyc, attn, metric, ident, smooth, area)
         refine = zero
         if refine_target_attention and out.s2t.attention is not None:
             refine = target_attention_refinement(model.attention_T, out.s2t.image,
                                                  out.s2t.attention)
             total = total + self.weights.attention * refine
-        return GeneratorLosses(gan_s2t, gan_t2s, cyc, attn, smooth, metric, ident, refine,
+        return GeneratorLosses(gan_s2t, gan_t2s, cyc, attn, smooth, area, metric, ident, refine,
                                total)
 
     def discriminator_view(self, x: torch.Tensor, mask: torch.Tensor | None,
