@@ -8,7 +8,8 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["EXIT_ERROR", "input_errors", "one_line", "run_command", "setup_logging"]
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "input_errors", "one_line", "run_command",
+           "setup_logging"]
 
 EXIT_ERROR = 2
 
@@ -44,12 +45,19 @@ def input_errors(extra: Sequence[tuple[str, str]] = ()) -> tuple[type[BaseExcept
     return tuple(types)
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
+
+
 def run_command(prog: str, call: Callable[[], object],
                 extra: Sequence[tuple[str, str]] = ()) -> int:
     """Run ``call()``; return 0, or write a bad input's error as one line on stderr
-    (``<prog>: error: ...``) and return :data:`EXIT_ERROR`. Other exceptions propagate."""
+    (``<prog>: error: ...``) and return :data:`EXIT_ERROR`, or on Ctrl-C one line
+    (``<prog>: interrupted``) and :data:`EXIT_INTERRUPTED`. Other exceptions propagate."""
     try:
         call()
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if not isinstance(exc, input_errors(extra)):
             raise

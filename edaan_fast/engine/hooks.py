@@ -57,10 +57,13 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.checkpoint, self.epoch, self.iteration = checkpoint, epoch, iteration
         where = f"epoch {epoch + 1}, iteration {iteration}"
         at = f"during {during} (after {epoch} epochs)" if during else f"at {where}"
-        msg = (f"training interrupted {at}; checkpoint saved to {checkpoint}; continue "
-               f"with --resume {checkpoint}" if checkpoint is not None else
-               f"training interrupted in the middle of an iteration ({where}); nothing was "
-               "written, the last periodic checkpoint (if any) is intact")
+        if checkpoint is not None:
+            msg = (f"training interrupted {at}; checkpoint saved to {checkpoint}; continue "
+                   f"with --resume {checkpoint}")
+        else:
+            when = f"during {during}" if during else "in the middle of an iteration"
+            msg = (f"training interrupted {when} ({where}); nothing was written, the last "
+                   "periodic checkpoint (if any) is intact")
         super().__init__(msg)
 
 

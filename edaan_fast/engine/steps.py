@@ -72,6 +72,20 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term came out NaN or infinite; the message names the step and the term."""
 
 
+def _running_stats(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(buffer, copy)`` of every normalisation layer's running statistics: a forward pass in
+    train mode updates them before the losses can be checked (a few KB in these models)."""
+    return [(b, b.clone()) for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+            for b in m.buffers()]
+
+
+def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for buffer, copy in saved:
+            buffer.copy_(copy)
+
+
 @dataclass(frozen=True)
 class Phase:
     """The two schedule flags of §IV-B.
@@ -155,11 +169,14 @@ class EDAANTrainStep:
         return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
 
     def _to_floats(self, which: str, names: tuple[str, ...], values: list[torch.Tensor],
-                   dtype: torch.dtype | None) -> dict[str, float]:
-        """One host sync for all terms; raises on the first non-finite one."""
+                   dtype: torch.dtype | None,
+                   saved: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> dict[str, float]:
+        """One host sync for all terms; raises on the first non-finite one, after putting the
+        ``saved`` running statistics back (the step then changed nothing of the model)."""
         floats = torch.stack([v.detach().float() for v in values]).tolist()
         for name, value in zip(names, floats):
             if not math.isfinite(value):
+                _restore(saved)
                 precision = "float32" if dtype is None else f"autocast {dtype}"
                 raise NonFiniteLossError(
                     f"non-finite {which} loss at training step {self.num_steps}: {name} = "
@@ -231,6 +248,7 @@ class EDAANTrainStep:
         set_requires_grad(model.discriminators(), False)
         set_requires_grad(model.attention_nets(), phase.train_attention)
         optimizer_G.zero_grad(set_to_none=True)
+        saved = _running_stats(model)
         with self._autocast(device_type, dtype):
             out = model(x_s, x_t, with_reid=labels is not None)
             refine = phase.refine_target_attention and model.has_attention
@@ -238,7 +256,8 @@ class EDAANTrainStep:
                 set_requires_grad(model.attention_T, True)
             g = objective.generator_losses(model, out, x_s, x_t, labels,
                                            phase.masked_discriminator, refine)
-        log = self._to_floats("generator", GENERATOR_TERMS, list(g.terms().values()), dtype)
+        log = self._to_floats("generator", GENERATOR_TERMS, list(g.terms().values()), dtype,
+                              saved)
         skipped_G = self._optimise(g.total, optimizer_G, self.scaler_G)
 
         # 2. discriminator step on detached (pooled) translations.
@@ -249,6 +268,7 @@ class EDAANTrainStep:
         fake_ts, mask_ts = self._pooled(self.pool_S, out.t2s.image, out.t2s.attention)
         mask_real_s = out.s2t.attention  # A_S(x_S): the real source image's own foreground
         mask_real_t = out.t2s.attention  # A_T(x_T)
+        saved_D = [*_running_stats(model.discriminator_S), *_running_stats(model.discriminator_T)]
         with self._autocast(device_type, dtype):
             d = objective.discriminator_losses(
                 model,
@@ -258,7 +278,7 @@ class EDAANTrainStep:
                 fake_ts=objective.discriminator_view(fake_ts, mask_ts, masked),
             )
         log.update(self._to_floats("discriminator", DISCRIMINATOR_TERMS,
-                                   list(d.terms().values()), dtype))
+                                   list(d.terms().values()), dtype, saved_D))
         skipped_D = self._optimise(d.total, optimizer_D, self.scaler_D)
 
         self.num_steps += 1
@@ -318,13 +338,14 @@ class ReIDStep(EDAANTrainStep):
         dtype = self._setup(x.device)
         model.train()
         optimizer.zero_grad(set_to_none=True)
+        saved = _running_stats(model)
         with self._autocast(device_type, dtype):
             out = model.reid(x)
             ident = id_loss(out.logits, labels, objective.label_smoothing)
             metric = (objective.metric_loss(out.embedding.float(), labels).float()
                       if objective.metric_loss is not None else ident.new_zeros(()))
             total = objective.weights.id * ident + objective.weights.metric * metric
-        log = self._to_floats("re-ID", self.TERMS, [metric, ident, total], dtype)
+        log = self._to_floats("re-ID", self.TERMS, [metric, ident, total], dtype, saved)
         skipped = self._optimise(total, optimizer, self.scaler_G)
         self.num_steps += 1
         log["skipped_G"], = _flags(skipped)

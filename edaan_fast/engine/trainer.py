@@ -355,10 +355,12 @@ class Trainer:
         except KeyboardInterrupt as exc:
             if isinstance(exc, TrainingInterrupted):
                 raise
-            path = None if self._in_step else self.save()
-            raise TrainingInterrupted(path, self.epoch, self.iteration,
-                                      "the final evaluation" if self._finishing else None) \
-                from None
+            during = "the final evaluation" if self._finishing else None
+            try:
+                path = None if self._in_step else self.save()
+            except KeyboardInterrupt:  # a second Ctrl-C while writing: the write is dropped
+                path, during = None, "the checkpoint write"
+            raise TrainingInterrupted(path, self.epoch, self.iteration, during) from None
         finally:
             self._call("close")
             self._close_target_iter()

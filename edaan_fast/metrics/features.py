@@ -256,6 +256,8 @@ def save_features(path: Path, protocol: str, dataset: str, features: dict, meta:
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())  # the data on disk before the name: safe across a power cut
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
