@@ -16,6 +16,7 @@ SIZES = {
     "market": (3368, 15913, 750, 6, 2793),
     "duke": (2228, 17661, 1110, 8, 408),
     "quick": (300, 1500, 60, 6, 200),
+    "floor": (1000, 5000, 250, 6, 800),  # the speed floors of bench_rank_eval.py
 }
 
 

@@ -8,6 +8,10 @@ writes out; the backward reads grad, fg, bg and the mask and writes the three gr
 The ``copy`` case of a group copies a buffer of the same total traffic (read + write = the
 fused case's bytes), so that both work on the same amount of memory: a copy of one image
 tensor alone would stay in the last-level cache and overstate the ceiling several times.
+
+Speed floor (``test_speed_floor``, every mode, CPU): forward+backward at N=16, fused against
+eager, interleaved on one thread (benchmarks/_timing.py): at least 1.3x in float32 and 2.0x in
+bfloat16 (RESULTS.md: 2.69x and 4.04x; float32, memory bound, moves most with the machine's load).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks._timing import check_floor, interleaved, one_thread
 from benchmarks.conftest import QUICK
 from edaan_fast.ops import mask_blend, reference
 
@@ -88,3 +93,30 @@ def test_forward_backward(benchmark, measure, impl, n, dtype):
     grads = measure(benchmark, group, impl, step, device=DEVICE,
                     bytes_moved=_bytes(n, dtype, True), baseline=impl == "eager")
     assert grads[2].shape == mask.shape
+
+
+FLOOR_N = 16
+FLOORS = {torch.float32: 1.3, torch.bfloat16: 2.0}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_speed_floor(benchmark, dtype):
+    if DEVICE != "cpu":
+        pytest.skip("the floors are CPU measurements (benchmarks/RESULTS.md)")
+    fg, bg, mask = _inputs(FLOOR_N, dtype, True)
+    grad = torch.randn_like(fg)
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(fg, bg, mask), (fg, bg, mask), grad)
+
+    cases = {"eager": step(reference.mask_blend), "fused": step(mask_blend)}
+
+    def ratio():
+        with one_thread():
+            med = interleaved(cases, 15)
+        return med["eager"] / med["fused"]
+
+    benchmark.group = "speed floors"
+    benchmark.pedantic(lambda: check_floor(
+        f"mask_blend fwd+bwd N={FLOOR_N} {str(dtype).split('.')[-1]}: eager / fused", ratio,
+        FLOORS[dtype], benchmark), rounds=1, iterations=1)

@@ -11,6 +11,10 @@ Every pytest case times its own implementation with pytest-benchmark; the fused 
 all implementations interleaved (round-robin, so that a noisy, shared machine slows them alike)
 and puts the medians and the ratios ``peer / fused`` in ``extra_info``. EDAAN_FAST_BENCH_QUICK=1
 runs one small size with few rounds.
+
+Speed floor (``test_speed_floor``, every mode, CPU): B=64, D=128, forward+backward, interleaved
+on one thread (benchmarks/_timing.py): the eager reference at least 2.2x and the best peer at
+least 1.3x the fused triplet loss's time (RESULTS.md: 4.6x and 2.61x).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 import pytest
 import torch
 
+from benchmarks._timing import check_floor, interleaved, one_thread
 from edaan_fast.ops import quartet_loss, reference, triplet_loss
 
 QUICK = os.environ.get("EDAAN_FAST_BENCH_QUICK", "0") == "1"
@@ -132,6 +137,26 @@ def test_forward_backward(benchmark, impl, B, D):
         (want,) = torch.autograd.grad(reference.triplet_loss(emb, labels, MARGIN), emb)
         torch.testing.assert_close(grad, want, atol=1e-4, rtol=1e-4)
     assert torch.isfinite(grad).all()
+
+
+FLOORS = {"eager_reference/fused": 2.2, "best_peer/fused": 1.3}
+
+
+@pytest.mark.parametrize("which", list(FLOORS))
+def test_speed_floor(benchmark, which):
+    if DEVICE != "cpu":
+        pytest.skip("the floors are CPU measurements (benchmarks/RESULTS.md)")
+    emb, labels = _inputs(64, 128)
+    names = ["fused"] + (["eager_reference"] if which.startswith("eager") else ["torchreid", "pml"])
+    cases = {n: _step(IMPLS[n], emb, labels) for n in names if IMPLS[n] is not None}
+
+    def ratio():
+        with one_thread():
+            return ratios(interleaved(cases, 21, warmup=3))[which]
+
+    benchmark.group = "speed floors"
+    benchmark.pedantic(lambda: check_floor(f"triplet fwd+bwd B=64 D=128: {which}", ratio,
+                                           FLOORS[which], benchmark), rounds=1, iterations=1)
 
 
 def main() -> None:

@@ -11,6 +11,12 @@ matrix of those features.
     EDAAN_FAST_BENCH_QUICK=1 python3 -m pytest benchmarks/bench_rank_eval.py --benchmark-disable
 
 Quick mode uses a 300 x 1,500 problem with 256-d features and skips the slow reference.
+
+Speed floors (``test_speed_floor``, every mode, CPU), on a 1,000 x 5,000 problem with 256-d
+features, interleaved on one thread (benchmarks/_timing.py): from the distance matrix, at least
+20x faster than ``np.argsort`` of the matrix alone (29-61x measured on that problem; 200x at
+Market size in RESULTS.md); from features, at least 0.33x the speed of the bare distance GEMM
+(0.64-0.71x measured on that problem; 0.99x at Market size).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import pytest
 import torch
 
 from benchmarks._rank_data import make_problem
-from benchmarks._timing import median_seconds
+from benchmarks._timing import check_floor, interleaved, median_seconds, one_thread
 from edaan_fast.ops import (
     has_ops,
     pairwise_distance,
@@ -118,3 +124,30 @@ def test_fused_from_features(benchmark, size):
     benchmark.extra_info.update(rank1=float(m.cmc[0]), mAP=round(m.mAP, 4))
     _record(benchmark, (size, "features"))
     _ratio(benchmark, (size, "features"), (size, "gemm"), "features/gemm")
+
+
+FLOORS = {"argsort/fused": 20.0, "gemm/features": 0.33}
+
+
+@pytest.mark.parametrize("which", list(FLOORS))
+def test_speed_floor(benchmark, which):
+    qf, gf, qp, gp, qc, gc = make_problem("floor", dim=256)
+    if which == "argsort/fused":
+        dist = pairwise_distance(qf, gf)
+        dn = dist.numpy()
+        cases = {"base": lambda: np.argsort(dn, axis=1),
+                 "fused": lambda: rank_metrics(dist, qp, gp, qc, gc)}
+        rounds = 5
+    else:
+        cases = {"base": lambda: torch.mm(qf, gf.t()),
+                 "fused": lambda: rank_metrics_from_features(qf, gf, qp, gp, qc, gc)}
+        rounds = 7
+
+    def ratio():
+        with one_thread():
+            med = interleaved(cases, rounds)
+        return med["base"] / med["fused"]
+
+    benchmark.group = "speed floors"
+    benchmark.pedantic(lambda: check_floor(f"rank 1000x5000: {which}", ratio, FLOORS[which],
+                                           benchmark), rounds=1, iterations=1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,13 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    start = time.perf_counter()
     folder = render(root, "tiny", seed=0)
-    return root, folder, time.perf_counter() - start
+    return root, folder
 
 
-def test_tiny_renders_in_a_few_seconds(tiny):
-    _, folder, seconds = tiny
-    assert seconds < 10.0, f"tiny preset took {seconds:.1f} s to render"
+def test_tiny_renders_complete(tiny):
+    # its render time is a benchmark (benchmarks/bench_synthetic.py), not a unit test
+    _, folder = tiny
     marker = json.loads((folder / ".complete.json").read_text())
     assert marker["preset"]["name"] == "tiny" and marker["counts"]["source"] > 200
 
@@ -59,7 +57,7 @@ def test_parallel_render_gives_the_same_bytes(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("domain", ["source", "target"])
 def test_layout_read_by_market_reader(tiny, domain):
-    root, folder, _ = tiny
+    root, folder = tiny
     preset = PRESETS["tiny"]
     ds = build_dataset("synthetic", root, domain=domain, preset="tiny", seed=0)
     same = build_dataset("market1501", folder / domain)
@@ -89,7 +87,7 @@ def _pixels(folder: Path, domain: str):
 
 
 def test_masks_and_domain_gap(tiny):
-    _, folder, _ = tiny
+    _, folder = tiny
     fg_s, bg_s = _pixels(folder, "source")
     fg_t, bg_t = _pixels(folder, "target")
     bg_gap = np.linalg.norm(bg_s.mean(0) - bg_t.mean(0))
@@ -103,7 +101,7 @@ def test_masks_and_domain_gap(tiny):
 def test_only_the_people_wear_vivid_colours(tiny):
     """The backgrounds differ in tone and structure but hold nothing coloured like clothing,
     which a discriminator would accept as a person (version 3's target columns did)."""
-    _, folder, _ = tiny
+    _, folder = tiny
     for domain in ("source", "target"):
         fg, bg = _pixels(folder, domain)
         vivid_fg, vivid_bg = _vivid(fg).mean(), _vivid(bg).mean()
@@ -128,7 +126,7 @@ def _background_texture(folder: Path, domain: str) -> float:
 
 
 def test_mask_lands_on_the_person(tiny):
-    _, folder, _ = tiny
+    _, folder = tiny
     paths = sorted((folder / "source" / "bounding_box_train").glob("*.jpg"))[:30]
     for path in paths:
         mask = load_mask(path)

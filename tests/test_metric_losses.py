@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from edaan_fast.engine.precision import cpu_has_native_bf16
 from edaan_fast.losses import CrossEntropyLabelSmooth, QuartetLoss, TripletLoss
 from edaan_fast.ops import (
     batch_hard_mining,
@@ -47,7 +50,9 @@ def _ref_indices(emb64, labels, metric, kind):
     return torch.stack([p, n, torch.where(has_q, m, torch.full_like(m, -1))], dim=1)
 
 
-def _check_against_reference(emb, labels, kind, metric, tol, check_idx=True):
+def _check_against_reference(emb, labels, kind, metric, tol, check_idx=True, grad_tol=None):
+    """Loss within ``tol`` of the float64 reference on the same (rounded) inputs, gradient
+    within ``grad_tol`` (default ``tol``), and the same picks."""
     emb = emb.detach().requires_grad_(True)
     loss = _fused(emb, labels, kind, metric)
     (grad,) = torch.autograd.grad(loss, emb)
@@ -58,7 +63,7 @@ def _check_against_reference(emb, labels, kind, metric, tol, check_idx=True):
     assert loss.dtype == acc and loss.dim() == 0
     assert grad.dtype == emb.dtype and grad.shape == emb.shape
     torch.testing.assert_close(loss.cpu().double(), loss_ref, **tol)
-    torch.testing.assert_close(grad.cpu().double(), grad_ref, **tol)
+    torch.testing.assert_close(grad.cpu().double(), grad_ref, **(grad_tol or tol))
     if check_idx:
         _, idx, _, _ = OPS._metric_loss_forward(emb.detach(), labels, 0.3, metric, kind)
         assert torch.equal(idx.cpu(), _ref_indices(emb64.detach(), labels.cpu(), metric, kind))
@@ -129,6 +134,17 @@ def test_loss_matches_reference_float64(device, B, D, metric, kind, gen):
     _check_against_reference(emb, labels, kind, metric, TOL[torch.float64])
 
 
+# The gradient of a float16/bfloat16 input is computed in float32 and rounded once to the
+# input's dtype: within one unit of that rounding of the float64 value (rtol: the dtype's
+# epsilon; atol: float16's subnormal step 2**-24, and float32 round-off of bfloat16's tiny
+# values). An accumulation in the low precision is off by many units.
+GRAD_TOL = {
+    torch.float32: TOL[torch.float32],
+    torch.float16: dict(rtol=2.0**-10, atol=2.0**-24),
+    torch.bfloat16: dict(rtol=2.0**-7, atol=1e-8),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("metric", METRICS)
@@ -136,10 +152,26 @@ def test_loss_matches_reference_low_precision(device, dtype, metric, kind, gen):
     for B, D in [(8, 3), (64, 128)]:
         emb = torch.randn(B, D, generator=gen).to(dtype).to(device)
         labels = _labels(B, B // 4, gen).to(device)
-        # The op computes in float32 on the rounded input: compare with the float64 reference
-        # on the same rounded values, at the float32 tolerance (plus the grad's output rounding).
-        tol = TOL[torch.float32] if dtype == torch.float32 else TOL[dtype]
-        _check_against_reference(emb, labels, kind, metric, tol)
+        # The op computes in float32 on the rounded input: the loss (float32) is compared with
+        # the float64 reference on the same rounded values at the float32 tolerance, whatever
+        # the input's dtype; the gradient within one rounding to the input's dtype.
+        _check_against_reference(emb, labels, kind, metric, TOL[torch.float32],
+                                 grad_tol=GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metric", METRICS)
+def test_low_precision_large_dim_accumulates_in_float32(device, dtype, metric, gen):
+    """2048 entries of size ~6 per row: squared norms ~ 2048 * 36 = 73,728 and squared
+    distances ~ 147,000, past float16's largest value (65,504), and a sum of 2048 squares in
+    bfloat16 (8 significant bits) drifts by percents. Accumulated in float32, the loss stays
+    within float32 rounding of the float64 reference on the same rounded values."""
+    B = 64
+    emb = (torch.randn(B, 2048, generator=gen) * 6).to(dtype).to(device)
+    labels = (torch.arange(B) // 4).to(device)
+    assert torch.isfinite(emb).all() and emb.float().square().sum(1).min() > 65504
+    _check_against_reference(emb, labels, "quartet", metric, TOL[torch.float32],
+                             grad_tol=GRAD_TOL[dtype])
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -175,6 +207,142 @@ def test_all_equal_embeddings_no_nan(device, metric, kind, gen):
         assert torch.equal(grad, torch.zeros_like(grad))
         if kind != "soft_triplet":
             assert loss.item() == pytest.approx(0.3, abs=1e-5)  # 0 - 0 + margin
+
+
+# ---- hand values and peer libraries --------------------------------------------------------------
+#
+# Six points in 2-D, identities 0, 0, 1, 1, 2, 2, margin 0.3. Per anchor: p the hardest positive,
+# n the hardest negative, m the closest point to n from the third identity;
+# triplet = max(d_ap - d_an + 0.3, 0), soft = softplus(d_ap - d_an),
+# quartet = max(d_ap - d_an + d_ap - d_mn + 0.3, 0) (EDAAN eq. 6/7).
+#
+# euclidean: x0 = (2, 2), x1 = (1, 3) | x2 = (2, 1), x3 = (0, 0) | x4 = (0, 3), x5 = (3, 3)
+#   d01 = √2, d02 = 1, d03 = √8, d04 = √5, d05 = √2, d12 = √5, d13 = √10, d14 = 1, d15 = 2,
+#   d23 = √5, d24 = √8, d25 = √5, d34 = 3, d35 = √18, d45 = 3
+#   (√2 = 1.414214, √5 = 2.236068, √8 = 2.828427)
+#   i  p n m  d_ap d_an d_mn  triplet           soft               quartet
+#   0  1 2 5  √2   1    √5    √2 - 1 + .3       sp(0.414214)       2√2 - 1 - √5 + .3
+#                             = 0.714214        = 0.921549         = -0.107641 -> 0
+#   1  0 4 2  √2   1    √8    0.714214          0.921549           2√2 - 1 - √8 + .3 = -0.7 -> 0
+#   2  3 0 5  √5   1    √2    √5 - 1 + .3       sp(1.236068)       2√5 - 1 - √2 + .3
+#                             = 1.536068        = 1.491117         = 2.357922
+#   3  2 0 5  √5   √8   √2    √5 - √8 + .3      sp(-0.592359)      2√5 - √8 - √2 + .3
+#                             = -0.292359 -> 0  = 0.440202         = 0.529495
+#   4  5 1 2  3    1    √5    3 - 1 + .3 = 2.3  sp(2) = 2.126928   6 - 1 - √5 + .3 = 3.063932
+#   5  4 0 2  3    √2   1     3 - √2 + .3       sp(1.585786)       6 - √2 - 1 + .3
+#                             = 1.885786        = 1.772089         = 3.885786
+#   means over 6: triplet 7.150282 / 6 = 1.191714, soft 7.673434 / 6 = 1.278906,
+#   quartet 9.837135 / 6 = 1.639523
+#
+# cosine (1 - cos): x0 = (3, 4), x1 = (1, 0) | x2 = (12, 5), x3 = (-4, 3) | x4 = (0, 1),
+#   x5 = (-3, 4); unit vectors (.6, .8), (1, 0), (12, 5) / 13, (-.8, .6), (0, 1), (-.6, .8)
+#   d01 = .4, d02 = 1 - 11.2/13 = 1.8/13, d03 = 1, d04 = .2, d05 = 1 - .28 = .72, d12 = 1/13,
+#   d13 = 1.8, d14 = 1, d15 = 1.6, d23 = 1 + 6.6/13 = 19.6/13, d24 = 8/13,
+#   d25 = 1 + 3.2/13 = 16.2/13, d34 = .4, d35 = 1 - .96 = .04, d45 = .2
+#   i  p n m  d_ap     d_an    d_mn    triplet                 quartet
+#   0  1 2 4  .4       1.8/13  8/13    .7 - 1.8/13 = 0.561538  1.1 - 9.8/13 = 0.346154
+#   1  0 2 4  .4       1/13    8/13    .7 - 1/13 = 0.623077    1.1 - 9/13 = 0.407692
+#   2  3 1 4  19.6/13  1/13    1       18.6/13 + .3 = 1.730769 38.2/13 - .7 = 2.238462
+#   3  2 5 0  19.6/13  .04     .72     1.767692                39.2/13 - .46 = 2.555385
+#   4  5 0 2  .2       .2      1.8/13  .3                      .7 - 1.8/13 = 0.361538
+#   5  4 3 0  .2       .04     1       .46                     .4 - 1.04 + .3 < 0 -> 0
+#   means: triplet 5.443077 / 6 = 1769/1950 = 0.907179, quartet 5.909231 / 6 = 3841/3900
+#   = 0.984872; soft: sp(d_ap - d_an) = 0.832442, 0.867677, 1.645175, 1.675078, 0.693147,
+#   0.776344, mean 6.489862 / 6 = 1.081644
+HAND_LABELS = [0, 0, 1, 1, 2, 2]
+HAND = {
+    "euclidean": dict(
+        emb=[[2, 2], [1, 3], [2, 1], [0, 0], [0, 3], [3, 3]],
+        idx=[[1, 2, 5], [0, 4, 2], [3, 0, 5], [2, 0, 5], [5, 1, 2], [4, 0, 2]],
+        loss={"triplet": 1.191714, "soft_triplet": 1.278906, "quartet": 1.639523},
+    ),
+    "cosine": dict(
+        emb=[[3, 4], [1, 0], [12, 5], [-4, 3], [0, 1], [-3, 4]],
+        idx=[[1, 2, 4], [0, 2, 4], [3, 1, 4], [2, 5, 0], [5, 0, 2], [4, 3, 0]],
+        loss={"triplet": 0.907179, "soft_triplet": 1.081644, "quartet": 0.984872},
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_loss_hand_values(device, metric, kind, dtype):
+    case = HAND[metric]
+    emb = torch.tensor(case["emb"], dtype=dtype, device=device)
+    labels = torch.tensor(HAND_LABELS, device=device)
+    loss = _fused(emb, labels, kind, metric)
+    assert loss.item() == pytest.approx(case["loss"][kind], abs=1e-6)
+    idx = torch.tensor(case["idx"])
+    if kind != "quartet":
+        idx[:, 2] = -1  # m is kept only where the quartet term uses it
+    assert torch.equal(OPS._metric_loss_forward(emb, labels, 0.3, metric, kind)[1].cpu(), idx)
+    *_, p, n, m, valid = batch_hard_mining(reference.pairwise_distance(emb, metric), labels)
+    assert torch.equal(torch.stack([p, n, m], 1).cpu(), torch.tensor(case["idx"]))
+    assert valid.tolist() == [2] * 6
+
+
+def _pml_triplet_loss(metric: str, soft_margin: bool, margin: float = 0.3):
+    """pytorch-metric-learning's ``TripletMarginLoss`` on ``BatchHardMiner`` triplets, set up to
+    compute what ``triplet_loss`` computes: un-normalised euclidean distances (its LpDistance
+    normalises by default) or cosine similarity; the soft margin as ``smooth_loss`` with margin
+    0 (it takes softplus of ``d_ap - d_an + margin``); and a ``MeanReducer`` (its default
+    ``AvgNonZeroReducer`` divides by the number of non-zero terms, not by the number of anchors
+    with a positive and a negative)."""
+    pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning import distances, losses, miners, reducers
+
+    distance = (distances.LpDistance(normalize_embeddings=False, p=2, power=1)
+                if metric == "euclidean" else distances.CosineSimilarity())
+    miner = miners.BatchHardMiner(distance=distance)
+    loss_fn = losses.TripletMarginLoss(margin=0.0 if soft_margin else margin, distance=distance,
+                                       smooth_loss=soft_margin, reducer=reducers.MeanReducer())
+    return lambda emb, labels: loss_fn(emb, labels, miner(emb, labels))
+
+
+@pytest.mark.parametrize("soft_margin", [False, True])
+@pytest.mark.parametrize("metric", METRICS)
+def test_triplet_matches_pytorch_metric_learning(metric, soft_margin, gen):
+    peer = _pml_triplet_loss(metric, soft_margin)
+    hand = HAND[metric]
+    emb = torch.tensor(hand["emb"], dtype=torch.float64)
+    labels = torch.tensor(HAND_LABELS)
+    kind = "soft_triplet" if soft_margin else "triplet"
+    assert peer(emb, labels).item() == pytest.approx(hand["loss"][kind], abs=1e-6)
+    # random float64 batch with singletons (no term in either library) and unequal group sizes
+    emb = torch.randn(48, 16, generator=gen, dtype=torch.float64)
+    labels = _labels(48, 14, gen)
+    x, y = emb.clone().requires_grad_(True), emb.clone().requires_grad_(True)
+    ours = triplet_loss(x, labels, 0.3, metric, soft_margin)
+    theirs = peer(y, labels)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-10)
+
+
+def _torchreid_triplet_loss():
+    pytest.importorskip("torchreid")
+    try:
+        from torchreid.losses import TripletLoss
+    except ImportError:  # torchreid >= 1.4 keeps the re-ID code under torchreid.reid
+        from torchreid.reid.losses import TripletLoss
+    return TripletLoss(margin=0.3)
+
+
+def test_triplet_matches_torchreid(gen):
+    """torchreid's ``TripletLoss`` (batch-hard, euclidean, mean over all anchors) equals ours
+    on a PK batch, where every anchor has a positive and a negative."""
+    peer = _torchreid_triplet_loss()
+    emb = torch.randn(32, 16, generator=gen, dtype=torch.float64)
+    labels = torch.arange(32) // 4
+    x, y = emb.clone().requires_grad_(True), emb.clone().requires_grad_(True)
+    ours = triplet_loss(x, labels, 0.3)
+    theirs = peer(y, labels)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-10)
 
 
 # ---- edge cases ----------------------------------------------------------------------------------
@@ -330,6 +498,29 @@ def test_compile_fullgraph(device, gen):
     torch.testing.assert_close(e2.grad, e1.grad)
 
 
+def test_compile_inductor(gen):
+    """The default backend (inductor) lowers the ops as extern kernels next to its own generated
+    code, forward and backward: the fake (meta) functions must give what the kernels give."""
+    emb = torch.randn(16, 8, generator=gen)
+    labels = torch.arange(16) // 4
+
+    def fn(e, y):
+        return quartet_loss(e, y) + 2 * triplet_loss(e, y, 0.2, "cosine", True)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    e1 = emb.clone().requires_grad_(True)
+    e2 = emb.clone().requires_grad_(True)
+    l1 = fn(e1, labels)
+    l2 = compiled(e2, labels)
+    l1.backward()
+    l2.backward()
+    torch.testing.assert_close(l2, l1)
+    torch.testing.assert_close(e2.grad, e1.grad)
+    want = reference.quartet_loss(emb, labels) + 2 * reference.triplet_loss(
+        emb, labels, 0.2, "cosine", True)
+    torch.testing.assert_close(l2, want)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("B,D", [(16, 32), (192, 320)])  # (192, 320): the blocked Gram path
 def test_autocast(device, kind, B, D, gen):
@@ -443,6 +634,40 @@ def test_backward_under_deterministic_algorithms(device, gen):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+@contextlib.contextmanager
+def _reduced_precision_float32_gemms(device):
+    """Runs the block with what torch.set_float32_matmul_precision("medium") switches on:
+    TF32 float32 GEMMs on CUDA, bfloat16 ones in oneDNN on a CPU. Skips where the hardware has
+    no such mode, and also where a plain GEMM under the setting is as accurate as float32 (the
+    setting only allows the lower precision: oneDNN does not use it on every CPU that has
+    bfloat16 instructions); there the block would only compare the op with itself."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            pytest.skip("TF32 needs compute capability 8.0+: float32 GEMMs stay float32 here")
+        backend, reduced = torch.backends.cuda.matmul, "tf32"
+    else:
+        if not cpu_has_native_bf16():
+            pytest.skip("no native bfloat16 on this CPU (AVX512-BF16/AMX): oneDNN keeps float32 "
+                        "GEMMs in float32, so the setting cannot change anything here")
+        backend, reduced = torch.backends.mkldnn.matmul, "bf16"
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(32, 512, generator=g).to(device) for _ in range(2))
+    exact = a.double() @ b.double().T
+    before = backend.fp32_precision
+    backend.fp32_precision = reduced
+    try:
+        err = float(((a @ b.T).double() - exact).abs().max() / exact.abs().max())
+        # float32 products summed in float32: ~3e-7 of the largest entry; TF32 (10-bit)
+        # inputs: ~3e-4; bfloat16 (8-bit) inputs: ~3e-3
+        if err < 3e-5:
+            pytest.skip(f"fp32_precision={reduced!r} left a plain float32 GEMM in float32 "
+                        f"precision here (relative error {err:.1e}): nothing to compare")
+        yield
+    finally:
+        backend.fp32_precision = before
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_reduced_precision_float32_gemms_do_not_change_the_loss(device, metric, gen):
     """torch.set_float32_matmul_precision("medium") (TF32 on CUDA, bfloat16 in oneDNN on a
@@ -452,14 +677,8 @@ def test_reduced_precision_float32_gemms_do_not_change_the_loss(device, metric, 
     emb = (torch.randn(B, 2048, generator=gen) * 0.5 + 3).to(device)  # |x|^2 >> distances
     labels = labels.to(device)
     want = OPS._metric_loss_forward(emb, labels, 0.3, metric, "quartet")
-    backend = (torch.backends.cuda.matmul if torch.device(device).type == "cuda"
-               else torch.backends.mkldnn.matmul)
-    before = backend.fp32_precision
-    backend.fp32_precision = "tf32" if torch.device(device).type == "cuda" else "bf16"
-    try:
+    with _reduced_precision_float32_gemms(device):
         got = OPS._metric_loss_forward(emb, labels, 0.3, metric, "quartet")
-    finally:
-        backend.fp32_precision = before
     # same picks; the loss within float32 rounding of the Gram matrix (bfloat16 products
     # moved it by 5e-4 and changed 5 picks of such a batch)
     assert torch.equal(got[1], want[1])

@@ -372,6 +372,31 @@ def test_compile_fullgraph():
         assert torch.equal(a, b)
 
 
+def test_compile_inductor():
+    """The default backend (inductor): knn_lists writing into a buffer the graph creates
+    (``kept``, Tensor(a!)) and jaccard_rerank_ updating a graph input in place, next to
+    inductor's own generated kernels."""
+    nn, ptr, col, val, f, sq = _op_inputs()
+    scores = f[:9] @ f.t()
+    q, g = _rows(ptr, col, val, 0, 10), _rows(ptr, col, val, 10, 80)
+    dist = torch.rand(10, 70, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def fn(scores, row_sq, col_sq, dist):
+        kept = torch.zeros(9, 12, dtype=scores.dtype)
+        nn, nd, sc = torch.ops.edaan_fast.knn_lists(scores, row_sq, col_sq, 5, "euclidean", kept)
+        torch.ops.edaan_fast.jaccard_rerank_(dist, *q, *g, 80, 0.3)
+        return nn + 1, nd * 2, sc, kept, dist * 1
+
+    compiled = torch.compile(fn, fullgraph=True)
+    d1, d2 = dist.clone(), dist.clone()
+    got = compiled(scores, sq[:9], sq, d1)
+    want = fn(scores, sq[:9], sq, d2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(d1, d2, rtol=0, atol=1e-12)  # the input was updated in place
+    assert not torch.equal(d1, dist)
+
+
 def _op_errors():
     nn, ptr, col, val, f, sq = _op_inputs()
     scores = f[:9] @ f.t()
