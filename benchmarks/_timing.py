@@ -71,6 +71,17 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def speedup(cases: dict[str, Callable[[], object]], rounds: int,
+            base: str = "base") -> Callable[[], float]:
+    """A measurement for :func:`check_floor`: ``median(cases[base]) / median(cases["fused"])``
+    of ``rounds`` interleaved rounds on one thread."""
+    def measure() -> float:
+        with one_thread():
+            med = interleaved(cases, rounds)
+        return med[base] / med["fused"]
+    return measure
+
+
 def check_floor(what: str, measure: Callable[[], float], floor: float, benchmark=None,
                 tries: int = 3) -> float:
     """Fails unless ``measure()``, a speed-up (baseline time / fused time, higher is better),

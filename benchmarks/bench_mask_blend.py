@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks._timing import check_floor, interleaved, one_thread
+from benchmarks._timing import check_floor, speedup
 from benchmarks.conftest import QUICK
 from edaan_fast.ops import mask_blend, reference
 
@@ -111,11 +111,7 @@ def test_speed_floor(benchmark, dtype):
 
     cases = {"eager": step(reference.mask_blend), "fused": step(mask_blend)}
 
-    def ratio():
-        with one_thread():
-            med = interleaved(cases, 15)
-        return med["eager"] / med["fused"]
-
+    ratio = speedup(cases, 15, base="eager")
     benchmark.group = "speed floors"
     benchmark.pedantic(lambda: check_floor(
         f"mask_blend fwd+bwd N={FLOOR_N} {str(dtype).split('.')[-1]}: eager / fused", ratio,

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from benchmarks._rank_data import make_problem
-from benchmarks._timing import check_floor, interleaved, median_seconds, one_thread
+from benchmarks._timing import check_floor, median_seconds, speedup
 from edaan_fast.ops import (
     has_ops,
     pairwise_distance,
@@ -143,11 +143,7 @@ def test_speed_floor(benchmark, which):
                  "fused": lambda: rank_metrics_from_features(qf, gf, qp, gp, qc, gc)}
         rounds = 7
 
-    def ratio():
-        with one_thread():
-            med = interleaved(cases, rounds)
-        return med["base"] / med["fused"]
-
+    ratio = speedup(cases, rounds)
     benchmark.group = "speed floors"
     benchmark.pedantic(lambda: check_floor(f"rank 1000x5000: {which}", ratio, FLOORS[which],
                                            benchmark), rounds=1, iterations=1)

@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks._timing import check_floor, interleaved, one_thread
+from benchmarks._timing import check_floor, interleaved, speedup
 from benchmarks.conftest import _RESULTS, QUICK
 from edaan_fast.metrics.reranking import _reference_re_ranking, re_ranking, re_ranking_features
 from edaan_fast.ops import has_ops
@@ -279,11 +279,7 @@ def test_speed_floor(benchmark, name):
                 f"{'dense N x N' if name == 'market' else 'N x N GEMM'} / fused")
         rounds = 3
 
-    def ratio():
-        with one_thread():
-            med = interleaved(cases, rounds)
-        return med["base"] / med["fused"]
-
+    ratio = speedup(cases, rounds)
     benchmark.group = "speed floors"
     benchmark.pedantic(lambda: check_floor(what, ratio, FLOORS[name], benchmark), rounds=1,
                        iterations=1)

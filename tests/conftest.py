@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -162,7 +163,57 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(scope="module")
+def micro_config(tmp_path_factory):
+    """A ``--config`` file of a micro run (``tests.test_trainer.MICRO_MODEL``, batch 8): one
+    epoch of one iteration, evaluated only at the end."""
+    import yaml
+
+    from tests.test_trainer import MICRO_MODEL
+
+    path = tmp_path_factory.mktemp("micro") / "micro.yaml"
+    path.write_text(yaml.safe_dump({"model": MICRO_MODEL, "batch_size": 8, "epochs": 1,
+                                    "iters_per_epoch": 1, "eval_every": 0, "progress": False}))
+    return path
+
+
 @pytest.fixture
 def gen():
     """A seeded generator: fresh random inputs each test, reproducible on failure."""
     return torch.Generator().manual_seed(1234)
+
+
+@contextlib.contextmanager
+def reduced_precision_float32_gemms(device):
+    """Runs the block with what torch.set_float32_matmul_precision("medium") switches on:
+    TF32 float32 GEMMs on CUDA, bfloat16 ones in oneDNN on a CPU. Skips where the hardware has
+    no such mode, and also where a plain GEMM under the setting is as accurate as float32 (the
+    setting only allows the lower precision: oneDNN does not use it on every CPU that has
+    bfloat16 instructions); there the block would only compare a function with itself."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            pytest.skip("TF32 needs compute capability 8.0+: float32 GEMMs stay float32 here")
+        backend, reduced = torch.backends.cuda.matmul, "tf32"
+    else:
+        from edaan_fast.engine.precision import cpu_has_native_bf16
+
+        if not cpu_has_native_bf16():
+            pytest.skip("no native bfloat16 on this CPU (AVX512-BF16/AMX): oneDNN keeps float32 "
+                        "GEMMs in float32, so the setting cannot change anything here")
+        backend, reduced = torch.backends.mkldnn.matmul, "bf16"
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(32, 512, generator=g).to(device) for _ in range(2))
+    exact = a.double() @ b.double().T
+    before = backend.fp32_precision
+    backend.fp32_precision = reduced
+    try:
+        err = float(((a @ b.T).double() - exact).abs().max() / exact.abs().max())
+        # float32 products summed in float32: ~3e-7 of the largest entry; TF32 (10-bit)
+        # inputs: ~3e-4; bfloat16 (8-bit) inputs: ~3e-3
+        if err < 3e-5:
+            pytest.skip(f"fp32_precision={reduced!r} left a plain float32 GEMM in float32 "
+                        f"precision here (relative error {err:.1e}): nothing to compare")
+        yield
+    finally:
+        backend.fp32_precision = before

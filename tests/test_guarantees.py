@@ -34,7 +34,6 @@ from edaan_fast.metrics.features import Features, save_features
 from edaan_fast.models import build_model
 
 from .conftest import requires_ops
-from .test_trainer import MICRO_MODEL
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 TRAIN_ERROR = "edaan_fast.train: "
@@ -254,13 +253,6 @@ def _report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def micro_config(tmp_path_factory):
-    """A micro run: one epoch of one iteration, evaluated only at the end."""
-    path = tmp_path_factory.mktemp("micro") / "micro.yaml"
-    path.write_text(yaml.safe_dump({"model": MICRO_MODEL, "batch_size": 8, "epochs": 1,
-                                    "iters_per_epoch": 1, "eval_every": 0, "progress": False}))
-    return path
 
 
 def _two_epochs(micro_config, out, *extra):

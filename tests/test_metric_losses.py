@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from edaan_fast.engine.precision import cpu_has_native_bf16
 from edaan_fast.losses import CrossEntropyLabelSmooth, QuartetLoss, TripletLoss
 from edaan_fast.ops import (
     batch_hard_mining,
@@ -18,7 +16,9 @@ from edaan_fast.ops import (
     use_reference_ops,
 )
 
-from tests.conftest import FLOAT_DTYPES, TOL, requires_cuda, requires_ops
+from tests.conftest import (
+    FLOAT_DTYPES, TOL, reduced_precision_float32_gemms, requires_cuda, requires_ops,
+)
 
 pytestmark = requires_ops
 
@@ -634,40 +634,6 @@ def test_backward_under_deterministic_algorithms(device, gen):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-@contextlib.contextmanager
-def _reduced_precision_float32_gemms(device):
-    """Runs the block with what torch.set_float32_matmul_precision("medium") switches on:
-    TF32 float32 GEMMs on CUDA, bfloat16 ones in oneDNN on a CPU. Skips where the hardware has
-    no such mode, and also where a plain GEMM under the setting is as accurate as float32 (the
-    setting only allows the lower precision: oneDNN does not use it on every CPU that has
-    bfloat16 instructions); there the block would only compare the op with itself."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device) < (8, 0):
-            pytest.skip("TF32 needs compute capability 8.0+: float32 GEMMs stay float32 here")
-        backend, reduced = torch.backends.cuda.matmul, "tf32"
-    else:
-        if not cpu_has_native_bf16():
-            pytest.skip("no native bfloat16 on this CPU (AVX512-BF16/AMX): oneDNN keeps float32 "
-                        "GEMMs in float32, so the setting cannot change anything here")
-        backend, reduced = torch.backends.mkldnn.matmul, "bf16"
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(32, 512, generator=g).to(device) for _ in range(2))
-    exact = a.double() @ b.double().T
-    before = backend.fp32_precision
-    backend.fp32_precision = reduced
-    try:
-        err = float(((a @ b.T).double() - exact).abs().max() / exact.abs().max())
-        # float32 products summed in float32: ~3e-7 of the largest entry; TF32 (10-bit)
-        # inputs: ~3e-4; bfloat16 (8-bit) inputs: ~3e-3
-        if err < 3e-5:
-            pytest.skip(f"fp32_precision={reduced!r} left a plain float32 GEMM in float32 "
-                        f"precision here (relative error {err:.1e}): nothing to compare")
-        yield
-    finally:
-        backend.fp32_precision = before
-
-
 @pytest.mark.parametrize("metric", METRICS)
 def test_reduced_precision_float32_gemms_do_not_change_the_loss(device, metric, gen):
     """torch.set_float32_matmul_precision("medium") (TF32 on CUDA, bfloat16 in oneDNN on a
@@ -677,7 +643,7 @@ def test_reduced_precision_float32_gemms_do_not_change_the_loss(device, metric, 
     emb = (torch.randn(B, 2048, generator=gen) * 0.5 + 3).to(device)  # |x|^2 >> distances
     labels = labels.to(device)
     want = OPS._metric_loss_forward(emb, labels, 0.3, metric, "quartet")
-    with _reduced_precision_float32_gemms(device):
+    with reduced_precision_float32_gemms(device):
         got = OPS._metric_loss_forward(emb, labels, 0.3, metric, "quartet")
     # same picks; the loss within float32 rounding of the Gram matrix (bfloat16 products
     # moved it by 5e-4 and changed 5 picks of such a batch)

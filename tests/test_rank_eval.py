@@ -3,7 +3,6 @@ against the textbook argsort evaluation in edaan_fast/ops/reference.py."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import warnings
@@ -22,7 +21,7 @@ from edaan_fast.ops import (
 )
 from edaan_fast.ops.rank_eval import NAN_FLAG
 
-from tests.conftest import requires_cuda, requires_ops
+from tests.conftest import reduced_precision_float32_gemms, requires_cuda, requires_ops
 
 pytestmark = requires_ops
 
@@ -486,49 +485,13 @@ def test_half_features_are_ranked_in_float32(device, half):
     assert got.mAP == want.mAP and np.isfinite(got.mAP)
 
 
-@contextlib.contextmanager
-def _reduced_precision_float32_gemms(device):
-    """Runs the block with what torch.set_float32_matmul_precision("medium") switches on:
-    TF32 float32 GEMMs on CUDA, bfloat16 ones in oneDNN on a CPU. Skips where the hardware has
-    no such mode, and also where a plain GEMM under the setting is as accurate as float32 (the
-    setting only allows the lower precision: oneDNN does not use it on every CPU that has
-    bfloat16 instructions); there the block would only compare a function with itself."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device) < (8, 0):
-            pytest.skip("TF32 needs compute capability 8.0+: float32 GEMMs stay float32 here")
-        backend, reduced = torch.backends.cuda.matmul, "tf32"
-    else:
-        from edaan_fast.engine.precision import cpu_has_native_bf16
-
-        if not cpu_has_native_bf16():
-            pytest.skip("no native bfloat16 on this CPU (AVX512-BF16/AMX): oneDNN keeps float32 "
-                        "GEMMs in float32, so the setting cannot change anything here")
-        backend, reduced = torch.backends.mkldnn.matmul, "bf16"
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(32, 512, generator=g).to(device) for _ in range(2))
-    exact = a.double() @ b.double().T
-    before = backend.fp32_precision
-    backend.fp32_precision = reduced
-    try:
-        err = float(((a @ b.T).double() - exact).abs().max() / exact.abs().max())
-        # float32 products summed in float32: ~3e-7 of the largest entry; TF32 (10-bit)
-        # inputs: ~3e-4; bfloat16 (8-bit) inputs: ~3e-3
-        if err < 3e-5:
-            pytest.skip(f"fp32_precision={reduced!r} left a plain float32 GEMM in float32 "
-                        f"precision here (relative error {err:.1e}): nothing to compare")
-        yield
-    finally:
-        backend.fp32_precision = before
-
-
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_tiles_keep_full_float32_when_reduced_precision_is_allowed(device, metric):
     qf, gf, qp, gp, qc, gc = _feature_problem(seed=5)
     qf, gf = qf.to(device), gf.to(device)
     want = rank_metrics_from_features(qf, gf, qp, gp, qc, gc, metric=metric, chunk=256,
                                       query_chunk=32)
-    with _reduced_precision_float32_gemms(device):
+    with reduced_precision_float32_gemms(device):
         got = rank_metrics_from_features(qf, gf, qp, gp, qc, gc, metric=metric, chunk=256,
                                          query_chunk=32)
     _assert_same_ranking(got, want)

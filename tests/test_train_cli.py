@@ -135,14 +135,6 @@ def _error_line(proc, only_line: bool = True) -> str:
 
 
 @pytest.fixture(scope="module")
-def micro_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("micro") / "micro.yaml"
-    path.write_text(yaml.safe_dump({"model": MICRO_MODEL, "batch_size": 8, "epochs": 1,
-                                    "iters_per_epoch": 1, "eval_every": 0, "progress": False}))
-    return path
-
-
-@pytest.fixture(scope="module")
 def finished(tmp_path_factory, micro_config):
     """A finished micro run (one epoch of one iteration) in its own folder."""
     out = tmp_path_factory.mktemp("finished") / "run"
