@@ -80,8 +80,8 @@ def test_gradients_reach_every_learner_and_no_frozen_module(phase):
         assert all(not p.requires_grad for p in model.attention_S.parameters())
     assert all(p.requires_grad for p in model.discriminator_T.parameters())
     assert log["skipped_G"] == 0.0 and log["skipped_D"] == 0.0
-    assert set(log) == {"gan_s2t", "gan_t2s", "cycle", "attention", "smoothness", "metric", "id",
-                        "refine", "total",
+    assert set(log) == {"gan_s2t", "gan_t2s", "cycle", "attention", "smoothness", "area",
+                        "metric", "id", "refine", "total",
                         "d_S", "d_T", "d_total", "skipped_G", "skipped_D"}
 
 
@@ -133,6 +133,14 @@ def test_logged_total_is_the_weighted_sum():
     assert log["d_total"] == pytest.approx(log["d_S"] + log["d_T"], rel=1e-6)
 
 
+#: Relative gap allowed between a bf16-autocast and a float32 loss term on the same weights,
+#: inputs and dropout masks. bf16 keeps 8 significant bits (unit roundoff 2**-8 = 3.9e-3).
+#: Measured on this test's batch (AMD EPYC with AVX512-BF16, one thread): 1.1e-4 (cycle) to
+#: 3.0e-3 (metric); the largest over the seeds 0-9 of the model and batch: 5.4e-3 (gan_t2s),
+#: 5.2e-3 (metric), 3.1e-3 (gan_s2t), 2.9e-3 (d_S), 1.9e-3 (id).
+BF16_REL = 1.5e-2
+
+
 def test_bf16_autocast_step_is_finite_and_updates_the_same_parameters_as_fp32():
     model32, objective = make()
     model16 = copy.deepcopy(model32)
@@ -140,13 +148,15 @@ def test_bf16_autocast_step_is_finite_and_updates_the_same_parameters_as_fp32():
     for name, model, amp in [("fp32", model32, False), ("bf16", model16, True)]:
         step = EDAANTrainStep(model, objective, amp=amp)
         before = snapshot(model)
+        torch.manual_seed(1)  # the same dropout masks in both steps
         logs[name] = step(*batch(), torch.optim.Adam(model.generator_parameters(), 1e-3),
                           torch.optim.Adam(model.discriminator_parameters(), 1e-3))
         updated[name] = changed(before, model)
         assert all(np.isfinite(v) for v in logs[name].values())
     assert updated["bf16"] == updated["fp32"] == {n for n, _ in model32.named_parameters()}
-    for term in ("cycle", "id", "gan_s2t", "attention"):
-        assert logs["bf16"][term] == pytest.approx(logs["fp32"][term], rel=0.1), term
+    for term in ("cycle", "id", "gan_s2t", "gan_t2s", "attention", "metric", "total", "d_S",
+                 "d_T"):
+        assert logs["bf16"][term] == pytest.approx(logs["fp32"][term], rel=BF16_REL), term
     # the weights did not come out in bf16
     assert all(p.dtype == torch.float32 for p in model16.parameters())
 
