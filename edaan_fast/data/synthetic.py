@@ -59,6 +59,7 @@ from PIL import Image
 from edaan_fast._progress import progress_bar
 
 from .base import DatasetError, ReIDDataset, install_folder, read_mask
+from .person_masks import person_mask_path
 from .market_layout import MARKET_LAYOUT, MARKET_PATTERN, read_market_layout
 
 logger = logging.getLogger(__name__)
@@ -562,7 +563,7 @@ def synthetic(root: str | Path | None = None, domain: str = "source",
 def mask_path(image_path: str | Path) -> Path:
     """Where the ground-truth mask of a synthetic image lives (``<domain>/masks/<split>/*.png``)."""
     p = Path(image_path)
-    return p.parent.parent / "masks" / p.parent.name / f"{p.stem}.png"
+    return person_mask_path(p.parent.parent / "masks", p)
 
 
 def load_masks(records):

@@ -39,6 +39,7 @@ are not scanned, which would cost a pass over every parameter).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -74,10 +75,20 @@ class NonFiniteLossError(FloatingPointError):
 
 def _running_stats(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(buffer, copy)`` of every normalisation layer's running statistics: a forward pass in
-    train mode updates them before the losses can be checked (a few KB in these models)."""
-    return [(b, b.clone()) for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
-            for b in m.buffers()]
+    train mode updates them before the losses can be checked (a few KB in these models). The
+    layers are found once per model (a walk over every layer each step would be host work on
+    the hot path); their buffers are read each time, as ``.to()`` replaces them."""
+    layers = _NORM_LAYERS.get(model)
+    if layers is None:
+        layers = [m for m in model.modules()
+                  if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+        _NORM_LAYERS[model] = layers
+    return [(b, b.clone()) for m in layers for b in m.buffers()]
+
+
+#: model -> its normalisation layers (weakly held: the entry goes with the model).
+_NORM_LAYERS: "weakref.WeakKeyDictionary[nn.Module, list[nn.Module]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
