@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from benchmarks._timing import median_seconds
-from edaan_fast.engine.step import EDAANTrainStep, Phase
-from edaan_fast.engine.trainer import cpu_has_native_bf16
+from edaan_fast.engine.precision import cpu_has_native_bf16
+from edaan_fast.engine.steps import EDAANTrainStep, Phase
 from edaan_fast.losses import EDAANObjective, QuartetLoss
 from edaan_fast.models import build_model
 from edaan_fast.ops._library import use_reference_ops

@@ -37,8 +37,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from edaan_fast.engine.report import METRIC_KEYS, method_name
 from edaan_fast.engine.run_config import VARIANTS
+from edaan_fast.evaluation.report import METRIC_KEYS, method_name
 
 SUFFIXES = {"noattn": ["--no-attention"], "triplet": ["--metric-loss", "triplet"]}
 TABLE_V = "edaan,edaan-noattn,daan,daan-noattn,cyclegan,direct"

@@ -8,7 +8,7 @@ __all__ = ["FeatureExtractor", "build_info", "has_ops"]
 def __getattr__(name: str):
     """``FeatureExtractor`` is imported on first use, so ``import edaan_fast`` stays light."""
     if name == "FeatureExtractor":
-        from .engine.extractor import FeatureExtractor
+        from .deploy.extractor import FeatureExtractor
 
         return FeatureExtractor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,8 +28,8 @@ variant or preset than ``--expect-variant`` / ``--expect-preset``, a data set wi
 split, features whose dimensions disagree, ...) are reported as one line on stderr with exit
 code 2.
 
-This module only parses: the flags become :class:`~edaan_fast.engine.evaluation.EvaluateOptions`
-and :func:`~edaan_fast.engine.evaluation.run_evaluation` does the work.
+This module only parses: the flags become :class:`~edaan_fast.evaluation.job.EvaluateOptions`
+and :func:`~edaan_fast.evaluation.job.run_evaluation` does the work.
 """
 
 
@@ -40,16 +40,8 @@ import logging
 import sys
 from pathlib import Path
 
-from edaan_fast.engine.report import VARIANT_NAMES, method_name  # noqa: F401  (re-exported)
-from edaan_fast.engine.targets import DATASETS
-from edaan_fast.metrics.features import (  # noqa: F401  (re-exported: the CLI's file format)
-    FEATURES_FORMAT,
-    FEATURES_VERSION,
-    PRID_TASKS,
-    EvaluationError,
-    load_features,
-    save_features,
-)
+from edaan_fast.evaluation.report import VARIANT_NAMES
+from edaan_fast.evaluation.targets import DATASETS
 
 logger = logging.getLogger("edaan_fast.evaluate")
 
@@ -57,7 +49,7 @@ PROG = "python -m edaan_fast.evaluate"
 EXIT_ERROR = 2
 #: Bad inputs of an evaluation besides the ones every command has (one line, exit 2).
 ERRORS = (("edaan_fast.metrics.features", "EvaluationError"),
-          ("edaan_fast.engine.evaluator", "FeatureMismatchError"))
+          ("edaan_fast.evaluation.evaluator", "FeatureMismatchError"))
 VARIANTS = tuple(VARIANT_NAMES)
 
 
@@ -161,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace):
     """The typed options of parsed flags."""
-    from edaan_fast.engine.evaluation import EvaluateOptions
+    from edaan_fast.evaluation.job import EvaluateOptions
 
     values = {k: v for k, v in vars(args).items() if k not in ("no_progress", "quiet")}
     progress = not (args.no_progress or args.quiet)  # drawn on a terminal only (_progress)
@@ -170,15 +162,15 @@ def options_from_args(args: argparse.Namespace):
 
 def plan_from_dataset(args: argparse.Namespace, run: dict):
     """The evaluation plan of parsed flags for a run (see
-    :func:`~edaan_fast.engine.targets.plan_target`)."""
-    from edaan_fast.engine.targets import plan_target
+    :func:`~edaan_fast.evaluation.targets.plan_target`)."""
+    from edaan_fast.evaluation.targets import plan_target
 
     return plan_target(options_from_args(args).target, run)
 
 
 def run(args: argparse.Namespace) -> dict:
     """Everything :func:`main` does, returning the report (the ``--output`` JSON content)."""
-    from edaan_fast.engine.evaluation import run_evaluation
+    from edaan_fast.evaluation.job import run_evaluation
 
     return run_evaluation(options_from_args(args))
 

@@ -15,7 +15,7 @@ normalised like the input (``translator``).
 
 Bad inputs (a missing or foreign checkpoint, ``--what translator`` for a run without one, an
 existing output without ``--overwrite``, ONNX without the ``export`` extra) are reported as one
-line on stderr with exit code 2. This module only parses; :mod:`edaan_fast.engine.export`
+line on stderr with exit code 2. This module only parses; :mod:`edaan_fast.deploy.export`
 does the work.
 """
 
@@ -28,12 +28,12 @@ from pathlib import Path
 from edaan_fast._cli import run_command, setup_logging
 
 PROG = "python -m edaan_fast.export"
-ERRORS = (("edaan_fast.engine.translation", "TranslationError"),)
+ERRORS = (("edaan_fast.deploy.translation", "TranslationError"),)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edaan_fast.engine.export import EXPORT_FORMATS, EXPORT_WHAT
-    from edaan_fast.engine.translation import DIRECTIONS
+    from edaan_fast.deploy.export import EXPORT_FORMATS, EXPORT_WHAT
+    from edaan_fast.deploy.translation import DIRECTIONS
 
     p = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Export a checkpoint's re-ID model or translator.")
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0, or 2 for bad inputs)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
-    from edaan_fast.engine.export import ExportOptions, run_export
+    from edaan_fast.deploy.export import ExportOptions, run_export
 
     values = {k: v for k, v in vars(args).items() if k != "quiet"}
     return run_command(PROG, lambda: run_export(ExportOptions(**values)), ERRORS)

@@ -275,12 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     from edaan_fast._allocator import pin_malloc_thresholds
     from edaan_fast.data import DatasetError
     from edaan_fast.engine.checkpoint import CheckpointError, ResumePoint
-    from edaan_fast.engine.report import markdown_table
+    from edaan_fast.engine.hooks import TrainingInterrupted
     from edaan_fast.engine.run_config import (
-        PAPER_ATTENTION, RunConfig, RunConfigError, load_run_file,
+        PAPER_ATTENTION,
+        RunConfig,
+        RunConfigError,
+        load_run_file,
+        resume_config,
     )
-    from edaan_fast.engine.step import NonFiniteLossError
-    from edaan_fast.engine.trainer import TrainingInterrupted, resume_config, train
+    from edaan_fast.engine.steps import NonFiniteLossError
+    from edaan_fast.engine.trainer import train
+    from edaan_fast.evaluation.report import markdown_table
 
     pin_malloc_thresholds()
     options = vars(args)

@@ -17,7 +17,7 @@ that stops part way is resumed by running the same command again: finished files
 A folder holding another translation (translator, direction, data set or format) is refused.
 
 Bad inputs are reported as one line on stderr with exit code 2. This module only parses;
-:mod:`edaan_fast.engine.translation` does the work.
+:mod:`edaan_fast.deploy.translation` does the work.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from pathlib import Path
 from edaan_fast._cli import run_command, setup_logging
 
 PROG = "python -m edaan_fast.translate"
-ERRORS = (("edaan_fast.engine.translation", "TranslationError"),
+ERRORS = (("edaan_fast.deploy.translation", "TranslationError"),
           ("edaan_fast.engine.run_config", "RunConfigError"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     from edaan_fast.data import DATASETS
-    from edaan_fast.engine.translation import DIRECTIONS, SPLIT_CHOICES
+    from edaan_fast.deploy.translation import DIRECTIONS, SPLIT_CHOICES
 
     p = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Translate a data set with a trained translator.")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0, or 2 for bad inputs)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
-    from edaan_fast.engine.translation import TranslateOptions, run_translation
+    from edaan_fast.deploy.translation import TranslateOptions, run_translation
 
     values = {k: v for k, v in vars(args).items() if k not in ("no_progress", "quiet")}
     progress = not (args.no_progress or args.quiet)  # drawn on a terminal only (_progress)

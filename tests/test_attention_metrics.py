@@ -89,7 +89,7 @@ def test_bad_inputs():
 def test_evaluate_attention_uses_masks_where_they_exist():
     """Synthetic images carry person masks (all fields); real images only the proxies."""
     from edaan_fast.data import build_dataset
-    from edaan_fast.engine.evaluator import evaluate_attention
+    from edaan_fast.evaluation.evaluator import evaluate_attention
     from edaan_fast.models import build_model
     from tests.oracles import market_mini
 

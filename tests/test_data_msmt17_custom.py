@@ -15,9 +15,9 @@ import yaml
 from edaan_fast.data import DATASETS, DatasetError, build_dataset
 from edaan_fast.engine import run_config
 from edaan_fast.engine.run_config import RunConfigError, source_dataset
-from edaan_fast.engine.targets import DATASETS as EVAL_DATASETS
-from edaan_fast.engine.targets import TargetOptions, plan_target
 from edaan_fast.evaluate import main as evaluate_main
+from edaan_fast.evaluation.targets import DATASETS as EVAL_DATASETS
+from edaan_fast.evaluation.targets import TargetOptions, plan_target
 from edaan_fast.metrics.features import EvaluationError
 from tests.conftest import requires_ops
 from tests.test_data_readers import make_market, write_image

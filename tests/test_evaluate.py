@@ -10,17 +10,19 @@ from PIL import Image
 from torch import nn
 
 from edaan_fast.data import Record
-from edaan_fast.engine.evaluator import (
+from edaan_fast.evaluation.evaluator import extract_split_features
+from edaan_fast.evaluation.report import method_name
+from edaan_fast.metrics.features import (
     FeatureMismatchError,
     Features,
     ReRanking,
     distance_matrix,
     evaluate_features,
     evaluate_prid2011,
-    extract_split_features,
+    load_features,
+    save_features,
 )
-from edaan_fast.engine.reranking import _reference_re_ranking
-from edaan_fast.evaluate import load_features, method_name, save_features
+from edaan_fast.metrics.reranking import _reference_re_ranking
 from tests.conftest import requires_ops
 from tests.oracles import market_loop
 

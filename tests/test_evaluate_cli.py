@@ -15,8 +15,9 @@ from PIL import Image
 import edaan_fast.data as data_module
 from edaan_fast.data import ReIDDataset, build_dataset, render
 from edaan_fast.engine.checkpoint import model_config_to_dict, save_checkpoint
-from edaan_fast.engine.evaluator import ReRanking, evaluate_features, evaluate_model
-from edaan_fast.evaluate import build_parser, load_features, main, plan_from_dataset
+from edaan_fast.evaluate import build_parser, main, plan_from_dataset
+from edaan_fast.evaluation.evaluator import evaluate_model
+from edaan_fast.metrics.features import ReRanking, evaluate_features, load_features
 from edaan_fast.models import build_model
 from tests.conftest import requires_ops
 from tests.test_evaluate import _numpy_market
@@ -115,7 +116,7 @@ def test_default_target_report_matches_an_independent_ranking(exported, ckpt, sy
     target = build_dataset("synthetic", root=synthetic_cache, domain="target", preset="tiny",
                            seed=0)
     try:
-        from edaan_fast.engine.trainer import evaluate_target
+        from edaan_fast.evaluation.targets import evaluate_target
     except ImportError:  # the library call the trainer's evaluation is built on
         res = evaluate_model(model, target, image_size=(64, 32), batch_size=128, num_workers=0)
     else:

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from edaan_fast.deploy.export import ReIDGraph, TranslatorGraph
 from edaan_fast.engine.checkpoint import (
-    model_config_to_dict, model_from_checkpoint, save_checkpoint,
+    model_config_to_dict,
+    model_from_checkpoint,
+    save_checkpoint,
 )
-from edaan_fast.engine.export import ReIDGraph, TranslatorGraph
 from edaan_fast.export import main
 from edaan_fast.models import build_model
 from tests.conftest import requires_ops

@@ -27,9 +27,9 @@ import yaml
 from edaan_fast.data import render
 from edaan_fast.engine.checkpoint import load_checkpoint, model_config_to_dict, save_checkpoint
 from edaan_fast.engine.precision import cpu_has_native_bf16
-from edaan_fast.engine.report import METRIC_KEYS
 from edaan_fast.engine.run_config import PAPER_ATTENTION, RunConfig
 from edaan_fast.engine.steps import DISCRIMINATOR_TERMS, GENERATOR_TERMS
+from edaan_fast.evaluation.report import METRIC_KEYS
 from edaan_fast.metrics.features import Features, save_features
 from edaan_fast.models import build_model
 
@@ -48,6 +48,7 @@ _HARNESS = """
 import hashlib, io, json, os, signal, sys
 import numpy as np
 import torch
+import edaan_fast.engine.stages as stages
 import edaan_fast.engine.trainer as trainer
 
 steps = []
@@ -147,7 +148,7 @@ def savez_with_fault(fault, after):
 
 def record_stage_data(into="stage_data.json"):
     # the folders of the images each training stage reads
-    real = trainer.stage_records
+    real = stages.stage_records
     seen = {}
     def stage_records(stage, *args, **kwargs):
         records = real(stage, *args, **kwargs)
@@ -155,7 +156,7 @@ def record_stage_data(into="stage_data.json"):
         with open(into, "w") as f:
             json.dump(seen, f)
         return records
-    trainer.stage_records = stage_records
+    stages.stage_records = stage_records
 
 
 def refuse_permission(nth):
@@ -380,7 +381,7 @@ def evaluation_checkpoint(tmp_path_factory):
 
 #: The first batch of feature extraction sends Ctrl-C.
 _CTRL_C_WHILE_EXTRACTING = """
-import edaan_fast.engine.evaluator as evaluator
+import edaan_fast.evaluation.evaluator as evaluator
 real_features = evaluator.model_features
 def model_features(*args, **kwargs):
     ctrl_c()
@@ -404,7 +405,7 @@ def test_evaluate_exits_130_on_ctrl_c(evaluation_checkpoint, tmp_path):
 @requires_ops
 def test_evaluate_exits_1_with_a_traceback_on_an_internal_error(evaluation_checkpoint,
                                                                tmp_path):
-    setup = ("import edaan_fast.engine.evaluator as evaluator\n"
+    setup = ("import edaan_fast.evaluation.evaluator as evaluator\n"
              "def broken(*args, **kwargs):\n"
              "    raise RuntimeError('an internal error')\n"
              "evaluator.model_features = broken\n")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from edaan_fast.engine.protocols import cuhk03_single_gallery_shot
+from edaan_fast.metrics.protocols import cuhk03_single_gallery_shot
 from edaan_fast.ops import evaluate_rank
 from tests.conftest import requires_ops
 

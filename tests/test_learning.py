@@ -43,12 +43,12 @@ from torch import nn
 from edaan_fast.data import build_loader
 from edaan_fast.data.synthetic import load_masks
 from edaan_fast.engine.checkpoint import model_from_checkpoint
-from edaan_fast.engine.evaluator import attention_probe, evaluate_attention, evaluate_model
 from edaan_fast.engine.precision import cpu_has_native_bf16
-from edaan_fast.engine.report import metrics_dict
 from edaan_fast.engine.run_config import RunConfig, load_run_file
-from edaan_fast.engine.targets import evaluate_target
 from edaan_fast.engine.trainer import Trainer
+from edaan_fast.evaluation.evaluator import attention_probe, evaluate_attention, evaluate_model
+from edaan_fast.evaluation.report import metrics_dict
+from edaan_fast.evaluation.targets import evaluate_target
 
 from .test_trainer import MICRO_MODEL
 

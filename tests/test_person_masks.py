@@ -17,7 +17,12 @@ from PIL import Image
 
 from edaan_fast.data import DatasetError, Record
 from edaan_fast.data.person_masks import (
-    MANIFEST, mask_key, person_mask_path, read_manifest, read_person_masks, write_person_masks,
+    MANIFEST,
+    mask_key,
+    person_mask_path,
+    read_manifest,
+    read_person_masks,
+    write_person_masks,
 )
 from edaan_fast.masks import main as masks_main
 
@@ -127,7 +132,7 @@ def test_a_folder_that_is_not_a_mask_folder_is_refused(tmp_path, mask_folder):
 def test_attention_scores_against_a_mask_folder(mask_folder):
     """``evaluate_attention`` with a mask folder: a net that outputs the true mask scores
     position AUC 1; an inverted one 0; the crop without a person is left out."""
-    from edaan_fast.engine.evaluator import evaluate_attention
+    from edaan_fast.evaluation.evaluator import evaluate_attention
 
     records, root = mask_folder
 
@@ -219,8 +224,8 @@ def test_evaluate_scores_attention_against_a_mask_folder(tmp_path, capsys):
     line naming the file."""
     from edaan_fast.data import build_dataset, render
     from edaan_fast.engine.checkpoint import model_from_checkpoint
-    from edaan_fast.engine.evaluator import evaluate_attention
     from edaan_fast.evaluate import main as evaluate_main
+    from edaan_fast.evaluation.evaluator import evaluate_attention
 
     from .test_evaluate_cli import _save
 

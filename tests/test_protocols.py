@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from edaan_fast.engine.protocols import (
+from edaan_fast.metrics.protocols import (
     ProtocolResult,
     _sample_keys,  # only for the unit test of the keys themselves
     cuhk03_single_gallery_shot,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from edaan_fast.engine.reranking import _reference_re_ranking, re_ranking, re_ranking_features
+from edaan_fast.metrics.reranking import _reference_re_ranking, re_ranking, re_ranking_features
 from edaan_fast.ops import reference
 from edaan_fast.ops import reranking as ops
 from tests.conftest import DEVICES, requires_cuda, requires_ops
@@ -127,7 +127,7 @@ def test_features_entry_equals_distance_entry(metric):
 
 def test_reranking_helps_on_clustered_data():
     """Identities as tight clusters with a few outlier views: re-ranking raises mAP."""
-    from edaan_fast.engine.protocols import market_duke
+    from edaan_fast.metrics.protocols import market_duke
 
     rng = np.random.default_rng(7)
     ids, per = 12, 6
@@ -188,7 +188,7 @@ def test_input_errors(call, match):
 _MEMORY_SCRIPT = textwrap.dedent(
     """
     import torch
-    from edaan_fast.engine.reranking import re_ranking_features
+    from edaan_fast.metrics.reranking import re_ranking_features
 
     def status(key):
         for line in open("/proc/self/status"):

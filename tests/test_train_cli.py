@@ -18,7 +18,7 @@ from PIL import Image
 
 from edaan_fast import train as cli
 from edaan_fast.engine.checkpoint import load_checkpoint, save_checkpoint
-from edaan_fast.engine.trainer import ReIDStep
+from edaan_fast.engine.steps import ReIDStep
 
 from .test_data_readers import bomb_png
 from .test_trainer import MICRO_MODEL
@@ -281,6 +281,7 @@ def test_a_broken_symlink_named_like_an_image_is_reported(micro_config, tmp_path
 _HARNESS = """
 import io, os, signal, sys
 import torch
+import edaan_fast.engine.steps as steps
 import edaan_fast.engine.trainer as trainer
 from edaan_fast import train as cli
 
@@ -327,12 +328,12 @@ def interrupt_evaluation():
 
 
 def ctrl_c_from_a_terminal():
-    real = trainer.EDAANTrainStep.__call__
+    real = steps.EDAANTrainStep.__call__
     def step(self, *args, **kwargs):
         log = real(self, *args, **kwargs)
         os.killpg(os.getpgrp(), signal.SIGINT)  # the whole process group: workers too
         return log
-    trainer.EDAANTrainStep.__call__ = step
+    steps.EDAANTrainStep.__call__ = step
 
 
 {setup}

@@ -18,17 +18,27 @@ import torch
 import yaml
 
 from edaan_fast.engine.checkpoint import (
-    CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
 )
-from edaan_fast.engine.report import METRIC_KEYS
+from edaan_fast.engine.hooks import HookBase, TrainingInterrupted
 from edaan_fast.engine.run_config import (
-    PAPER_ATTENTION, VARIANTS, RunConfig, RunConfigError, load_run_file, phase_epochs,
+    PAPER_ATTENTION,
+    VARIANTS,
+    RunConfig,
+    RunConfigError,
+    load_run_file,
+    phase_epochs,
+    resume_config,
     target_dataset,
 )
-from edaan_fast.engine.step import Phase
-from edaan_fast.engine.trainer import (
-    HookBase, LinearDecay, Trainer, TrainingInterrupted, evaluate_target, resume_config, train,
-)
+from edaan_fast.engine.stages import LinearDecay
+from edaan_fast.engine.steps import Phase
+from edaan_fast.engine.trainer import Trainer, train
+from edaan_fast.evaluation.report import METRIC_KEYS
+from edaan_fast.evaluation.targets import evaluate_target
 
 #: A model small enough that an iteration takes a few tens of milliseconds on one CPU core.
 MICRO_MODEL = dict(gen_width=8, gen_res_blocks=1, attn_widths=[4, 8], disc_width=8,

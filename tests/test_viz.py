@@ -39,7 +39,7 @@ def _frame_color(px, i, size=(128, 64), frame=4, label_height=20):
 
 def test_import_ops_does_not_import_matplotlib():
     code = (
-        "import sys, edaan_fast.ops, edaan_fast.viz, edaan_fast.engine.protocols; "
+        "import sys, edaan_fast.ops, edaan_fast.viz, edaan_fast.metrics.protocols; "
         "print('matplotlib' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

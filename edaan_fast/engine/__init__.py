@@ -1,14 +1,13 @@
-"""edaan_fast.engine: everything that runs a model -- the typed run configuration
-(``run_config``), the training steps (``steps``), the stages of a variant (``stages``), the
-trainer's loop (``trainer``) and its hooks (``hooks``), processes (``distributed``), precision
-(``precision``), checkpoints and output folders (``checkpoint``, ``run_dir``), feature
-extraction (``evaluator``), the one evaluation plan (``targets``), the evaluation job and its
-figures (``evaluation``, ``figures``) and the run report (``report``). How good the numbers
-are is measured in :mod:`edaan_fast.metrics`; see docs/architecture.md.
+"""edaan_fast.engine: the training loop -- the typed run configuration (``run_config``), the
+training steps (``steps``), the stages of a variant (``stages``), the trainer's loop
+(``trainer``) and its hooks (``hooks``), processes (``distributed``), precision and devices
+(``precision``), checkpoints and output folders (``checkpoint``, ``run_dir``) and the image
+pools (``image_pool``). Evaluating a model is :mod:`edaan_fast.evaluation`'s job, using a
+trained one :mod:`edaan_fast.deploy`'s; see docs/architecture.md.
 
 The names below are imported on first use (PEP 562), so importing one engine module (say
-``edaan_fast.engine.checkpoint`` or ``.evaluator`` for exported features) does not pull in the
-data pipeline, torchvision or the trainer.
+``edaan_fast.engine.checkpoint``) does not pull in the data pipeline, torchvision or the
+trainer.
 """
 
 from __future__ import annotations
@@ -19,24 +18,15 @@ from typing import Any
 _EXPORTS = {
     # one training iteration (generator + discriminator updates, AMP, image pools)
     "EDAANTrainStep": "steps", "NonFiniteLossError": "steps", "Phase": "steps",
-    "ReIDStep": "steps", "resolve_precision": "precision",
-    "ImagePool": "image_pool",
+    "ReIDStep": "steps", "ImagePool": "image_pool",
+    "resolve_precision": "precision", "device_of": "precision",
     # the training job (python -m edaan_fast.train)
     "RunConfig": "run_config", "RunConfigError": "run_config", "source_dataset": "run_config",
-    "target_dataset": "run_config", "HookBase": "hooks", "Trainer": "trainer",
-    "TrainingInterrupted": "trainer", "train": "trainer",
+    "target_dataset": "run_config", "resume_config": "run_config", "HookBase": "hooks",
+    "TrainingInterrupted": "hooks", "Trainer": "trainer", "train": "trainer",
     # checkpoints
     "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint",
     "model_from_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
-    # evaluation (python -m edaan_fast.evaluate)
-    "FeatureMismatchError": "evaluator", "Features": "evaluator", "ReRanking": "evaluator",
-    "distance_matrix": "evaluator", "evaluate_features": "evaluator",
-    "evaluate_model": "evaluator", "evaluate_prid2011": "evaluator",
-    "extract_features": "evaluator", "extract_split_features": "evaluator",
-    "EvaluateOptions": "evaluation", "run_evaluation": "evaluation",
-    "Plan": "targets", "evaluate_target": "targets",
-    # features of a trained model from user code
-    "FeatureExtractor": "extractor",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import os
 import random
-from datetime import timedelta
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np

@@ -24,11 +24,11 @@ import torch
 from edaan_fast._progress import progress_bar, progress_wanted
 from edaan_fast.data import build_loader
 from edaan_fast.data.transforms import to_unit_range
+from edaan_fast.evaluation.report import method_name, transfer_name
 from edaan_fast.metrics import AttentionQuality
 
 from .distributed import StopPoll, any_rank
 from .precision import PRECISION_NAMES
-from .report import method_name, transfer_name
 from .steps import Phase
 
 #: The :class:`~edaan_fast.engine.trainer.Trainer` that calls the hooks (not imported here:

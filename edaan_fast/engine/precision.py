@@ -1,4 +1,5 @@
-"""The one precision resolver: which autocast dtype a run or a step computes in.
+"""The one precision resolver: which autocast dtype a run or a step computes in (and the
+device a command runs on, :func:`device_of`).
 
 Every place that picks an autocast dtype asks this module: the trainer, the training steps
 (and so the train-step benchmark), feature extraction (``evaluate --amp``,
@@ -28,7 +29,8 @@ import torch
 
 logger = logging.getLogger("edaan_fast.engine.trainer")
 
-__all__ = ["PRECISION_NAMES", "cpu_has_native_bf16", "cuda_has_native_bf16", "resolve_precision"]
+__all__ = ["PRECISION_NAMES", "cpu_has_native_bf16", "cuda_has_native_bf16", "device_of",
+           "resolve_precision"]
 
 #: How reports and logs name a resolved precision.
 PRECISION_NAMES = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -86,3 +88,20 @@ def _warn_float32_fallback(capability: str) -> None:
         "--amp: this CPU (%s) has no native bfloat16, so autocast would run the convolutions "
         "through PyTorch's slow reference kernels (about 10x slower than float32 here); "
         "running in float32. Force it with --amp-dtype bfloat16.", capability)
+
+
+def device_of(device: str | torch.device | None, flag: str = "device",
+              error: type[Exception] = ValueError) -> torch.device:
+    """``device`` as a torch device (default: CUDA when present); ``error`` (naming ``flag``)
+    for a name that is no device, or CUDA where there is none."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise error(f"{flag} {str(device)!r} is not a device (expected cpu, cuda or "
+                         "cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise error(f"{flag} {device}: CUDA is not available (torch {torch.__version__}); "
+                         "use cpu")
+    return dev

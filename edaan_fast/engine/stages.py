@@ -32,20 +32,34 @@ from typing import Any
 
 import torch
 
-from edaan_fast.data import Record, build_loader
+from edaan_fast.data import PKSampler, RandomBatchSampler, Record, ReIDDataset, build_loader
 from edaan_fast.data.translated import (
-    translated_complete, translated_records, write_translated_set,
+    translated_complete,
+    translated_records,
+    write_translated_set,
 )
 from edaan_fast.losses import EDAANObjective, LossWeights, build_metric_loss
 from edaan_fast.models import EDAAN, ModelConfig, model_config
 
 from .checkpoint import (
-    CheckpointError, load_checkpoint, load_model_state, model_config_from_dict,
-    model_config_to_dict, save_checkpoint,
+    CheckpointError,
+    ResumePoint,
+    load_checkpoint,
+    load_model_state,
+    model_config_from_dict,
+    model_config_to_dict,
+    save_checkpoint,
 )
 from .distributed import (
-    LOADER_STREAMS, DistInfo, GatheredMetricLoss, RankSlice, all_reduce_gradients, barrier,
-    derive_seed, gather, set_rng_state,
+    LOADER_STREAMS,
+    DistInfo,
+    GatheredMetricLoss,
+    RankSlice,
+    all_reduce_gradients,
+    barrier,
+    derive_seed,
+    gather,
+    set_rng_state,
 )
 from .run_config import RUN_PRESETS, RunConfig, RunConfigError, resume_config
 from .run_dir import TRANSLATED_DIR, TRANSLATOR_NAME
@@ -53,7 +67,8 @@ from .steps import EDAANTrainStep, ReIDStep
 
 logger = logging.getLogger("edaan_fast.engine.trainer")
 
-__all__ = ["LinearDecay", "Stage", "build_objective", "build_optimizers", "build_step",
+__all__ = ["BuiltStage", "LinearDecay", "RunParts", "Stage", "build_objective",
+           "build_optimizers", "build_stage", "build_step", "check_batch_split",
            "check_resumable", "epoch_length", "new_model", "restore_stage", "run_model_config",
            "save_translator", "stage_records", "stages_of", "train_loader", "translate_source"]
 
@@ -346,3 +361,69 @@ def restore_stage(ckpt: dict[str, Any], rank: int, where: str, optimizers: dict,
         text = str(exc).strip().splitlines()
         raise CheckpointError(f"{where}: its {part} state cannot be restored "
                               f"({type(exc).__name__}: {text[0] if text else ''})") from None
+
+
+@dataclass
+class RunParts:
+    """What every stage of one run shares; the trainer builds it once."""
+
+    run: RunConfig
+    dist: DistInfo
+    device: torch.device
+    precision: torch.dtype | None
+    num_workers: int
+    source: ReIDDataset
+    target: ReIDDataset
+    output_dir: Path
+    model_config: ModelConfig
+    objective: EDAANObjective
+    stages: list[Stage]
+
+
+@dataclass
+class BuiltStage:
+    """One stage, complete: what :func:`build_stage` returns and the trainer's loop runs."""
+
+    index: int
+    spec: Stage
+    model: EDAAN
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
+    step: EDAANTrainStep | ReIDStep
+    source_loader: Any
+    target_loader: Any | None
+    iterations_per_epoch: int
+
+
+def build_stage(parts: RunParts, index: int, resume: ResumePoint | None = None) -> BuiltStage:
+    """Stage ``index`` of the run, complete: a freshly initialised model, its optimisers and
+    schedulers, the training step, the source (and, for a translating stage, target) loaders
+    and the epoch length, with the translated source set regenerated first where a re-ID
+    stage needs it and it is missing. With ``resume`` (a training checkpoint, checked first
+    against the run: :func:`check_resumable`) the model, optimiser, scheduler, step, sampler
+    and RNG states come from it."""
+    run, dist = parts.run, parts.dist
+    if resume is not None:
+        check_resumable(resume.checkpoint, resume.path, run, parts.model_config, parts.stages,
+                        dist.world_size)
+    stage = parts.stages[index]
+    model = new_model(parts.model_config, run, parts.device, salt=index)
+    optimizers, schedulers = build_optimizers(stage, model, run)
+    step = build_step(stage, model, parts.objective, run, parts.precision, dist)
+    records = stage_records(stage, run, parts.source.train, parts.output_dir, dist,
+                            parts.device, parts.num_workers)
+    pk = PKSampler(records, run.num_identities_per_batch, run.num_instances, seed=run.seed)
+    source_loader = train_loader(records, pk, run, dist, parts.device, parts.num_workers)
+    iterations = epoch_length(run, stage, len(source_loader), len(records))
+    target_loader = None
+    if step.uses_target:
+        target = RandomBatchSampler(len(parts.target.train), run.batch_size, seed=run.seed + 1)
+        target_loader = train_loader(parts.target.train, target, run, dist, parts.device,
+                                     parts.num_workers, stream="target")
+    if resume is not None:
+        where = f"checkpoint {resume.path}"
+        load_model_state(model, resume.checkpoint["model"], where)
+        restore_stage(resume.checkpoint, dist.rank, where, optimizers, schedulers, step,
+                      source_loader, target_loader, parts.device)
+    return BuiltStage(index, stage, model, optimizers, schedulers, step, source_loader,
+                      target_loader, iterations)

@@ -33,41 +33,49 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from edaan_fast.data import PKSampler, RandomBatchSampler
 from edaan_fast.data.person_masks import read_manifest
-from edaan_fast.data.translated import write_translated_set  # noqa: F401  (re-exported)
+from edaan_fast.evaluation.evaluator import evaluate_attention
+from edaan_fast.evaluation.report import build_report, metrics_dict, write_report
+from edaan_fast.evaluation.targets import evaluate_target
 
-from .checkpoint import ResumePoint, load_model_state, model_config_to_dict, save_checkpoint
-from .distributed import (  # noqa: F401  (RankSlice, all_reduce_gradients: re-exported)
-    RankSlice, all_reduce_gradients, barrier, derive_seed, gather, init_distributed,
-    resolve_device, rng_state, seed_everything,
+from .checkpoint import ResumePoint, model_config_to_dict, save_checkpoint
+from .distributed import (
+    barrier,
+    derive_seed,
+    gather,
+    init_distributed,
+    resolve_device,
+    rng_state,
+    seed_everything,
 )
-from .evaluator import evaluate_attention
-from .hooks import (  # noqa: F401  (TrainingInterrupted: re-exported)
-    HookBase, StopRequest, TrainingInterrupted, default_hooks, record_attention,
-    record_evaluation, write_image_grid,
+from .hooks import (
+    HookBase,
+    StopRequest,
+    TrainingInterrupted,
+    default_hooks,
+    record_attention,
+    record_evaluation,
+    write_image_grid,
 )
-from .precision import PRECISION_NAMES, cpu_has_native_bf16, resolve_precision  # noqa: F401
-from .report import build_report, metrics_dict, write_report
-from .run_config import (  # noqa: F401  (resume_config: re-exported)
-    RunConfig, RunConfigError, resume_config, source_dataset, target_dataset,
-)
+from .precision import PRECISION_NAMES, resolve_precision
+from .run_config import RunConfig, source_dataset, target_dataset
 from .run_dir import CHECKPOINT_NAME, FINAL_NAME, check_output_dir, prepare_output_dir, write_config
-from .stages import (  # noqa: F401  (LinearDecay: re-exported)
-    LinearDecay, Stage, build_objective, build_optimizers, build_step, check_batch_split,
-    check_resumable, epoch_length, new_model, restore_stage, run_model_config, save_translator,
-    stage_records, stages_of, train_loader,
+from .stages import (
+    BuiltStage,
+    RunParts,
+    Stage,
+    build_objective,
+    build_stage,
+    check_batch_split,
+    run_model_config,
+    save_translator,
+    stages_of,
 )
-from .steps import EDAANTrainStep, Phase, ReIDStep  # noqa: F401  (re-exported)
-from .targets import evaluate_target  # noqa: F401  (re-exported: its former home)
+from .steps import Phase
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "HookBase", "LinearDecay", "RankSlice", "ReIDStep", "Trainer", "TrainingInterrupted",
-    "all_reduce_gradients", "cpu_has_native_bf16", "evaluate_target", "resume_config", "train",
-    "write_translated_set",
-]
+__all__ = ["Trainer", "train"]
 
 
 class Trainer:
@@ -120,6 +128,9 @@ class Trainer:
         self.model_config = run_model_config(self.run, self.source.num_train_pids)
         self.objective = build_objective(self.run, self.dist.world_size)
         self.stages = stages_of(self.run)
+        self.parts = RunParts(self.run, self.dist, self.device, self.precision, self.num_workers,
+                              self.source, self.target, self.output_dir, self.model_config,
+                              self.objective, self.stages)
         self.total_epochs = sum(s.epochs for s in self.stages)
         self.epoch = self.iteration = self.global_step = 0  # epochs over all stages
         self.history: list[dict[str, Any]] = []
@@ -148,30 +159,15 @@ class Trainer:
     def stage(self) -> Stage:
         return self.stages[self.stage_index]
 
-    def _build_stage(self, index: int) -> None:
-        """Model, optimisers, schedulers, step and loaders of stage ``index`` (no side
-        effects on disk except regenerating a missing translated set)."""
-        stage = self.stages[index]
-        self.stage_index = index
-        self.model = new_model(self.model_config, self.run, self.device, salt=index)
-        self.optimizers, self.schedulers = build_optimizers(stage, self.model, self.run)
-        self.step = build_step(stage, self.model, self.objective, self.run, self.precision,
-                               self.dist)
-        records = stage_records(stage, self.run, self.source.train, self.output_dir, self.dist,
-                                self.device, self.num_workers)
-        pk = PKSampler(records, self.run.num_identities_per_batch,
-                       self.run.num_instances, seed=self.run.seed)
-        self.source_loader = train_loader(records, pk, self.run, self.dist, self.device,
-                                          self.num_workers)
-        self.iterations_per_epoch = epoch_length(self.run, stage, len(self.source_loader),
-                                                 len(records))
+    def _build_stage(self, index: int, resume: ResumePoint | None = None) -> None:
+        """Make stage ``index`` (:func:`~edaan_fast.engine.stages.build_stage`; from
+        ``resume`` when given) the current one."""
         self._close_target_iter()
-        self.target_loader = None
-        if self.step.uses_target:
-            target = RandomBatchSampler(len(self.target.train), self.run.batch_size,
-                                        seed=self.run.seed + 1)
-            self.target_loader = train_loader(self.target.train, target, self.run, self.dist,
-                                              self.device, self.num_workers, stream="target")
+        built: BuiltStage = build_stage(self.parts, index, resume)
+        self.stage_index, self.model, self.step = index, built.model, built.step
+        self.optimizers, self.schedulers = built.optimizers, built.schedulers
+        self.source_loader, self.target_loader = built.source_loader, built.target_loader
+        self.iterations_per_epoch = built.iterations_per_epoch
 
     def _enter_stage(self, index: int) -> None:
         """Move to stage ``index``; after a translator stage, save the translator and write
@@ -223,21 +219,15 @@ class Trainer:
         return path
 
     def _resume(self, point: ResumePoint) -> None:
-        path, ckpt = point.path, point.checkpoint
-        where = f"checkpoint {path}"
-        check_resumable(ckpt, path, self.run, self.model_config, self.stages,
-                        self.dist.world_size)
+        ckpt = point.checkpoint
+        self._build_stage(int(ckpt["stage"]), resume=point)  # checks the checkpoint first
         self.epoch = int(ckpt["epoch"])
         self.iteration = int(ckpt.get("iteration", 0))
         self.global_step = int(ckpt.get("global_step", 0))
         self.history = list(ckpt.get("metrics", {}).get("history", []))
         self.attention = ckpt.get("metrics", {}).get("attention")
         self.elapsed_before = float(ckpt.get("elapsed", 0.0))
-        self._build_stage(int(ckpt["stage"]))
-        load_model_state(self.model, ckpt["model"], where)
-        restore_stage(ckpt, self.dist.rank, where, self.optimizers, self.schedulers, self.step,
-                      self.source_loader, self.target_loader, self.device)
-        logger.info("resumed %s at epoch %d, iteration %d (%s stage)", path, self.epoch,
+        logger.info("resumed %s at epoch %d, iteration %d (%s stage)", point.path, self.epoch,
                     self.iteration, self.stage.name)
 
     # ------------------------------------------------------------------ evaluation
@@ -259,7 +249,7 @@ class Trainer:
 
     def measure_attention(self) -> dict[str, Any] | None:
         """Attention quality of ``A_S`` / ``A_T`` on the held-out test images of each domain
-        (:func:`~edaan_fast.engine.evaluator.evaluate_attention`; rank 0 computes, every rank
+        (:func:`~edaan_fast.evaluation.evaluator.evaluate_attention`; rank 0 computes, every rank
         gets it), or ``None`` when the current stage trains no attention nets."""
         if not self.stage.translates or not self.model.has_attention:
             return None

@@ -3,7 +3,7 @@ counterpart of torchreid's ``FeatureExtractor``.
 
 It applies exactly the evaluation's preprocessing (:mod:`edaan_fast.data.transforms`, eval:
 resize to the model's ``(H, W)``, scale, normalise) and feature computation
-(:func:`~edaan_fast.engine.evaluator.model_features`), so its features are the ones
+(:func:`~edaan_fast.evaluation.evaluator.model_features`), so its features are the ones
 ``python -m edaan_fast.evaluate --export-features`` writes for the same images and options.
 
 >>> from edaan_fast import FeatureExtractor
@@ -21,27 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from .evaluator import model_features
+from edaan_fast.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from edaan_fast.engine.precision import device_of
+from edaan_fast.evaluation.evaluator import model_features
 
-__all__ = ["FeatureExtractor", "device_of"]
-
-
-def device_of(device: str | torch.device | None, flag: str = "device",
-              error: type[Exception] = ValueError) -> torch.device:
-    """``device`` as a torch device (default: CUDA when present); ``error`` (naming ``flag``)
-    for a name that is no device, or CUDA where there is none."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise error(f"{flag} {str(device)!r} is not a device (expected cpu, cuda or "
-                         "cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise error(f"{flag} {device}: CUDA is not available (torch {torch.__version__}); "
-                         "use cpu")
-    return dev
+__all__ = ["FeatureExtractor"]
 
 
 def _items(images) -> list:

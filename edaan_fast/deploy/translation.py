@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .extractor import device_of
-from .precision import resolve_precision
-from .run_dir import TRANSLATOR_NAME, nearest_existing
+from edaan_fast.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from edaan_fast.engine.precision import device_of, resolve_precision
+from edaan_fast.engine.run_dir import TRANSLATOR_NAME, nearest_existing
 
 logger = logging.getLogger("edaan_fast.translate")
 
@@ -49,7 +48,7 @@ def load_translator(path: str | os.PathLike, device: torch.device | str = "cpu")
         CheckpointError: the checkpoint (or that ``translator.pt``) is missing or unreadable.
         TranslationError: the run has no translator (``direct``).
     """
-    from .run_config import VARIANTS
+    from edaan_fast.engine.run_config import VARIANTS
 
     path = Path(path)
     ckpt = load_checkpoint(path, kind="model")
@@ -115,7 +114,7 @@ def _check(opts: TranslateOptions) -> None:
 def _dataset(opts: TranslateOptions, run: dict):
     """The data set to translate: ``--dataset`` (under ``--data-root``), or the run's source
     (``s2t``) or target (``t2s``) as the run read it."""
-    from .run_config import source_dataset, target_dataset
+    from edaan_fast.engine.run_config import source_dataset, target_dataset
 
     role = "source" if opts.direction == "s2t" else "target"
     name = opts.dataset or run.get(role)

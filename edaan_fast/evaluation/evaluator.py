@@ -21,30 +21,18 @@ import torch
 from torch import nn
 
 from edaan_fast._progress import progress_bar
-from edaan_fast.metrics.features import (  # noqa: F401  (re-exported: their former home)
-    PROTOCOLS,
-    FeatureMismatchError,
+from edaan_fast.engine.precision import resolve_precision
+from edaan_fast.metrics.features import (
     Features,
     ReRanking,
-    distance_matrix,
     evaluate_features,
-    evaluate_prid2011,
 )
 from edaan_fast.metrics.protocols import ProtocolResult
 
-from .precision import resolve_precision
-
 __all__ = [
-    "PROTOCOLS",
-    "FeatureMismatchError",
-    "Features",
-    "ReRanking",
     "attention_probe",
-    "distance_matrix",
     "evaluate_attention",
-    "evaluate_features",
     "evaluate_model",
-    "evaluate_prid2011",
     "extract_features",
     "extract_split_features",
     "model_features",
@@ -60,7 +48,7 @@ def model_features(model: nn.Module, x: torch.Tensor, *, amp: bool = False,
     model's device: ``embedding(pool(E_S(x)))``, under autocast with ``amp`` (the dtype of
     :func:`~edaan_fast.engine.precision.resolve_precision`), averaged with the features of the
     mirrored images with ``flip``. The one feature computation of evaluation and
-    :class:`~edaan_fast.engine.extractor.FeatureExtractor`.
+    :class:`~edaan_fast.deploy.extractor.FeatureExtractor`.
     """
     amp_dtype = resolve_precision(amp, "auto", x.device, cpu_fallback=True)
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

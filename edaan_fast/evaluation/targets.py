@@ -124,8 +124,7 @@ def _root(options: TargetOptions, run: dict, name: str) -> str:
 
 def _synthetic_plan(options: TargetOptions, run: dict, same_as_run: bool) -> Plan:
     from edaan_fast.data import build_dataset
-
-    from .run_config import synthetic_preset, target_dataset
+    from edaan_fast.engine.run_config import synthetic_preset, target_dataset
 
     if same_as_run and options.synthetic_preset is None and options.synthetic_seed is None:
         ds = target_dataset(run)
@@ -149,8 +148,7 @@ def plan_target(options: TargetOptions, run: dict[str, Any]) -> Plan:
         EvaluationError: no or an unknown data set, a missing folder, an empty split.
     """
     from edaan_fast.data import build_dataset
-
-    from .run_config import target_dataset
+    from edaan_fast.engine.run_config import target_dataset
 
     name = options.dataset or run.get("target")
     if name is None:
@@ -184,7 +182,7 @@ def plan_target(options: TargetOptions, run: dict[str, Any]) -> Plan:
 
 def extract_plan(model: nn.Module, plan: Plan, **kwargs) -> dict[str, tuple]:
     """``{task: (query Features, gallery Features)}`` of ``plan`` (each image read once);
-    ``kwargs`` go to :func:`~edaan_fast.engine.evaluator.extract_features`."""
+    ``kwargs`` go to :func:`~edaan_fast.evaluation.evaluator.extract_features`."""
     from .evaluator import extract_split_features
 
     splits = {}

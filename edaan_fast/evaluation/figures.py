@@ -19,10 +19,10 @@ import torch
 from edaan_fast.data.person_masks import read_person_masks
 from edaan_fast.data.synthetic import load_masks
 from edaan_fast.data.transforms import to_unit_range
+from edaan_fast.engine.run_config import synthetic_preset
 from edaan_fast.metrics.features import EvaluationError
 
 from .report import method_name
-from .run_config import synthetic_preset
 
 logger = logging.getLogger("edaan_fast.evaluate")
 

@@ -21,21 +21,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from edaan_fast.data import Record
+from edaan_fast.data.person_masks import read_manifest
+from edaan_fast.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from edaan_fast.engine.precision import device_of
+from edaan_fast.engine.run_dir import nearest_existing
 from edaan_fast.metrics.features import (
-    PRID_TASKS, EvaluationError, ReRanking, distance_matrix, evaluate_tasks, load_features,
+    PRID_TASKS,
+    EvaluationError,
+    ReRanking,
+    distance_matrix,
+    evaluate_tasks,
+    load_features,
     save_features,
 )
 from edaan_fast.metrics.protocols import format_table
 
-from edaan_fast.data import Record
-from edaan_fast.data.person_masks import read_manifest
-
-from .checkpoint import load_checkpoint, model_from_checkpoint
 from .evaluator import evaluate_attention
-from .extractor import device_of
 from .figures import Compared, require_viz, write_figures
 from .report import DATASET_NAMES, method_name
-from .run_dir import nearest_existing
 from .targets import Plan, TargetOptions, extract_plan, plan_target
 
 logger = logging.getLogger("edaan_fast.evaluate")

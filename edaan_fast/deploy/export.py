@@ -126,7 +126,7 @@ def _check(opts: ExportOptions) -> None:
 
 def run_export(opts: ExportOptions) -> Path:
     """Everything ``python -m edaan_fast.export`` does; returns the written file."""
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from edaan_fast.engine.checkpoint import load_checkpoint, model_from_checkpoint
 
     _check(opts)
     if opts.what == "translator":
