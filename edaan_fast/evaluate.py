@@ -49,7 +49,7 @@ PROG = "python -m edaan_fast.evaluate"
 EXIT_ERROR = 2
 #: Bad inputs of an evaluation besides the ones every command has (one line, exit 2).
 ERRORS = (("edaan_fast.metrics.features", "EvaluationError"),
-          ("edaan_fast.evaluation.evaluator", "FeatureMismatchError"))
+          ("edaan_fast.metrics.features", "FeatureMismatchError"))
 VARIANTS = tuple(VARIANT_NAMES)
 
 

@@ -79,3 +79,16 @@ def test_evaluation_and_deploy_never_import_the_training_loop(room):
     for path in files:
         bad = sorted(m for m in _imports(path) if m in LOOP)
         assert not bad, f"{path.name} imports the training loop: {bad}"
+
+
+@pytest.mark.parametrize("cli", ["evaluate", "translate", "export", "masks", "_cli"])
+def test_the_clis_error_classes_are_named_at_their_one_address(cli):
+    """The (module, class) pairs the commands turn into one-line errors name each class where
+    it is defined (a stale pair would surface only when that error happens)."""
+    mod = importlib.import_module(f"edaan_fast.{cli}")
+    pairs = getattr(mod, "ERRORS", None) or getattr(mod, "INPUT_ERRORS", None)
+    if pairs is None:  # masks passes its pair inline
+        pairs = (("edaan_fast.masks", "MasksError"),)
+    for module, name in pairs:
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, BaseException) and cls.__module__ == module, (module, name)

@@ -8,8 +8,7 @@ The names below are imported on first use (PEP 562).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from edaan_fast._lazy import lazy_exports
 
 _EXPORTS = {
     "FeatureExtractor": "extractor",
@@ -20,16 +19,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
