@@ -53,9 +53,9 @@ def test_cpu_precision_is_unchanged():
 def test_every_autocast_site_asks_the_resolver():
     """The trainer, the steps (and so the train-step benchmark) and feature extraction take
     their dtype from engine.precision; no module picks one on its own."""
-    engine = ROOT / "edaan_fast" / "engine"
-    for name in ("trainer.py", "steps.py", "evaluator.py"):
-        text = (engine / name).read_text()
+    package = ROOT / "edaan_fast"
+    for name in ("engine/trainer.py", "engine/steps.py", "evaluation/evaluator.py"):
+        text = (package / name).read_text()
         assert "resolve_precision" in text, name
         assert "torch.float16 if" not in text and "is_bf16_supported" not in text, name
     assert not hasattr(__import__("edaan_fast.engine.steps", fromlist=["x"]), "resolve_amp_dtype")
