@@ -468,24 +468,34 @@ def test_sigterm_and_sigusr1_checkpoint_then_the_same_command_resumes(micro_conf
 
 # ----------------------------------------------------------------------------- 5. no leaks
 
-#: Growth of resident memory allowed from epoch 5 to the end of a long run.
-RSS_GROWTH = 0.05
+#: Growth of resident memory allowed from epoch 5 to the end of a long run, and at its peak
+#: in between (allocator high-water marks: the EDAAN run measured +5.4% at its peak, in steps
+#: at some evaluations, then -10% at the end).
+RSS_GROWTH, RSS_PEAK = 0.05, 0.10
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant, epochs, workers", [("direct", 300, 0), ("edaan", 100, 1)])
 def test_long_runs_keep_memory_and_descriptors_flat(micro_config, tmp_path, variant, epochs,
                                                     workers):
+    """Resident memory and open descriptors after every epoch of a long run. Evaluation and
+    checkpoint run every 5 epochs, so that epoch 5 comes after each kind of work has run once:
+    the first evaluation allocates its buffers once (measured: +31 MiB of 732 at the first
+    evaluation of a re-ID run, +8 MiB at the second, then flat for 200 epochs)."""
     out = tmp_path / "run"
     argv = _micro(micro_config, out, "--variant", variant, "--epochs", epochs,
-                  "--iters-per-epoch", "1", "--checkpoint-every", "25", "--eval-every", "50",
+                  "--iters-per-epoch", "1", "--checkpoint-every", "5", "--eval-every", "5",
                   "--num-workers", workers)
     proc = _run(argv, tmp_path, "memory_per_epoch()", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "memory.json").read_text())
     assert len(rows) == epochs
     at5, end = rows[4], rows[-1]
-    growth = end["rss_kb"] / at5["rss_kb"] - 1
-    assert growth < RSS_GROWTH, f"RSS {at5['rss_kb']} kB at epoch 5, {end['rss_kb']} kB at " \
-                                f"epoch {epochs}: +{100 * growth:.1f}%"
-    assert max(r["fds"] for r in rows[4:]) <= at5["fds"], [r["fds"] for r in rows]
+    rss = [r["rss_kb"] for r in rows]
+    growth, peak = end["rss_kb"] / at5["rss_kb"] - 1, max(rss[4:]) / at5["rss_kb"] - 1
+    assert growth < RSS_GROWTH and peak < RSS_PEAK, \
+        f"RSS {at5['rss_kb']} kB at epoch 5, {end['rss_kb']} kB at epoch {epochs} " \
+        f"({100 * growth:+.1f}%), peak {100 * peak:+.1f}%: {rss[::10]}"
+    fds = [r["fds"] for r in rows]
+    # a worker's pipes may close an epoch late; none may stay open
+    assert end["fds"] <= at5["fds"] and max(fds[4:]) <= at5["fds"] + 2, fds
