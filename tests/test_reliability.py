@@ -468,10 +468,11 @@ def test_sigterm_and_sigusr1_checkpoint_then_the_same_command_resumes(micro_conf
 
 # ----------------------------------------------------------------------------- 5. no leaks
 
-#: Growth of resident memory allowed from epoch 5 to the end of a long run, and at its peak
-#: in between (allocator high-water marks: the EDAAN run measured +5.4% at its peak, in steps
-#: at some evaluations, then -10% at the end).
-RSS_GROWTH, RSS_PEAK = 0.05, 0.10
+#: Growth of resident memory allowed from epoch 5 to the end of a long run, and from a quarter
+#: of the run to any later epoch. The first evaluations raise it in steps (allocator
+#: high-water marks: an EDAAN micro run measured 891 MiB at epoch 5, 1025 MiB from epoch 20 to
+#: 94, 841 MiB at the end), so a leak shows in the later bound.
+RSS_GROWTH = 0.05
 
 
 @pytest.mark.slow
@@ -492,10 +493,11 @@ def test_long_runs_keep_memory_and_descriptors_flat(micro_config, tmp_path, vari
     assert len(rows) == epochs
     at5, end = rows[4], rows[-1]
     rss = [r["rss_kb"] for r in rows]
-    growth, peak = end["rss_kb"] / at5["rss_kb"] - 1, max(rss[4:]) / at5["rss_kb"] - 1
-    assert growth < RSS_GROWTH and peak < RSS_PEAK, \
+    quarter = len(rss) // 4
+    growth, late = end["rss_kb"] / at5["rss_kb"] - 1, max(rss[quarter:]) / rss[quarter - 1] - 1
+    assert growth < RSS_GROWTH and late < RSS_GROWTH, \
         f"RSS {at5['rss_kb']} kB at epoch 5, {end['rss_kb']} kB at epoch {epochs} " \
-        f"({100 * growth:+.1f}%), peak {100 * peak:+.1f}%: {rss[::10]}"
+        f"({100 * growth:+.1f}%), {100 * late:+.1f}% after epoch {quarter}: {rss[::10]}"
     fds = [r["fds"] for r in rows]
     # a worker's pipes may close an epoch late; none may stay open
     assert end["fds"] <= at5["fds"] and max(fds[4:]) <= at5["fds"] + 2, fds
