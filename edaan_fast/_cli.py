@@ -16,6 +16,7 @@ EXIT_ERROR = 2
 #: The exceptions that mean bad inputs in every command (module, class name).
 INPUT_ERRORS = (("edaan_fast.data.base", "DatasetError"),
                 ("edaan_fast.engine.checkpoint", "CheckpointError"),
+                ("edaan_fast.engine.run_lock", "OutputBusyError"),
                 ("edaan_fast.ops._library", "OpsNotAvailableError"))
 
 _QUALIFIED = re.compile(r"^(?:[A-Za-z_][\w]*\.)+[A-Za-z_]\w*: ")

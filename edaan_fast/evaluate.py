@@ -170,9 +170,12 @@ def plan_from_dataset(args: argparse.Namespace, run: dict):
 
 def run(args: argparse.Namespace) -> dict:
     """Everything :func:`main` does, returning the report (the ``--output`` JSON content)."""
+    from edaan_fast.engine.run_lock import hold_outputs
     from edaan_fast.evaluation.job import run_evaluation
 
-    return run_evaluation(options_from_args(args))
+    with hold_outputs(("--output", args.output), ("--export-features", args.export_features),
+                      ("--figures", args.figures)):  # one process per output at a time
+        return run_evaluation(options_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,11 +13,16 @@ option names, ``-`` or ``_``), then the options given on the command line. The r
 configuration is written to ``<output-dir>/config.yaml`` and into every checkpoint.
 
 A fresh run refuses an ``--output-dir`` that already holds a run (``checkpoint.pt``,
-``final.pt``): ``--resume`` it, or pass ``--overwrite`` to start over there.
+``final.pt``): ``--resume`` it, or pass ``--overwrite`` to start over there. A run holds the
+folder's lock (``.<dir>.lock`` beside it) for its life: a second run into the same folder exits
+2 naming the first. Every image is checked before the first iteration (``--bad-images``).
 
-Exit status: 0 done; 1 a loss became NaN/inf; 2 a configuration, data or checkpoint error, or
-a checkpoint that cannot be written (disk full), as one line on stderr; 130 interrupted
-(Ctrl-C: a checkpoint was saved, ``--resume`` it).
+Exit status: 0 done; 1 a loss became NaN/inf; 2 a configuration, data or checkpoint error, a
+folder in use by another run, a checkpoint that cannot be written (disk full), or a data
+file that failed mid-run (a checkpoint was saved first), as one line on stderr; 3 a data
+loader worker died or the DALI pipeline failed (a checkpoint was saved: ``--resume`` it);
+130 / 143 / 138 stopped by Ctrl-C / SIGTERM / SIGUSR1 (a checkpoint was saved: ``--resume``
+it with the same command; docs/training.md, "Long runs").
 """
 
 from __future__ import annotations
@@ -101,6 +106,10 @@ def _data_options(p: argparse.ArgumentParser, d, c) -> None:
                    help=_default("image loader: torch DataLoader or NVIDIA DALI", d.loader))
     g.add_argument("--num-workers", type=int, metavar="N", help=_default(
         "loader worker processes / DALI threads", "0 on CPU (bit-for-bit resume), 4 on CUDA"))
+    g.add_argument("--bad-images", choices=c.BAD_IMAGES, help=_default(
+        "image files that fail the check before training (header, size, a whole file): "
+        "error = stop naming them all; skip = train without them (each logged once, counted "
+        "in report.json)", d.bad_images))
 
 
 def _model_options(p: argparse.ArgumentParser, d, c) -> None:
@@ -231,6 +240,10 @@ def _output_options(p: argparse.ArgumentParser, d, c) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="start a fresh run in an --output-dir that holds one, deleting its "
                         "checkpoints and report (default: refuse)")
+    g.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue even though the data differ from the "
+                        "checkpoint's (files added, removed or relabelled; default: refuse, "
+                        "saying what changed)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction,
                    help="show progress bars when stderr is a terminal; a log gets one "
                         "line per epoch either way (default: on)")
@@ -274,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edaan_fast._allocator import pin_malloc_thresholds
     from edaan_fast.data import DatasetError
+    from edaan_fast.data.loaders import LoaderFailure
     from edaan_fast.engine.checkpoint import CheckpointError, ResumePoint
     from edaan_fast.engine.hooks import TrainingInterrupted
     from edaan_fast.engine.run_config import (
@@ -286,11 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     from edaan_fast.engine.steps import NonFiniteLossError
     from edaan_fast.engine.trainer import train
     from edaan_fast.evaluation.report import markdown_table
+    from edaan_fast.engine.run_lock import OutputBusyError
+    from edaan_fast.engine.signals import exit_status
 
     pin_malloc_thresholds()
     options = vars(args)
     resume = options.pop("resume", None)
     overwrite = options.pop("overwrite", False)
+    allow_data_change = options.pop("allow_data_change", False)
     config_file = options.pop("config", None)
     paper_attention = options.pop("paper_attention", False)
     try:
@@ -304,16 +321,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run = RunConfig.from_dict(merged, "options").resolve()
         with logging_redirect_tqdm():
-            report = train(run, resume=resume, overwrite=overwrite)
+            report = train(run, resume=resume, overwrite=overwrite,
+                           allow_data_change=allow_data_change)
     except TrainingInterrupted as exc:
         sys.stderr.write(f"edaan_fast.train: {exc}\n")
-        return 130
+        return exit_status(exc.signum)
     except KeyboardInterrupt:
         sys.stderr.write("edaan_fast.train: interrupted before training started; nothing "
                          "written\n")
         return 130
-    except (CheckpointError, DatasetError, RunConfigError, ValueError) as exc:
+    except (CheckpointError, DatasetError, RunConfigError, ValueError, OutputBusyError) as exc:
         return _fail(exc, 2)
+    except LoaderFailure as exc:
+        return _fail(exc, 3)
     except NonFiniteLossError as exc:
         return _fail(exc, 1, whole=True)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -72,11 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     from edaan_fast.deploy.translation import TranslateOptions, run_translation
+    from edaan_fast.engine.run_lock import hold_outputs
 
     values = {k: v for k, v in vars(args).items() if k not in ("no_progress", "quiet")}
     progress = not (args.no_progress or args.quiet)  # drawn on a terminal only (_progress)
-    return run_command(PROG, lambda: run_translation(TranslateOptions(**values,
-                                                                      progress=progress)), ERRORS)
+
+    def translate():
+        with hold_outputs(("--output-dir", args.output_dir)):  # one process per folder
+            return run_translation(TranslateOptions(**values, progress=progress))
+
+    return run_command(PROG, translate, ERRORS)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ DALI_HINT = ('the DALI loader needs NVIDIA DALI: pip install "edaan_fast[dali]" 
              "(or pip install nvidia-dali-cuda130)")
 
 
+class LoaderFailure(RuntimeError):
+    """The loader itself failed, not a file: the DALI pipeline raised, or (as the trainer
+    reports it) a DataLoader worker process died."""
+
+
 @dataclass
 class Batch:
     """One batch. ``images``: float32 ``[B, 3, H, W]`` (normalised); ``pids``, ``camids``,
@@ -276,7 +281,8 @@ class _DaliBackend:
         if bad:
             return DatasetError("DALI pipeline failed on unreadable image(s):\n  "
                                 + "\n  ".join(sorted(set(bad))))
-        return exc
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        return LoaderFailure(f"the DALI pipeline failed: {lines[0] if lines else exc!r}")
 
 
 def _dali_device(device) -> tuple[str, int | None]:

@@ -29,6 +29,7 @@ from edaan_fast.metrics import AttentionQuality
 
 from .distributed import StopPoll, any_rank
 from .precision import PRECISION_NAMES
+from .signals import STOP_SIGNALS, signal_name
 from .steps import Phase
 
 #: The :class:`~edaan_fast.engine.trainer.Trainer` that calls the hooks (not imported here:
@@ -53,16 +54,18 @@ class TrainingInterrupted(KeyboardInterrupt):
     """
 
     def __init__(self, checkpoint: Path | None, epoch: int, iteration: int,
-                 during: str | None = None):
+                 during: str | None = None, signum: int = signal.SIGINT):
         self.checkpoint, self.epoch, self.iteration = checkpoint, epoch, iteration
+        self.signum = int(signum)  # the exit status: signals.exit_status(signum)
         where = f"epoch {epoch + 1}, iteration {iteration}"
         at = f"during {during} (after {epoch} epochs)" if during else f"at {where}"
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal_name(signum)}"
         if checkpoint is not None:
-            msg = (f"training interrupted {at}; checkpoint saved to {checkpoint}; continue "
+            msg = (f"training {how} {at}; checkpoint saved to {checkpoint}; continue "
                    f"with --resume {checkpoint}")
         else:
             when = f"during {during}" if during else "in the middle of an iteration"
-            msg = (f"training interrupted {when} ({where}); nothing was written, the last "
+            msg = (f"training {how} {when} ({where}); nothing was written, the last "
                    "periodic checkpoint (if any) is intact")
         super().__init__(msg)
 
@@ -314,17 +317,20 @@ class Checkpointing(HookBase):
 
 
 class StopRequest(HookBase):
-    """SIGINT -> "stop after this iteration"; a second SIGINT raises at once, and so does the
-    first while ``immediate`` (no training state is changing: the final evaluation).
+    """SIGINT, SIGTERM or SIGUSR1 (:data:`~.signals.STOP_SIGNALS`) -> "stop after this
+    iteration"; a second one raises at once, and so does the first while ``immediate`` (no
+    training state is changing: the final evaluation). ``signum``: the first signal received.
 
     Loader worker processes forked from the trainer inherit the handler; a terminal's Ctrl-C
-    reaches them too, and they ignore it (the trainer process decides, and says so once).
+    (or a scheduler's signal to the whole job) reaches them too, and they ignore it (the
+    trainer process decides, and says so once).
     """
 
     def __init__(self):
         self.requested = False
         self.immediate = False
-        self._previous = None
+        self.signum = signal.SIGINT
+        self._previous: dict[int, Any] = {}
         self._installed = False
         self._pid = os.getpid()
         self._poll: StopPoll | None = None
@@ -332,7 +338,7 @@ class StopRequest(HookBase):
     def before_train(self, trainer):
         if threading.current_thread() is threading.main_thread():
             self._pid = os.getpid()
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
             self._installed = True
 
     def after_iteration(self, trainer, log):
@@ -351,17 +357,22 @@ class StopRequest(HookBase):
         if self._poll is not None:
             self._poll.drain()
         if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+            for s, previous in self._previous.items():
+                signal.signal(s, previous)
             self._installed = False
 
     def _handler(self, signum, frame) -> None:
         if os.getpid() != self._pid:
             return  # a loader worker
         if self.requested or self.immediate:
+            if not self.requested:
+                self.signum = signum
             raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("interrupt: finishing this iteration, then saving a checkpoint "
-                       "(Ctrl-C again to stop at once, without saving)")
+        self.requested, self.signum = True, signum
+        again = "Ctrl-C" if signum == signal.SIGINT else signal_name(signum)
+        logger.warning("%s: finishing this iteration, then saving a checkpoint "
+                       "(%s again to stop at once, without saving)",
+                       "interrupt" if signum == signal.SIGINT else signal_name(signum), again)
 
 
 def default_hooks() -> list[HookBase]:

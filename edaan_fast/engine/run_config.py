@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from edaan_fast.data import ReIDDataset, build_dataset
+from edaan_fast.data.image_check import BAD_IMAGES
 from edaan_fast.losses.attention import CONSISTENCY_MODES
 from edaan_fast.losses.metric import METRIC_LOSSES as METRIC_LOSS_REGISTRY
 
@@ -219,6 +220,7 @@ class RunConfig:
     compile: bool = False
     loader: str = "torch"
     num_workers: int | None = None
+    bad_images: str = "error"  # image files that fail the check before training: stop / skip
     device: str | None = None
     # outputs
     output_dir: str = "runs/default"
@@ -347,7 +349,7 @@ class RunConfig:
         for name, choices in (("variant", tuple(VARIANTS)), ("metric_loss", METRIC_LOSSES),
                               ("preset", tuple(RUN_PRESETS)), ("source", DATASET_CHOICES),
                               ("target", DATASET_CHOICES), ("loader", LOADERS),
-                              ("amp_dtype", AMP_DTYPES),
+                              ("amp_dtype", AMP_DTYPES), ("bad_images", BAD_IMAGES),
                               ("attention_consistency", ATTENTION_CONSISTENCY)):
             value = getattr(self, name)
             if value not in choices:
@@ -480,10 +482,11 @@ def target_dataset(run: dict[str, Any]) -> ReIDDataset:
 
 
 #: Options that may differ between a checkpoint's run and the run that resumes it: where and
-#: how output goes, and how data are read. Everything else defines the training and must match.
+#: how output goes, and how data are read. Everything else defines the training and must match
+#: (whether the data themselves changed is the checkpoint's data digest's to say).
 RESUMABLE_KEYS = frozenset({"output_dir", "progress", "num_workers", "eval_every",
                             "checkpoint_every", "eval_batch_size", "device",
-                            "source_person_masks", "target_person_masks"})
+                            "source_person_masks", "target_person_masks", "bad_images"})
 
 
 def resume_config(checkpoint_run: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:

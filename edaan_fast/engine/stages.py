@@ -274,9 +274,12 @@ def check_resumable(ckpt: dict[str, Any], path: Path, run: RunConfig, config: Mo
         raise CheckpointError(
             f"{path} was written by {len(ckpt['ranks'])} process(es); resume it with the "
             f"same number (this run has {world_size})")
-    if model_config_to_dict(config) != ckpt["model_config"]:
-        raise CheckpointError(f"{path}: its model_config {ckpt['model_config']} differs from "
-                              f"this run's {model_config_to_dict(config)}")
+    mine = model_config_to_dict(config)
+    if mine != ckpt["model_config"]:
+        differ = ", ".join(f"{k} {ckpt['model_config'].get(k)!r} there, {mine.get(k)!r} here"
+                           for k in sorted(set(mine) | set(ckpt["model_config"]))
+                           if mine.get(k) != ckpt["model_config"].get(k))
+        raise CheckpointError(f"{path}: its model differs from this run's ({differ})")
     if ckpt["stage"] >= len(stages):
         raise CheckpointError(
             f"{where}: stage {ckpt['stage']} does not exist in a {run.variant} run "

@@ -60,6 +60,10 @@ from .hooks import (
 from .precision import PRECISION_NAMES, resolve_precision
 from .run_config import RunConfig, source_dataset, target_dataset
 from .run_dir import CHECKPOINT_NAME, FINAL_NAME, check_output_dir, prepare_output_dir, write_config
+from .run_guard import (
+    check_data_change, defer_worker_deaths, lock_run_folder, run_data_digest, screen_images,
+    stop_on_failure,
+)
 from .stages import (
     BuiltStage,
     RunParts,
@@ -90,6 +94,8 @@ class Trainer:
             report are deleted when training starts). Without it, a fresh run into a folder
             that holds ``checkpoint.pt``, ``final.pt`` or ``translator.pt`` is refused, and so
             is resuming into such a folder from a checkpoint kept elsewhere.
+        allow_data_change: resume on data that differ from the checkpoint's (its data
+            digest, :mod:`.run_guard`); refused without it.
 
     Raises:
         RunConfigError: an invalid configuration, or one that does not match ``resume``; an
@@ -99,7 +105,8 @@ class Trainer:
     """
 
     def __init__(self, run: RunConfig, *, hooks: Sequence[HookBase] = (),
-                 resume: str | os.PathLike | ResumePoint | None = None, overwrite: bool = False):
+                 resume: str | os.PathLike | ResumePoint | None = None, overwrite: bool = False,
+                 allow_data_change: bool = False):
         self.run = run.resolve()
         if resume is not None and not isinstance(resume, ResumePoint):
             resume = ResumePoint.read(resume)  # the schema: entries and their types
@@ -108,6 +115,7 @@ class Trainer:
         self.hooks = [*default_hooks(), *hooks, self._stop]
         self.output_dir = Path(self.run.output_dir)
         self.overwrite = bool(overwrite) and resume is None
+        self._resume_path, self._overwrite_given = resume_path, bool(overwrite)
         # a resume checks the folder's run after the checkpoint: its errors come first
         check_output_dir(self.output_dir, resume_path, overwrite, runs=resume is None)
         self.dist, self._owns_group = init_distributed(self.run.device)
@@ -119,6 +127,10 @@ class Trainer:
                             else (0 if self.device.type == "cpu" else 4))
         self.source = source_dataset(self.run.to_dict())
         self.target = target_dataset(self.run.to_dict())
+        self.source, self.target, self.bad_images = screen_images(self.source, self.target,
+                                                                  self.run.bad_images)
+        self.data_digest = run_data_digest(self.source, self.target)
+        self.allow_data_change = bool(allow_data_change)
         self.person_masks = {net: folder for net, folder in (
             ("A_S", self.run.source_person_masks), ("A_T", self.run.target_person_masks))
             if folder is not None}
@@ -205,6 +217,7 @@ class Trainer:
                                    if self.target_loader is not None else None)},
             "metrics": {"history": list(self.history), "attention": self.attention},
             "elapsed": self._elapsed(),
+            "data": self.data_digest,
         }
 
     def save(self, name: str = CHECKPOINT_NAME) -> Path:
@@ -220,6 +233,7 @@ class Trainer:
 
     def _resume(self, point: ResumePoint) -> None:
         ckpt = point.checkpoint
+        check_data_change(ckpt, self.data_digest, point.path, self.allow_data_change)
         self._build_stage(int(ckpt["stage"]), resume=point)  # checks the checkpoint first
         self.epoch = int(ckpt["epoch"])
         self.iteration = int(ckpt.get("iteration", 0))
@@ -323,12 +337,19 @@ class Trainer:
             TrainingInterrupted: on Ctrl-C / ``KeyboardInterrupt`` (after saving a checkpoint
                 when the stop came between iterations).
             NonFiniteLossError: a loss term became NaN/inf (nothing was updated by it).
+            DatasetError, LoaderFailure: a data file, a loader worker or the DALI pipeline
+                failed mid-run; a checkpoint was written first where the state was whole
+                (:func:`~.run_guard.stop_on_failure`).
+            OutputBusyError: another process holds the output folder's lock.
         """
         self._start_time = time.perf_counter()
         self._finishing = False
+        lock = None
         try:
             self._stop.before_train(self)  # Ctrl-C is handled from the first moment on
+            defer_worker_deaths()  # a dead loader worker is found where a checkpoint can follow
             if self.dist.is_main:
+                lock = lock_run_folder(self.output_dir, self._resume_path, self._overwrite_given)
                 prepare_output_dir(self.output_dir, self.overwrite)
                 write_config(self.output_dir, self.run.to_dict())
             for hook in self.hooks[:-1]:
@@ -350,10 +371,18 @@ class Trainer:
                 path = None if self._in_step else self.save()
             except KeyboardInterrupt:  # a second Ctrl-C while writing: the write is dropped
                 path, during = None, "the checkpoint write"
-            raise TrainingInterrupted(path, self.epoch, self.iteration, during) from None
+            raise TrainingInterrupted(path, self.epoch, self.iteration, during,
+                                      self._stop.signum) from None
+        except Exception as exc:  # a data file, a loader worker or the DALI pipeline failed?
+            failure = stop_on_failure(self, exc)
+            if failure is None:
+                raise
+            raise failure from None
         finally:
             self._call("close")
             self._close_target_iter()
+            if lock is not None:
+                lock.release()
             if self._owns_group and dist.is_initialized():
                 dist.destroy_process_group()
                 self._owns_group = False
@@ -380,6 +409,7 @@ class Trainer:
         report = build_report(self.run.to_dict(), metrics, self._elapsed(), self.total_epochs,
                               self.history)
         report.update(precision=PRECISION_NAMES[self.precision], world_size=self.dist.world_size,
+                      bad_images=self.bad_images,
                       attention_quality=self.attention, peak_gpu_memory_mib=(
                           torch.cuda.max_memory_allocated(self.device) / 2 ** 20
                           if self.device.type == "cuda" else None))
@@ -391,8 +421,9 @@ class Trainer:
 
 def train(run: RunConfig, *, hooks: Sequence[HookBase] = (),
           resume: str | os.PathLike | ResumePoint | None = None,
-          overwrite: bool = False) -> dict[str, Any]:
+          overwrite: bool = False, allow_data_change: bool = False) -> dict[str, Any]:
     """Train ``run`` (optionally resuming a checkpoint); returns the ``report.json`` payload.
 
-    ``overwrite``: see :class:`Trainer`."""
-    return Trainer(run, hooks=hooks, resume=resume, overwrite=overwrite).fit()
+    ``overwrite``, ``allow_data_change``: see :class:`Trainer`."""
+    return Trainer(run, hooks=hooks, resume=resume, overwrite=overwrite,
+                   allow_data_change=allow_data_change).fit()
