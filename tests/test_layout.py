@@ -15,11 +15,11 @@ import edaan_fast
 
 ROOMS = ("edaan_fast.engine", "edaan_fast.evaluation", "edaan_fast.deploy")
 #: Modules that moved when ``engine/`` was split; CHANGELOG.md says where to.
-GONE = ("edaan_fast.evaluation.job", "edaan_fast.evaluation.evaluator",
-        "edaan_fast.evaluation.targets", "edaan_fast.evaluation.figures", "edaan_fast.evaluation.report",
-        "edaan_fast.deploy.extractor", "edaan_fast.deploy.translation",
-        "edaan_fast.deploy.export", "edaan_fast.metrics.protocols",
-        "edaan_fast.metrics.reranking", "edaan_fast.engine.steps")
+GONE = ("edaan_fast.engine.evaluation", "edaan_fast.engine.evaluator",
+        "edaan_fast.engine.targets", "edaan_fast.engine.figures", "edaan_fast.engine.report",
+        "edaan_fast.engine.extractor", "edaan_fast.engine.translation",
+        "edaan_fast.engine.export", "edaan_fast.engine.protocols",
+        "edaan_fast.engine.reranking", "edaan_fast.engine.step")
 #: The training loop proper: what neither the evaluation nor the deployment room may import.
 LOOP = ("edaan_fast.engine.trainer", "edaan_fast.engine.hooks", "edaan_fast.engine.stages",
         "edaan_fast.engine.steps", "edaan_fast.engine.distributed")
