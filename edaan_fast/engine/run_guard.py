@@ -33,7 +33,7 @@ from .signals import signal_name
 
 logger = logging.getLogger("edaan_fast.engine.trainer")
 
-__all__ = ["BAD_IMAGES", "LoaderFailure", "check_data_change", "defer_worker_deaths",
+__all__ = ["BAD_IMAGES", "check_data_change", "defer_worker_deaths",
            "lock_run_folder", "run_data_digest", "screen_images", "stop_on_failure"]
 
 SPLITS = ("train", "query", "gallery")
