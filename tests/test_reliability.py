@@ -501,3 +501,17 @@ def test_long_runs_keep_memory_and_descriptors_flat(micro_config, tmp_path, vari
     fds = [r["fds"] for r in rows]
     # a worker's pipes may close an epoch late; none may stay open
     assert end["fds"] <= at5["fds"] and max(fds[4:]) <= at5["fds"] + 2, fds
+
+
+def test_a_pid_given_to_a_newer_process_is_not_the_lock_holder():
+    """pids wrap (32768 on many Linux systems): a live process that started after the lock was
+    written is not its holder, so a stale lock is reported as left by a process not running."""
+    import time
+
+    from edaan_fast.engine import run_lock
+
+    now = time.time()
+    assert run_lock._alive(os.getpid(), now)
+    if run_lock._started_at(os.getpid()) is None:
+        pytest.skip("no /proc here: a live pid is taken for the holder")
+    assert not run_lock._alive(os.getpid(), now - 3600)

@@ -43,14 +43,29 @@ def lock_path(output: str | os.PathLike) -> Path:
     return output.parent / f".{output.name}.lock"
 
 
-def _alive(pid: int) -> bool:
+def _started_at(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), where /proc says; else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+        boot = next(float(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
+                    if ln.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _alive(pid: int, since: float | None = None) -> bool:
+    """Whether ``pid`` runs, and (where /proc tells) is the process that started no later
+    than ``since``, not a newer one that was given the same pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:  # exists, owned by another user
-        return True
-    return True
+        pass
+    started = _started_at(pid) if since is not None else None
+    return started is None or started <= since + 1.0  # /proc's times are in clock ticks
 
 
 def _read(fd: int) -> dict:
@@ -132,7 +147,8 @@ class OutputLock:
                 f"{self.what} {self.output} is locked by {_holder(previous)}, another host; "
                 f"if that process is gone, delete {self.path}")
         if pid and pid != os.getpid():
-            state = "still running, but not holding it" if _alive(int(pid)) else "not running"
+            alive = _alive(int(pid), previous.get("started"))
+            state = "still running, but not holding it" if alive else "not running"
             logger.warning("%s %s: took over the lock %s left by %s (%s)", self.what,
                            self.output, self.path, _holder(previous), state)
         record = {"pid": os.getpid(), "host": host, "started": time.time(),
