@@ -506,8 +506,6 @@ def test_long_runs_keep_memory_and_descriptors_flat(micro_config, tmp_path, vari
 def test_a_pid_given_to_a_newer_process_is_not_the_lock_holder():
     """pids wrap (32768 on many Linux systems): a live process that started after the lock was
     written is not its holder, so a stale lock is reported as left by a process not running."""
-    import time
-
     from edaan_fast.engine import run_lock
 
     now = time.time()
