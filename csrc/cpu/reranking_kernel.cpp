@@ -19,6 +19,10 @@
 
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -185,6 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_lists_cpu(
 constexpr int64_t kFusedRows = 128;
 constexpr int64_t kFusedCols = 1024;
 constexpr size_t kSpillCap = 4096;
+constexpr size_t kSpillPrune = 16;  // pruned at sizes 16, 32, 64, ... (powers of two)
 
 template <typename acc_t>
 struct FusedRow {
@@ -202,12 +207,13 @@ template <typename acc_t>
 void spill_push(FusedRow<acc_t>& row, acc_t v, int64_t j) {
   if (row.overflow) return;
   row.spill.emplace_back(v, j);
-  if (row.spill.size() <= kSpillCap) return;
+  // the bound only tightens: drop what it has passed (kept small: N rows hold one each)
+  if (row.spill.size() < kSpillPrune || (row.spill.size() & (row.spill.size() - 1)) != 0) return;
   const acc_t bound = row.bound;
   row.spill.erase(std::remove_if(row.spill.begin(), row.spill.end(),
                                  [bound](const auto& e) { return !(e.first <= bound); }),
                   row.spill.end());
-  if (row.spill.size() > kSpillCap / 2) {  // a flood of near-ties: redo the row exactly
+  if (row.spill.size() >= kSpillCap) {  // a flood of near-ties: redo the row exactly
     row.overflow = true;
     row.spill.clear();
     row.spill.shrink_to_fit();
@@ -221,11 +227,41 @@ void fused_offer(FusedRow<acc_t>& row, int64_t k, acc_t v, int64_t j) {
   const acc_t ev = full ? row.vals[k - 1] : acc_t(0);
   const int64_t ei = full ? row.idx[k - 1] : 0;
   if (topk_insert<acc_t>(row.vals, row.idx, row.count, k, v, j)) {
-    if (full) spill_push(row, ev, ei);  // the evicted k-th may still tie after the division
     if (row.count == k) row.bound = raw_bound<acc_t>(row.vals[k - 1]);
+    if (full && ev <= row.bound) spill_push(row, ev, ei);  // may still tie after the division
   } else {
     spill_push(row, v, j);
   }
+}
+
+// The bits of the 16 values s[0, 16) that are <= b (ordered: a NaN is never a candidate): one
+// AVX-512 compare where the CPU has it (a plain loop does not vectorise into one), else a loop.
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx512f"))) uint32_t le_mask16_avx512(const float* s, float b) {
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_set1_ps(b), _CMP_LE_OQ);
+}
+__attribute__((target("avx512f"))) uint32_t le_mask16_avx512(const double* s, double b) {
+  const __m512d v = _mm512_set1_pd(b);
+  return static_cast<uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(s), v, _CMP_LE_OQ)) |
+         (static_cast<uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(s + 8), v, _CMP_LE_OQ)) << 8);
+}
+const bool kHasAvx512 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") != 0;
+}();
+#else
+template <typename T>
+uint32_t le_mask16_avx512(const T*, T) { return 0; }
+constexpr bool kHasAvx512 = false;
+#endif
+
+template <typename scalar_t>
+inline uint32_t le_mask(const scalar_t* s, int64_t n, scalar_t b) {
+  static_assert(kBlock == 16, "le_mask16_avx512 compares 16 values");
+  if (n == kBlock && kHasAvx512) return le_mask16_avx512(s, b);
+  uint32_t mask = 0;
+  for (int64_t t = 0; t < n; ++t) mask |= static_cast<uint32_t>(s[t] <= b) << t;
+  return mask;
 }
 
 // One row's segment of a score block: raw values in place, maximum, kept columns, selection.
@@ -249,16 +285,14 @@ EDAAN_FAST_ALWAYS_INLINE void fused_segment(scalar_t* s, const scalar_t* cs, int
     const int64_t from = std::max<int64_t>(keep_from, c0);
     std::copy(s + (from - c0), s + cb, kept_row + (from - keep_from));
   }
+  // candidates 16 at a time: a bit mask of the values under the bound, then only its set bits
+  // (no branch per value: near the top of a row, a block often holds one candidate)
   for (int64_t j0 = 0; j0 < cb; j0 += kBlock) {
     const int64_t n = std::min<int64_t>(kBlock, cb - j0);
-    const scalar_t bound = row.bound;
-    int any = n < kBlock;
-    if (!any) {
-#pragma omp simd reduction(| : any)
-      for (int64_t t = 0; t < kBlock; ++t) any |= s[j0 + t] <= bound;
-    }
-    if (!any) continue;
-    for (int64_t j = j0; j < j0 + n; ++j) {
+    uint32_t mask = le_mask<scalar_t>(s + j0, n, row.bound);
+    while (mask != 0) {
+      const int64_t j = j0 + __builtin_ctz(mask);
+      mask &= mask - 1;
       if (s[j] <= row.bound) fused_offer<scalar_t>(row, k, s[j], c0 + j);
     }
   }
