@@ -41,9 +41,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["Context", "Step", "main", "plan", "register"]
 
