@@ -9,7 +9,9 @@ Environment switches:
     CUDA_HOME               the CUDA toolkit (default: the one matching torch.version.cuda under
                             /usr/local, else nvcc on PATH)
     TORCH_CUDA_ARCH_LIST    GPU architectures (default without a visible GPU: "8.0;9.0+PTX";
-                            recorded in _build_info.json as "cuda_arch_list")
+                            the list torch's build passes to nvcc is recorded in
+                            _build_info.json and in the library's _build_info op as
+                            "cuda_arch_list"; require_cuda_kernels checks it against the GPU)
     MAX_JOBS                parallel compile jobs (ninja)
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -80,11 +83,37 @@ def _wheel_cuda_includes() -> list[str]:
     return [d for d in candidates if major and os.path.isdir(d)]
 
 
+def _arch_list_from_flags(flags: list[str]) -> str | None:
+    """The arch list ("8.0;9.0+PTX") that nvcc's -gencode flags build: a cubin per ``sm_XY``,
+    "+PTX" where ``compute_XY`` PTX is embedded as well."""
+    order: list[str] = []
+    ptx: set[str] = set()
+    for flag in flags:
+        m = re.search(r"arch=compute_\w+,code=(sm|compute)_(\d+)(\d)([a-z]?)", flag)
+        if not m:
+            continue
+        name = f"{m.group(2)}.{m.group(3)}{m.group(4)}"  # sm_90a -> 9.0a, sm_100 -> 10.0
+        if name not in order:
+            order.append(name)
+        if m.group(1) == "compute":
+            ptx.add(name)
+    return ";".join(n + ("+PTX" if n in ptx else "") for n in order) or None
+
+
+def _cuda_arch_list() -> str | None:
+    """The architectures torch's build will actually pass to nvcc (TORCH_CUDA_ARCH_LIST, or the
+    visible GPUs' when it is unset), not merely the environment variable."""
+    try:
+        return _arch_list_from_flags(cpp_extension._get_cuda_arch_flags())
+    except Exception:  # a private helper of torch: fall back to the variable  # noqa: BLE001
+        return os.environ.get("TORCH_CUDA_ARCH_LIST")
+
+
 def _extension():
     with_cuda = _want_cuda()
     sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.cpp"))]
     sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
-    cxx = ["-O3", "-fopenmp", "-DEDAAN_FAST_PYTHON_MODULE"]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-DEDAAN_FAST_PYTHON_MODULE"]
     extra = {"cxx": cxx}
     kwargs: dict = {"extra_link_args": ["-fopenmp"], "include_dirs": [str(ROOT / "csrc")]}
     if with_cuda:
@@ -94,7 +123,13 @@ def _extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
         cxx.append("-DEDAAN_FAST_WITH_CUDA")
-        extra["nvcc"] = ["-O3", "-lineinfo", "-DEDAAN_FAST_WITH_CUDA", "--expt-relaxed-constexpr"]
+        arch = _cuda_arch_list()
+        if arch:  # into the _build_info op's JSON, read by require_cuda_kernels
+            cxx.append("-DEDAAN_FAST_CUDA_ARCH_LIST=" + arch.replace(";", ","))
+        # --fmad=false: the shared header math (csrc/ops/*.h) rounds as on the CPU, which
+        # compiles it without contraction (-ffp-contract=off below)
+        extra["nvcc"] = ["-O3", "-lineinfo", "-DEDAAN_FAST_WITH_CUDA", "--expt-relaxed-constexpr",
+                         "--fmad=false"]
         kwargs["include_dirs"] += _wheel_cuda_includes()
         ext_cls = cpp_extension.CUDAExtension
     else:
@@ -103,6 +138,7 @@ def _extension():
 
 
 WITH_CUDA, EXTENSION = _extension()
+CUDA_ARCH_LIST = _cuda_arch_list() if WITH_CUDA else None
 
 
 class BuildExtension(cpp_extension.BuildExtension):
@@ -114,7 +150,7 @@ class BuildExtension(cpp_extension.BuildExtension):
             "torch": torch.__version__.split("+")[0],
             "cuda": torch.version.cuda if WITH_CUDA else None,
             "with_cuda": WITH_CUDA,
-            "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if WITH_CUDA else None,
+            "cuda_arch_list": CUDA_ARCH_LIST,
         }
         for target in {ROOT / PACKAGE, Path(self.build_lib) / PACKAGE}:
             if target.is_dir():

@@ -4,6 +4,7 @@ distance GEMM alone (2048-d), and vs fast-reid's numpy ``re_ranking``.
     python -m pytest benchmarks/bench_reranking.py --benchmark-only -o python_files='bench_*.py' -s
     EDAAN_FAST_BENCH_QUICK=1 python -m pytest benchmarks/bench_reranking.py -o python_files='bench_*.py'
     python benchmarks/bench_reranking.py --profile     # where the time goes (torch.profiler)
+    python benchmarks/bench_reranking.py --msmt17      # MSMT17 size, next to its FLOP floor
 
 Each case runs its implementations *interleaved*, round by round (so a noisy machine slows
 them alike), and reports medians and their ratio; the ratios are checked against the targets
@@ -21,6 +22,11 @@ and printed in the summary table of ``benchmarks/conftest.py``.
   loop is single-threaded; on a shared 2-core machine the thread pool's wake-ups can cost more
   than the work). Target: at least 20x (the better of the two).
 
+* ``--msmt17`` (a script, ~6 GB): 11,659 x 82,161 (N = 93,820), 128-d, from features (add
+  ``--blocks`` for the distance blocks: ~31 GB of them at this size). Baseline: the FLOP floor,
+  the 2 N^2 D multiply-adds of the products at the same run's 4096^3 float32 GEMM rate. Target:
+  at most 1.5x the floor, peak RSS at most the Q x G float32 output + 2 GB.
+
 Quick mode (``EDAAN_FAST_BENCH_QUICK=1``, CI) runs every case on small problems, once, checks
 the results against the float64 per-probe reference, and skips the targets. A missed target
 is reported (xfail), not a failure.
@@ -35,7 +41,9 @@ least 12x fast-reid's ``re_ranking`` at 50 x 200 (17-35x measured; 26.3x at 500 
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -285,6 +293,62 @@ def test_speed_floor(benchmark, name):
                        iterations=1)
 
 
+# --- MSMT17 scale (a script: ~6 GB and tens of seconds; not part of the pytest runs) --------
+
+MSMT17 = (11_659, 82_161, 128)  # queries, gallery, feature dim: N = 93,820
+
+
+def _peak_rss_gb() -> float:
+    with open("/proc/self/status") as fh:
+        kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM"))
+    return kb / 2**20
+
+
+def _gemm_rate(n: int = 4096, rounds: int = 3) -> float:
+    """The machine's float32 GEMM rate (FLOP/s): the median of ``rounds`` n^3 products."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g) for _ in range(2))
+    a @ b  # warm-up
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / statistics.median(times)
+
+
+def msmt17(source: str = "features", shape=MSMT17) -> dict:
+    """One MSMT17-sized exact re-ranking (float32, 128-d, k1 = 20, k2 = 6) next to its FLOP floor:
+    the 2 N^2 D multiply-adds of the N x N products at this run's 4096^3 float32 GEMM rate (the
+    mean of the rates measured just before and just after the re-ranking).
+    ``source="blocks"`` times :func:`re_ranking` on the three distance blocks instead (they
+    need Q G + Q^2 + G^2 float32 values: ~31 GB at full size)."""
+    num_q, num_g, dim = shape
+    n = num_q + num_g
+    before = _gemm_rate()
+    qf, gf = features("msmt17", shape=shape)
+    if source == "blocks":
+        f = torch.cat([qf, gf])
+        blocks = [torch.cdist(qf, gf), torch.cdist(qf, qf), torch.cdist(gf, gf)]
+        del f
+        t0 = time.perf_counter()
+        out = re_ranking(*blocks)
+    else:
+        t0 = time.perf_counter()
+        out = re_ranking_features(qf, gf)
+    seconds = time.perf_counter() - t0
+    assert out.shape == (num_q, num_g) and bool(torch.isfinite(out[:100]).all())
+    del out
+    after = _gemm_rate()  # before and after: a load that changes during the run shows
+    rate = (before + after) / 2
+    floor = 2.0 * n * n * dim / rate
+    return {"source": source, "Q": num_q, "G": num_g, "dim": dim, "threads":
+            torch.get_num_threads(), "gemm_gflops": rate / 1e9,
+            "gemm_gflops_before_after": (before / 1e9, after / 1e9), "floor_s": floor,
+            "seconds": seconds, "ratio_to_floor": seconds / floor, "peak_rss_gb": _peak_rss_gb(),
+            "output_gb": num_q * num_g * 4 / 2**30}
+
+
 def _profile() -> None:
     """Where the time of the Market-sized re-ranking goes (CPU; torch.profiler op totals)."""
     from torch.profiler import ProfilerActivity, profile
@@ -299,3 +363,13 @@ def _profile() -> None:
 if __name__ == "__main__":
     if "--profile" in sys.argv:
         _profile()
+    elif "--msmt17" in sys.argv:  # python benchmarks/bench_reranking.py --msmt17 [--blocks]
+        r = msmt17("blocks" if "--blocks" in sys.argv else "features")
+        print(f"MSMT17-sized re-ranking from {r['source']}: {r['Q']:,} x {r['G']:,}, "
+              f"{r['dim']}-d, {r['threads']} threads")
+        b, a = r["gemm_gflops_before_after"]
+        print(f"  4096^3 float32 GEMM: {b:.0f} GFLOP/s before, {a:.0f} after -> FLOP floor "
+              f"{r['floor_s']:.1f} s at their mean")
+        print(f"  re-ranking: {r['seconds']:.1f} s = {r['ratio_to_floor']:.2f}x the floor "
+              f"(target <= 1.5x); peak RSS {r['peak_rss_gb']:.2f} GB (output "
+              f"{r['output_gb']:.2f} GB; target <= output + 2 GB)")

@@ -20,6 +20,23 @@ namespace edaan_fast {
 int cuda_runtime_build_version();  // csrc/cuda/build_info.cu
 #endif
 
+// The GPU architectures the CUDA kernels were compiled for, as a JSON string ("8.0;9.0+PTX":
+// a cubin per entry, "+PTX" also PTX), or null when the build did not say. setup.py and
+// CMakeLists.txt pass it as EDAAN_FAST_CUDA_ARCH_LIST=8.0,9.0+PTX (commas: no quoting needed).
+#define EDAAN_FAST_STR_(...) #__VA_ARGS__
+#define EDAAN_FAST_STR(...) EDAAN_FAST_STR_(__VA_ARGS__)
+inline std::string cuda_arch_list_json() {
+#ifdef EDAAN_FAST_CUDA_ARCH_LIST
+  std::string arch = EDAAN_FAST_STR(EDAAN_FAST_CUDA_ARCH_LIST);
+  for (char& c : arch) {
+    if (c == ',') c = ';';
+  }
+  return "\"" + arch + "\"";
+#else
+  return "null";
+#endif
+}
+
 // What this library was compiled against, as JSON (read by edaan_fast/ops/_library.py).
 std::string build_info() {
   std::ostringstream os;
@@ -27,9 +44,10 @@ std::string build_info() {
      << TORCH_VERSION_PATCH << "\", ";
 #ifdef EDAAN_FAST_WITH_CUDA
   const int v = cuda_runtime_build_version();
-  os << "\"cuda\": \"" << v / 1000 << "." << (v % 1000) / 10 << "\", \"with_cuda\": true}";
+  os << "\"cuda\": \"" << v / 1000 << "." << (v % 1000) / 10 << "\", \"with_cuda\": true, ";
+  os << "\"cuda_arch_list\": " << cuda_arch_list_json() << "}";
 #else
-  os << "\"cuda\": null, \"with_cuda\": false}";
+  os << "\"cuda\": null, \"with_cuda\": false, \"cuda_arch_list\": null}";
 #endif
   return os.str();
 }
@@ -120,6 +138,14 @@ TORCH_LIBRARY(edaan_fast, m) {
   m.def(
       "knn_lists(Tensor scores, Tensor row_sq, Tensor col_sq, int k, str metric, Tensor(a!) kept) "
       "-> (Tensor nn, Tensor nn_dist, Tensor scale)");
+  // knn_features: knn_lists fused with the GEMM that makes the scores, for rows
+  // [row_start, row_end) of features [N, D] (metric "euclidean" with sq [N] the squared norms,
+  // or "cosine" of unit rows) against all N rows: the scores are made and consumed a
+  // cache-sized block at a time, nothing N x N (nor a row tile of it) is written. Same outputs
+  // as knn_lists over those rows' scores; float32 products in full float32.
+  m.def(
+      "knn_features(Tensor features, Tensor sq, int row_start, int row_end, int k, str metric, "
+      "Tensor(a!) kept) -> (Tensor nn, Tensor nn_dist, Tensor scale)");
   // R*(i) (eq. 6) of rows [row_start, row_end) from the neighbour table, as CSR: ptr [B + 1],
   // sorted column indices, and their M values where the table knows them (NaN where not).
   m.def(

@@ -2,16 +2,19 @@
 
     python -m edaan_fast.gpu_check [--out gpu-check] [--budget 480]
 
-It runs, each step as a subprocess with its own time limit, stopping when the budget is spent:
+It runs, each step as a subprocess with its own time limit, in priority order (most important
+first, so that a short loan of a GPU answers what matters), and stops cleanly at the budget:
+a step that would be cut off is not started, and the summary lists what was skipped. Steps are
+registered in one line each (:func:`register`, with a priority); the plan by default:
 
 1. every test marked ``cuda`` with ``EDAAN_FAST_REQUIRE_CUDA=1`` (a missing kernel or an
    invisible GPU fails instead of skipping);
-2. the GPU benchmarks in quick mode: mask_blend bandwidth against a copy, the metric losses
+2. one short epoch of the ``paper`` preset with ``--amp`` in float16 (GradScaler) and in
+   bfloat16 (peak GPU memory recorded in the run's report);
+3. the GPU benchmarks in quick mode: mask_blend bandwidth against a copy, the metric losses
    against eager, rank evaluation from features, re-ranking;
-3. one short epoch of the ``paper`` preset with ``--amp`` in float16 (GradScaler) and in
-   bfloat16 (peak GPU memory recorded in the run's report), and with ``--loader dali``;
-4. resume from the float16 run's checkpoint, ``evaluate`` of it on CUDA and on the CPU (the
-   metrics must agree);
+4. ``evaluate`` of the float16 run on CUDA and on the CPU (the metrics must agree), a resume
+   from its checkpoint, an epoch with ``--loader dali``;
 5. two data-parallel processes on the one GPU (gloo) -- identical weights, metric term > 0;
 6. ``compute-sanitizer`` memcheck and racecheck on a small subset of the op tests, where the
    tool exists.
@@ -20,8 +23,9 @@ It runs, each step as a subprocess with its own time limit, stopping when the bu
 with the ``tiny`` preset (the float16 run in float32), so that the commands, the files they
 write and the checks that read them are proven before a GPU session spends its time on them.
 
-It writes ``gpu_check.json`` (every step: command, exit status, seconds, output tail) and
-``gpu_check.md`` (a table) into ``--out``. The tests and benchmarks are read from the source
+It writes ``gpu_check.json`` (every step: command, status -- passed, failed, stopped by the
+budget or skipped --, exit status, seconds, output tail) and ``gpu_check.md`` (a table and what
+was left out) into ``--out``, after every step. The tests and benchmarks are read from the source
 tree (``--source``, default: the checkout this package was imported from). Without a visible
 GPU it prints what it would run and exits 0. Exit status: 0 when every step passed, 1
 otherwise, 2 for bad arguments.
@@ -37,10 +41,11 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["Step", "main", "plan"]
+__all__ = ["Context", "Step", "main", "plan", "register"]
 
 # The op tests the sanitizers run: small, and every kernel family is in them.
 SANITIZER_TESTS = ("tests/test_mask_blend.py tests/test_metric_losses.py tests/test_rank_eval.py"
@@ -64,45 +69,78 @@ class Step:
     needs: str | None = None  # an executable that must exist (else the step is skipped)
 
 
-def plan(out: Path, rehearsal: bool = False) -> list[Step]:
-    """The steps, in order, writing their runs under ``out``; with ``rehearsal`` the ones that
-    run on a CPU, on the CPU, with the ``tiny`` preset."""
-    py = sys.executable
-    gpu, preset, iters = ("cpu", "tiny", 5) if rehearsal else ("cuda", "paper", 20)
+@dataclass
+class Context:
+    """What a step's command is built from: the interpreter, the output folder, the device and
+    preset of this run (``cpu``/``tiny`` in a rehearsal)."""
 
-    def train(name: str, extra: str) -> str:
-        if rehearsal:  # float16 autocast runs through slow reference kernels on a CPU
+    out: Path
+    rehearsal: bool = False
+    py: str = sys.executable
+
+    @property
+    def gpu(self) -> str:
+        return "cpu" if self.rehearsal else "cuda"
+
+    @property
+    def preset(self) -> str:
+        return "tiny" if self.rehearsal else "paper"
+
+    def train(self, name: str, extra: str) -> str:
+        iters = 5 if self.rehearsal else 20
+        if self.rehearsal:  # float16 autocast runs through slow reference kernels on a CPU
             extra = extra.replace("--amp --amp-dtype float16", "--no-amp")
-        return (f"{py} -m edaan_fast.train --preset {preset} --epochs 1 --iters-per-epoch "
-                f"{iters} --eval-every 0 --checkpoint-every 1 --device {gpu} "
-                f"--output-dir {out / name} --overwrite {extra}")
+        return (f"{self.py} -m edaan_fast.train --preset {self.preset} --epochs 1 "
+                f"--iters-per-epoch {iters} --eval-every 0 --checkpoint-every 1 --device "
+                f"{self.gpu} --output-dir {self.out / name} --overwrite {extra}")
 
-    evaluate = (f"{py} -m edaan_fast.evaluate --checkpoint {out / 'fp16' / 'final.pt'} "
-                f"--dataset synthetic")
-    steps = [
-        Step("cuda tests", f"{py} -m pytest tests -m cuda -q -ra -p no:cacheprovider", 240,
-             {"EDAAN_FAST_REQUIRE_CUDA": "1"}),
-        Step("gpu benchmarks", f"{py} -m pytest {QUICK_BENCH} --benchmark-only -q "
-             f"-o python_files='bench_*.py' --benchmark-json={out / 'benchmarks.json'}", 150,
-             {"EDAAN_FAST_BENCH_QUICK": "1"}),
-        Step("train paper fp16", train("fp16", "--amp --amp-dtype float16"), 90),
-        Step("train paper bf16", train("bf16", "--amp --amp-dtype bfloat16"), 90),
-        Step("train paper dali", train("dali", "--amp --loader dali --epochs 2"), 90),
-        # resumes the run's last state (RNG, scalers, optimisers) and evaluates it again
-        Step("resume fp16", train("fp16", "--amp --amp-dtype float16 "
-                                  f"--resume {out / 'fp16' / 'checkpoint.pt'}").replace(
-                                      " --overwrite", ""), 90),
-        Step("evaluate cuda", f"{evaluate} --device {gpu} --output {out / 'eval_cuda.json'}", 60),
-        Step("evaluate cpu", f"{evaluate} --device cpu --output {out / 'eval_cpu.json'}", 120),
-        Step("ddp two processes", f"{py} -m torch.distributed.run --nproc_per_node 2 -m "
-             f"edaan_fast.train --preset {preset} --epochs 1 --iters-per-epoch 5 --eval-every 0 "
-             f"--device {gpu}{'' if rehearsal else ':0'} --output-dir {out / 'ddp'} --overwrite",
-             120, {"EDAAN_FAST_DIST_BACKEND": "gloo"}),
-        Step("memcheck", f"compute-sanitizer --tool memcheck --error-exitcode 1 {py} -m pytest "
-             f"{SANITIZER_TESTS}", 120, needs="compute-sanitizer"),
-        Step("racecheck", f"compute-sanitizer --tool racecheck --error-exitcode 1 {py} -m "
-             f"pytest {SANITIZER_TESTS}", 120, needs="compute-sanitizer"),
-    ]
+    def evaluate(self, device: str, output: str) -> str:
+        return (f"{self.py} -m edaan_fast.evaluate --checkpoint {self.out / 'fp16' / 'final.pt'} "
+                f"--dataset synthetic --device {device} --output {self.out / output}")
+
+
+#: The registered steps: (priority, builder). Lower priorities run first, so a short loan of a
+#: GPU gets the most important answers before the budget ends: correctness of every op against
+#: the CPU, one paper-preset step in each precision, the benchmarks, the evaluations, then the
+#: rest, and the sanitizers last.
+_REGISTRY: list[tuple[int, Callable[[Context], Step]]] = []
+
+
+def register(priority: int, build: Callable[[Context], Step]) -> None:
+    """Adds a step to every plan: one line, ``register(35, lambda c: Step("name", command,
+    timeout_s))``; ``c`` is the plan's :class:`Context`."""
+    _REGISTRY.append((priority, build))
+
+
+register(10, lambda c: Step("cuda tests", f"{c.py} -m pytest tests -m cuda -q -ra -p "
+                            "no:cacheprovider", 240, {"EDAAN_FAST_REQUIRE_CUDA": "1"}))
+register(20, lambda c: Step("train paper fp16", c.train("fp16", "--amp --amp-dtype float16"), 90))
+register(21, lambda c: Step("train paper bf16", c.train("bf16", "--amp --amp-dtype bfloat16"), 90))
+register(30, lambda c: Step("gpu benchmarks", f"{c.py} -m pytest {QUICK_BENCH} --benchmark-only "
+                            f"-q -o python_files='bench_*.py' --benchmark-json="
+                            f"{c.out / 'benchmarks.json'}", 150, {"EDAAN_FAST_BENCH_QUICK": "1"}))
+register(40, lambda c: Step("evaluate cuda", c.evaluate(c.gpu, "eval_cuda.json"), 60))
+register(41, lambda c: Step("evaluate cpu", c.evaluate("cpu", "eval_cpu.json"), 120))
+# resumes the run's last state (RNG, scalers, optimisers) and evaluates it again
+register(50, lambda c: Step("resume fp16", c.train("fp16", "--amp --amp-dtype float16 --resume "
+                            f"{c.out / 'fp16' / 'checkpoint.pt'}").replace(" --overwrite", ""), 90))
+register(60, lambda c: Step("train paper dali", c.train("dali", "--amp --loader dali --epochs 2"), 90))
+register(70, lambda c: Step("ddp two processes", f"{c.py} -m torch.distributed.run "
+                            f"--nproc_per_node 2 -m edaan_fast.train --preset {c.preset} --epochs 1 "
+                            f"--iters-per-epoch 5 --eval-every 0 --device {c.gpu}"
+                            f"{'' if c.rehearsal else ':0'} --output-dir {c.out / 'ddp'} "
+                            "--overwrite", 120, {"EDAAN_FAST_DIST_BACKEND": "gloo"}))
+register(90, lambda c: Step("memcheck", f"compute-sanitizer --tool memcheck --error-exitcode 1 "
+                            f"{c.py} -m pytest {SANITIZER_TESTS}", 120, needs="compute-sanitizer"))
+register(91, lambda c: Step("racecheck", f"compute-sanitizer --tool racecheck --error-exitcode 1 "
+                            f"{c.py} -m pytest {SANITIZER_TESTS}", 120, needs="compute-sanitizer"))
+
+
+def plan(out: Path, rehearsal: bool = False) -> list[Step]:
+    """The registered steps in priority order, writing their runs under ``out``; with
+    ``rehearsal`` the ones that run on a CPU, on the CPU, with the ``tiny`` preset."""
+    ctx = Context(out, rehearsal)
+    steps = [build(ctx) for _, build in sorted(_REGISTRY, key=lambda e: e[0])]
     if rehearsal:  # what needs a GPU (kernels, DALI's GPU decode, the sanitizers) is left out
         steps = [s for s in steps if s.name not in REHEARSAL_SKIPS]
     return steps
@@ -115,8 +153,8 @@ def _run(step: Step, source: Path, left_s: float) -> dict:
         record["tail"] = f"{step.needs} not found"
         return record
     limit = min(step.timeout_s, left_s)
-    if limit < 5:
-        record["tail"] = "time budget spent"
+    if limit < max(5.0, step.timeout_s / 3):  # it would only be cut off: leave it for later
+        record["tail"] = f"time budget spent ({left_s:.0f} s left of the budget)"
         return record
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
         str(source), os.environ.get("PYTHONPATH")])), **step.env}
@@ -129,7 +167,8 @@ def _run(step: Step, source: Path, left_s: float) -> dict:
         rc = 124
         output = ((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes)
                   else exc.stdout or "") + f"\n[timed out after {limit:.0f} s]"
-    record.update(status="passed" if rc == 0 else "failed", rc=rc,
+    cut = rc == 124 and limit < step.timeout_s  # stopped by the budget, not by its own limit
+    record.update(status="passed" if rc == 0 else "stopped" if cut else "failed", rc=rc,
                   seconds=round(time.perf_counter() - start, 1), tail=output[-4000:])
     return record
 
@@ -165,6 +204,11 @@ def _write(out: Path, records: list[dict], device: str) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"# GPU check on {device}", "", "| step | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['name']} | {r['status']} | {r['seconds']} |" for r in records]
+    left = [r for r in records if r["status"] in ("skipped", "stopped")]
+    if left:
+        lines += ["", "Not run to the end: " + "; ".join(
+            f"{r['name']} ({r['tail'].strip().splitlines()[-1] if r['tail'].strip() else r['status']})"
+            for r in left)]
     failed = [r for r in records if r["status"] == "failed"]
     for r in failed:
         lines += ["", f"## {r['name']} (exit {r['rc']})", "", "```", r["tail"][-2000:], "```"]
@@ -212,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in steps:
         records.append(_run(step, source, deadline - time.perf_counter()))
         print(f"{step.name}: {records[-1]['status']} ({records[-1]['seconds']} s)", flush=True)
+        _write(out, records, device)  # what it has so far, should the machine go away
     _extra_checks(out, records)
     json_path, md_path = _write(out, records, device)
     print(f"summary: {json_path}, {md_path}")

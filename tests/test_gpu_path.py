@@ -175,6 +175,28 @@ def test_gpu_check_cpu_rehearsal_runs_its_commands_and_cross_checks(tmp_path):
     assert "resumed" in next(r["tail"] for r in summary["steps"] if r["name"] == "resume fp16")
 
 
+def test_gpu_check_runs_by_priority_and_stops_cleanly_at_the_budget(tmp_path, monkeypatch):
+    """A step is one registration line; the plan orders by priority; a step that the budget
+    would cut off is not started, one cut off anyway is "stopped" (not failed), and the
+    summary, written after every step, says what was left out."""
+    from edaan_fast import gpu_check
+
+    monkeypatch.setattr(gpu_check, "_REGISTRY", [])
+    gpu_check.register(30, lambda c: gpu_check.Step("long", "sleep 30", 60))
+    gpu_check.register(10, lambda c: gpu_check.Step("quick", f"{c.py} -c 'print(1)'", 20))
+    gpu_check.register(20, lambda c: gpu_check.Step("cut", "sleep 30", 12))
+    assert [s.name for s in gpu_check.plan(tmp_path)] == ["quick", "cut", "long"]
+    rc = gpu_check.main(["--cpu-rehearsal", "--out", str(tmp_path / "g"), "--budget", "8"])
+    summary = json.loads((tmp_path / "g" / "gpu_check.json").read_text())
+    status = {r["name"]: r["status"] for r in summary["steps"]}
+    assert status == {"quick": "passed", "cut": "stopped", "long": "skipped"}, summary
+    assert rc == 0 and summary["passed"] is True
+    md = (tmp_path / "g" / "gpu_check.md").read_text()
+    assert "Not run to the end: cut" in md and "long (time budget spent" in md
+    seconds = {r["name"]: r["seconds"] for r in summary["steps"]}
+    assert seconds["cut"] < 10  # cut at the budget, not at its own 12 s
+
+
 def test_gpu_check_summaries(tmp_path):
     from edaan_fast import gpu_check
 

@@ -17,11 +17,18 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../ops/reranking.h"
@@ -169,13 +176,289 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_lists_cpu(
   return {nn, nn_dist, scale};
 }
 
-void check_table(const char* op, const at::Tensor& nn) {
-  const int64_t N = nn.size(0), total = nn.numel();
-  const int64_t* p = nn.const_data_ptr<int64_t>();
-  for (int64_t e = 0; e < total; ++e) {
-    TORCH_CHECK(p[e] >= 0 && p[e] < N, op, ": nn entries must be row indices in [0, ", N,
-                "), got ", p[e], " in row ", e / std::max<int64_t>(nn.size(1), 1));
+// --- knn_features: the fused k-NN from features -------------------------------------------
+// Each thread owns a range of rows and walks the N columns in blocks of kFusedCols: one GEMM
+// of kFusedRows x kFusedCols scores (256 KB for float32: with the GEMM's packed panels, about
+// 600 KB, it stays in a 1 MB L2; 1,024 columns did not, and the selection pass ran from L3
+// at 1.4x the GEMM's time instead of 1.25x), then, while the block
+// is in cache, the squared distances, the running row maximum and the selection on raw values
+// (a sorted list of k plus the few near-ties of raw_bound that may still overtake after the
+// division by the scale). Nothing N x N, and no row of N scores, is ever written. A row's kept
+// columns (query rows: M[q, Q:], the caller's output) receive the raw values and are divided by
+// the scale once it is known. A row whose k-th M would be subnormal or zero, or whose near-ties
+// overflow kSpillCap, is redone exactly by knn_row over its recomputed scores.
+
+constexpr int64_t kFusedRows = 128;
+constexpr int64_t kFusedCols = 512;
+constexpr size_t kSpillCap = 4096;
+constexpr size_t kSpillPrune = 16;  // pruned at sizes 16, 32, 64, ... (powers of two)
+
+template <typename acc_t>
+struct FusedRow {
+  acc_t mx = acc_t(0);
+  int nan = 0;
+  int64_t count = 0;
+  acc_t bound = std::numeric_limits<acc_t>::infinity();
+  bool overflow = false;
+  acc_t* vals = nullptr;
+  int64_t* idx = nullptr;
+  std::vector<std::pair<acc_t, int64_t>> spill;  // raw near-ties outside the list of k
+};
+
+template <typename acc_t>
+void spill_push(FusedRow<acc_t>& row, acc_t v, int64_t j) {
+  if (row.overflow) return;
+  row.spill.emplace_back(v, j);
+  // the bound only tightens: drop what it has passed (kept small: N rows hold one each)
+  if (row.spill.size() < kSpillPrune || (row.spill.size() & (row.spill.size() - 1)) != 0) return;
+  const acc_t bound = row.bound;
+  row.spill.erase(std::remove_if(row.spill.begin(), row.spill.end(),
+                                 [bound](const auto& e) { return !(e.first <= bound); }),
+                  row.spill.end());
+  if (row.spill.size() >= kSpillCap) {  // a flood of near-ties: redo the row exactly
+    row.overflow = true;
+    row.spill.clear();
+    row.spill.shrink_to_fit();
   }
+}
+
+// Offers a raw value that passed the bound test to the row's list (and its near-ties).
+template <typename acc_t>
+void fused_offer(FusedRow<acc_t>& row, int64_t k, acc_t v, int64_t j) {
+  const bool full = row.count == k;
+  const acc_t ev = full ? row.vals[k - 1] : acc_t(0);
+  const int64_t ei = full ? row.idx[k - 1] : 0;
+  if (topk_insert<acc_t>(row.vals, row.idx, row.count, k, v, j)) {
+    if (row.count == k) row.bound = raw_bound<acc_t>(row.vals[k - 1]);
+    if (full && ev <= row.bound) spill_push(row, ev, ei);  // may still tie after the division
+  } else {
+    spill_push(row, v, j);
+  }
+}
+
+// The bits of the 16 values s[0, 16) that are <= b (ordered: a NaN is never a candidate): one
+// AVX-512 compare where the CPU has it (a plain loop does not vectorise into one), else a loop.
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx512f"))) uint32_t le_mask16_avx512(const float* s, float b) {
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_set1_ps(b), _CMP_LE_OQ);
+}
+__attribute__((target("avx512f"))) uint32_t le_mask16_avx512(const double* s, double b) {
+  const __m512d v = _mm512_set1_pd(b);
+  return static_cast<uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(s), v, _CMP_LE_OQ)) |
+         (static_cast<uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(s + 8), v, _CMP_LE_OQ)) << 8);
+}
+const bool kHasAvx512 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") != 0;
+}();
+#else
+template <typename T>
+uint32_t le_mask16_avx512(const T*, T) { return 0; }
+constexpr bool kHasAvx512 = false;
+#endif
+
+template <typename scalar_t>
+inline uint32_t le_mask(const scalar_t* s, int64_t n, scalar_t b) {
+  static_assert(kBlock == 16, "le_mask16_avx512 compares 16 values");
+  if (n == kBlock && kHasAvx512) return le_mask16_avx512(s, b);
+  uint32_t mask = 0;
+  for (int64_t t = 0; t < n; ++t) mask |= static_cast<uint32_t>(s[t] <= b) << t;
+  return mask;
+}
+
+// One row's segment of a score block: raw values in place, maximum, kept columns, selection.
+template <typename scalar_t, int64_t kKind>
+EDAAN_FAST_ALWAYS_INLINE void fused_segment(scalar_t* s, const scalar_t* cs, int64_t c0,
+                                            int64_t cb, int64_t k, scalar_t rs, int64_t keep_from,
+                                            scalar_t* kept_row, FusedRow<scalar_t>& row) {
+  scalar_t mx = row.mx;
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+  for (int64_t j = 0; j < cb; ++j) {
+    const scalar_t v =
+        squared_distance<scalar_t>(s[j], rs, kKind == 1 ? cs[c0 + j] : scalar_t(0), kKind);
+    s[j] = v;
+    mx = v > mx ? v : mx;
+    nan |= v != v;
+  }
+  row.mx = mx;
+  row.nan |= nan;
+  if (kept_row != nullptr && c0 + cb > keep_from) {
+    const int64_t from = std::max<int64_t>(keep_from, c0);
+    std::copy(s + (from - c0), s + cb, kept_row + (from - keep_from));
+  }
+  // candidates 16 at a time: a bit mask of the values under the bound, then only its set bits
+  // (no branch per value: near the top of a row, a block often holds one candidate)
+  for (int64_t j0 = 0; j0 < cb; j0 += kBlock) {
+    const int64_t n = std::min<int64_t>(kBlock, cb - j0);
+    uint32_t mask = le_mask<scalar_t>(s + j0, n, row.bound);
+    while (mask != 0) {
+      const int64_t j = j0 + __builtin_ctz(mask);
+      mask &= mask - 1;
+      if (s[j] <= row.bound) fused_offer<scalar_t>(row, k, s[j], c0 + j);
+    }
+  }
+}
+
+#define EDAAN_FAST_FUSED_SEGMENT(NAME, T, KIND)                                                  \
+  EDAAN_FAST_SIMD_CLONES void NAME(T* s, const T* cs, int64_t c0, int64_t cb, int64_t k, T rs,   \
+                                   int64_t keep_from, T* kept_row, FusedRow<T>& row) {           \
+    fused_segment<T, KIND>(s, cs, c0, cb, k, rs, keep_from, kept_row, row);                      \
+  }
+EDAAN_FAST_FUSED_SEGMENT(fused_segment_f1, float, 1)
+EDAAN_FAST_FUSED_SEGMENT(fused_segment_f2, float, 2)
+EDAAN_FAST_FUSED_SEGMENT(fused_segment_d1, double, 1)
+EDAAN_FAST_FUSED_SEGMENT(fused_segment_d2, double, 2)
+#undef EDAAN_FAST_FUSED_SEGMENT
+
+template <typename T>
+using FusedSegmentFn = void (*)(T*, const T*, int64_t, int64_t, int64_t, T, int64_t, T*,
+                                FusedRow<T>&);
+template <typename T>
+FusedSegmentFn<T> fused_segment_fn(int64_t kind);
+template <>
+FusedSegmentFn<float> fused_segment_fn<float>(int64_t kind) {
+  return kind == 1 ? fused_segment_f1 : fused_segment_f2;
+}
+template <>
+FusedSegmentFn<double> fused_segment_fn<double>(int64_t kind) {
+  return kind == 1 ? fused_segment_d1 : fused_segment_d2;
+}
+
+// The row's result from its state: scale, the k smallest (M, index), kept columns divided by
+// the scale. Returns false when the row must be redone exactly (see above).
+template <typename scalar_t>
+bool fused_finish(FusedRow<scalar_t>& row, int64_t k, int64_t* out_i, scalar_t* out_d,
+                  scalar_t* scale, scalar_t* kept_row, int64_t K) {
+  const scalar_t c =
+      row_scale<scalar_t>(row.nan ? std::numeric_limits<scalar_t>::quiet_NaN() : row.mx);
+  *scale = c;
+  if (!std::isfinite(c)) {  // reported by the caller; the lists are placeholders
+    for (int64_t t = 0; t < k; ++t) {
+      out_i[t] = t;
+      out_d[t] = static_cast<scalar_t>(NAN);
+    }
+    return true;
+  }
+  if (row.overflow || row.count < k || !(row.vals[k - 1] / c >= std::numeric_limits<scalar_t>::min())) {
+    return false;
+  }
+  std::vector<std::pair<scalar_t, int64_t>> cand;
+  cand.reserve(k + row.spill.size());
+  for (int64_t t = 0; t < k; ++t) cand.emplace_back(row.vals[t] / c, row.idx[t]);
+  for (const auto& e : row.spill) {
+    if (e.first <= row.bound) cand.emplace_back(e.first / c, e.second);
+  }
+  std::partial_sort(cand.begin(), cand.begin() + k, cand.end(), [](const auto& a, const auto& b) {
+    return key_less<scalar_t>(a.first, a.second, b.first, b.second);
+  });
+  for (int64_t t = 0; t < k; ++t) {
+    out_i[t] = cand[t].second;
+    out_d[t] = cand[t].first;
+  }
+  for (int64_t j = 0; j < K; ++j) kept_row[j] = kept_row[j] / c;
+  return true;
+}
+
+// Scores of rows [a0, a0 + rb) against columns [c0, c0 + cb) into out ([rb, cb], contiguous),
+// float32 products in full float32 (through float64 when oneDNN may reduce them).
+void fused_gemm(const at::Tensor& f, const at::Tensor& f64, int64_t a0, int64_t rb, int64_t c0,
+                int64_t cb, at::Tensor& out) {
+  if (f64.defined()) {
+    out.copy_(at::mm(f64.narrow(0, a0, rb), f64.narrow(0, c0, cb).t()));
+  } else {
+    at::mm_out(out, f.narrow(0, a0, rb), f.narrow(0, c0, cb).t());
+  }
+}
+
+template <typename scalar_t>
+struct FusedArgs {
+  at::Tensor f, f64;
+  const scalar_t* sq;
+  int64_t row_start, B, k, kind, keep_from, kept_ld;
+  int64_t* nn;
+  scalar_t* nn_dist;
+  scalar_t* scale;
+  scalar_t* kept;
+};
+
+// The rows [r0, r1) of the op (one thread's share): column blocks outermost, so each GEMM's
+// column panel is read once per row block and the selection state of every row stays small.
+template <typename scalar_t>
+void fused_rows(const FusedArgs<scalar_t>& a, int64_t r0, int64_t r1) {
+  const int64_t N = a.f.size(0), k = a.k, K = N - a.keep_from, R = r1 - r0;
+  std::vector<scalar_t> vals(R * k);
+  std::vector<int64_t> idx(R * k);
+  std::vector<FusedRow<scalar_t>> rows(R);
+  for (int64_t r = 0; r < R; ++r) {
+    rows[r].vals = vals.data() + r * k;
+    rows[r].idx = idx.data() + r * k;
+  }
+  const auto segment = fused_segment_fn<scalar_t>(a.kind);
+  at::Tensor buf = at::empty({kFusedRows * kFusedCols}, a.f.options());
+  for (int64_t c0 = 0; c0 < N; c0 += kFusedCols) {
+    const int64_t cb = std::min(kFusedCols, N - c0);
+    for (int64_t b0 = r0; b0 < r1; b0 += kFusedRows) {
+      const int64_t rb = std::min(kFusedRows, r1 - b0);
+      at::Tensor out = buf.narrow(0, 0, rb * cb).view({rb, cb});
+      fused_gemm(a.f, a.f64, a.row_start + b0, rb, c0, cb, out);
+      scalar_t* s = out.mutable_data_ptr<scalar_t>();
+      for (int64_t r = b0; r < b0 + rb; ++r) {
+        const scalar_t rs = a.kind == 1 ? a.sq[a.row_start + r] : scalar_t(0);
+        segment(s + (r - b0) * cb, a.sq, c0, cb, k, rs, a.keep_from,
+                K > 0 ? a.kept + r * a.kept_ld : nullptr, rows[r - r0]);
+      }
+    }
+  }
+  std::vector<at::opmath_type<scalar_t>> m, lv;
+  std::vector<int64_t> li;
+  for (int64_t r = r0; r < r1; ++r) {
+    if (fused_finish<scalar_t>(rows[r - r0], k, a.nn + r * k, a.nn_dist + r * k, a.scale + r,
+                               a.kept + r * a.kept_ld, K)) {
+      continue;
+    }
+    // the exact path: the row's N scores, then the two-pass selection of knn_lists
+    m.resize(N), lv.resize(k), li.resize(k);
+    at::Tensor srow = at::empty({1, N}, a.f.options());
+    fused_gemm(a.f, a.f64, a.row_start + r, 1, 0, N, srow);
+    const scalar_t rs = a.kind == 1 ? a.sq[a.row_start + r] : scalar_t(0);
+    knn_row_fn<scalar_t>(a.kind)(srow.const_data_ptr<scalar_t>(), a.sq, N, k, a.keep_from, rs,
+                                 m.data(), lv.data(), li.data(), a.nn + r * k,
+                                 a.nn_dist + r * k, a.scale + r, a.kept + r * a.kept_ld);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_features_cpu(
+    const at::Tensor& features, const at::Tensor& sq, int64_t row_start, int64_t row_end,
+    int64_t k, c10::string_view metric, const at::Tensor& kept) {
+  const int64_t kind = rerank_scores_kind(metric);
+  check_knn_features_inputs(features, sq, row_start, row_end, k, kind, kept);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const at::Tensor f = features.contiguous();
+  const int64_t B = row_end - row_start, N = f.size(0);
+  at::Tensor nn = at::empty({B, k}, f.options().dtype(at::kLong));
+  at::Tensor nn_dist = at::empty({B, k}, f.options());
+  at::Tensor scale = at::empty({B}, f.options());
+  if (B == 0) return {nn, nn_dist, scale};
+  const at::Tensor s2 = kind == 1 ? sq.contiguous() : sq;
+  const bool via_double = f.scalar_type() == at::kFloat && cpu_fp32_matmul_reduced();
+  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "knn_features_cpu", [&] {
+    FusedArgs<scalar_t> a{f, via_double ? f.to(at::kDouble) : at::Tensor(),
+                          kind == 1 ? s2.const_data_ptr<scalar_t>() : nullptr, row_start, B, k,
+                          kind, N - kept.size(1), kept.stride(0),
+                          nn.mutable_data_ptr<int64_t>(), nn_dist.mutable_data_ptr<scalar_t>(),
+                          scale.mutable_data_ptr<scalar_t>(), kept.mutable_data_ptr<scalar_t>()};
+    // one contiguous share of rows per thread (whole row blocks)
+    const int64_t blocks = (B + kFusedRows - 1) / kFusedRows;
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      fused_rows<scalar_t>(a, b0 * kFusedRows, std::min(B, b1 * kFusedRows));
+    });
+  });
+  return {nn, nn_dist, scale};
+}
+
+void check_table(const char* op, const at::Tensor& nn) {
+  check_table_contents(op, nn.const_data_ptr<int64_t>(), nn.size(0), nn.size(1));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> k_reciprocal_sets_cpu(
@@ -332,6 +615,7 @@ void jaccard_rerank_cpu(const at::Tensor& dist, const at::Tensor& q_ptr_in,
 
 TORCH_LIBRARY_IMPL(edaan_fast, CPU, m) {
   m.impl("knn_lists", &knn_lists_cpu);
+  m.impl("knn_features", &knn_features_cpu);
   m.impl("k_reciprocal_sets", &k_reciprocal_sets_cpu);
   m.impl("query_expansion", &query_expansion_cpu);
   m.impl("jaccard_rerank_", &jaccard_rerank_cpu);

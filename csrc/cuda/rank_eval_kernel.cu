@@ -44,18 +44,23 @@ __global__ void count_preceding_kernel(const scalar_t* __restrict__ dist, int64_
     if (P == 0) continue;  // uniform over the block
     const bool in_shared = P <= kSharedPositives;
     if (threadIdx.x == 0) s_nan = 0;
-    if (in_shared) {
-      for (int64_t k = threadIdx.x; k < P; k += blockDim.x) {
-        s_d[k] = static_cast<acc_t>(pos_dist[off + k]);
+    // a NaN among any of the positives flags the query, as on the CPU (not only the last one)
+    bool nan = false;
+    for (int64_t k = threadIdx.x; k < P; k += blockDim.x) {
+      const acc_t d = static_cast<acc_t>(pos_dist[off + k]);
+      nan |= d != d;
+      if (in_shared) {
+        s_d[k] = d;
         s_g[k] = pos_gidx[off + k];
       }
+    }
+    if (in_shared) {
       for (int64_t k = threadIdx.x; k <= P; k += blockDim.x) s_bins[k] = 0;
     }
     __syncthreads();
     const acc_t dmax = static_cast<acc_t>(pos_dist[off + P - 1]);
     const int64_t qp = q_pids[q];
     const scalar_t* row = dist + q * row_stride;
-    bool nan = dmax != dmax;
     for (int64_t j = threadIdx.x; j < G; j += blockDim.x) {
       const acc_t d = static_cast<acc_t>(row[j]);
       if (d > dmax) continue;

@@ -13,7 +13,12 @@
 //                     one query entry (its column's gallery entries: distinct gallery rows, so no
 //                     two threads touch one accumulator), with a barrier between entries, so
 //                     every accumulator adds in the CPU's order: deterministic, equal to the CPU.
-//                     The accumulator row lives in a [B, G] scratch of acc_t.
+//                     The accumulator row lives in a [blocks, G] scratch of acc_t.
+//   Inputs are validated on the device before use (csr_fault_kernel, table_fault_kernel).
+//   Built with --fmad=false (setup.py, CMakeLists.txt): the header math rounds as on the CPU,
+//   which compiles it without contraction (-ffp-contract=off), so equal operations in equal
+//   order give equal bits. (knn_lists reads scores that cuBLAS computed: those equal the CPU's
+//   only to rounding.)
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -39,6 +44,62 @@ int64_t max_blocks() {
 
 int64_t blocks_for(int64_t work, int64_t per_block) {
   return std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, max_blocks()));
+}
+
+// --- device-side validation: one cheap kernel and one flag read per input ------------------
+// The CPU checks a CSR's and a neighbour table's contents on the host; here the same per-row
+// test (csr_row_fault, table_entry_ok in csrc/ops/reranking.h) runs on the device, and only a
+// fault copies the tensors to the host, where the CPU's check raises with the same message.
+// So a malformed input is a RuntimeError, never an illegal address.
+
+__global__ void csr_fault_kernel(const int64_t* __restrict__ ptr, int64_t rows,
+                                 const int64_t* __restrict__ idx, int64_t nnz, int64_t bound,
+                                 int* __restrict__ flag) {
+  const int64_t work = rows > 0 ? rows : 1;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < work;
+       r += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    if (csr_row_fault(ptr, rows, r, idx, nnz, bound) != kCsrOk) *flag = 1;  // all write 1
+  }
+}
+
+__global__ void table_fault_kernel(const int64_t* __restrict__ t, int64_t total, int64_t n,
+                                   int* __restrict__ flag) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    if (!table_entry_ok(t[e], n)) *flag = 1;
+  }
+}
+
+// ptr/idx contiguous int64 on the current device (rows = ptr.size(0) - 1).
+void check_csr_on_device(const char* op, const char* name, const at::Tensor& ptr,
+                         const at::Tensor& idx, int64_t bound) {
+  const int64_t rows = ptr.size(0) - 1, nnz = idx.size(0);
+  at::Tensor flag = at::zeros({1}, ptr.options().dtype(at::kInt));
+  csr_fault_kernel<<<blocks_for(std::max<int64_t>(rows, 1), kThreads), kThreads, 0,
+                     at::cuda::getCurrentCUDAStream()>>>(ptr.const_data_ptr<int64_t>(), rows,
+                                                         idx.const_data_ptr<int64_t>(), nnz,
+                                                         bound, flag.mutable_data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (flag.item<int>() == 0) return;
+  const at::Tensor hp = ptr.cpu(), hi = idx.cpu();
+  check_csr_contents(op, name, hp.const_data_ptr<int64_t>(), rows, hi.const_data_ptr<int64_t>(),
+                     nnz, bound);
+  TORCH_CHECK(false, op, ": ", name, " is not a well-formed CSR matrix");  // not reached
+}
+
+// nn contiguous int64 [N, ld] on the current device.
+void check_table_on_device(const char* op, const at::Tensor& nn) {
+  if (nn.numel() == 0) return;
+  at::Tensor flag = at::zeros({1}, nn.options().dtype(at::kInt));
+  table_fault_kernel<<<blocks_for(nn.numel(), kThreads), kThreads, 0,
+                       at::cuda::getCurrentCUDAStream()>>>(nn.const_data_ptr<int64_t>(),
+                                                           nn.numel(), nn.size(0),
+                                                           flag.mutable_data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (flag.item<int>() == 0) return;
+  const at::Tensor h = nn.cpu();
+  check_table_contents(op, h.const_data_ptr<int64_t>(), h.size(0), h.size(1));
+  TORCH_CHECK(false, op, ": nn is not a valid neighbour table");  // not reached
 }
 
 template <typename scalar_t, typename acc_t>
@@ -182,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> k_reciprocal_sets_cuda(
   check_k_reciprocal_inputs(nn_in, nn_dist_in, k1, row_start, row_end);
   const c10::cuda::CUDAGuard guard(nn_in.device());
   const at::Tensor nn = nn_in.contiguous(), nn_dist = nn_dist_in.contiguous();
+  check_table_on_device("k_reciprocal_sets", nn);
   const int64_t N = nn.size(0), B = row_end - row_start;
   const int64_t ka = std::min<int64_t>(k1 + 1, N), kh = std::min<int64_t>(half_size(k1), N);
   const int64_t width = expansion_width(ka, kh);
@@ -240,6 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_expansion_cuda(
   const c10::cuda::CUDAGuard guard(val_in.device());
   const at::Tensor ptr = ptr_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
   const at::Tensor nn = nn_in.contiguous();
+  check_csr_on_device("query_expansion", "v", ptr, col, nn.size(0));
+  check_table_on_device("query_expansion", nn);
   const int64_t B = row_end - row_start;
   at::Tensor out_ptr = at::zeros({B + 1}, ptr.options());
   if (B == 0) return {out_ptr, at::empty({0}, col.options()), at::empty({0}, val.options())};
@@ -312,6 +376,8 @@ void jaccard_rerank_cuda(const at::Tensor& dist, const at::Tensor& q_ptr_in,
   const at::Tensor g_ptr = g_ptr_in.contiguous(), g_col = g_col_in.contiguous(),
                    g_val = g_val_in.contiguous();
   const int64_t B = dist.size(0), G = dist.size(1);
+  check_csr_on_device("jaccard_rerank_", "q", q_ptr, q_col, num_columns);
+  check_csr_on_device("jaccard_rerank_", "g", g_ptr, g_col, num_columns);
   if (B == 0 || G == 0) return;
   // the inverted index: gallery entries sorted by column (stable: rows ascending in a column)
   const at::Tensor g_rows =

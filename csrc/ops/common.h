@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <sstream>
 #include <string>
@@ -44,8 +45,11 @@ inline bool cpu_fp32_matmul_reduced() {
 // gallery ranks, and the positives' distances (computed elementwise) would be ranked against
 // reduced-precision negatives. On CUDA at::NoTF32Guard keeps cuBLAS in float32 (a
 // thread-local switch); on a CPU whose oneDNN is allowed a reduced precision, the product is
-// taken in float64 and rounded (there is no thread-local switch for oneDNN).
+// taken in float64 and rounded (there is no thread-local switch for oneDNN). Autocast is
+// excluded for the call: a custom op has no autocast kernel of its own, so without the guard
+// the at::mm inside would run under the caller's torch.autocast (bfloat16/float16 products).
 inline at::Tensor full_fp32_mm_nt(const at::Tensor& a, const at::Tensor& b) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (a.scalar_type() != at::kFloat) return at::mm(a, b.t());
   if (a.is_cpu() && cpu_fp32_matmul_reduced()) {
     return at::mm(a.to(at::kDouble), b.to(at::kDouble).t()).to(at::kFloat);

@@ -27,6 +27,7 @@
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common.h"
@@ -75,6 +76,16 @@ C10_HOST_DEVICE inline acc_t row_scale(acc_t row_max) {
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t candidate_bound(acc_t thr, acc_t scale) {
   return thr * scale * acc_t(1.00001) + acc_t(1e-30);
+}
+
+// The fused k-NN (knn_features) selects on raw values m before the row scale is known. With
+// m_k the k-th smallest raw value so far, every j whose M = m_j / scale can tie with or precede
+// the k-th M after rounding has m_j <= raw_bound(m_k), as long as that k-th M is a normal
+// number (two roundings of a division move a value by at most 2^-52 / 2^-23 relative, far
+// inside the 1e-5 slack); the kernel redoes a row exactly when it is not.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t raw_bound(acc_t mk) {
+  return mk * acc_t(1.00001);
 }
 
 // Inserts (v, j) into the list vals/idx of `count` entries sorted by (value, index), keeping at
@@ -256,6 +267,42 @@ inline void check_knn_lists_inputs(const at::Tensor& scores, const at::Tensor& r
   }
 }
 
+inline void check_knn_features_inputs(const at::Tensor& f, const at::Tensor& sq,
+                                      int64_t row_start, int64_t row_end, int64_t k, int64_t kind,
+                                      const at::Tensor& kept) {
+  constexpr const char* op = "knn_features";
+  TORCH_CHECK(f.dim() == 2, op, ": features must be a 2-D [N, D] matrix, got ", f.dim(), "-D ",
+              shape_str(f.sizes()));
+  check_rerank_float(op, "features", f);
+  TORCH_CHECK(kind != static_cast<int64_t>(RerankScores::kDistance), op,
+              ": metric must be \"euclidean\" or \"cosine\" (features, not distances), got "
+              "\"distance\"");
+  const int64_t N = f.size(0);
+  TORCH_CHECK(k >= 1 && k <= N, op, ": k must be in [1, N = ", N, "] (N: the rows of features), got ",
+              k);
+  TORCH_CHECK(0 <= row_start && row_start <= row_end && row_end <= N, op,
+              ": rows must satisfy 0 <= row_start <= row_end <= N = ", N, ", got ", row_start, " .. ",
+              row_end);
+  const int64_t B = row_end - row_start;
+  TORCH_CHECK(kept.dim() == 2 && kept.size(0) == B && kept.size(1) <= N &&
+                  kept.scalar_type() == f.scalar_type(),
+              op, ": kept must be ", f.scalar_type(), " [", B, ", K <= ", N,
+              "] (it receives the last K columns of M), got ", kept.scalar_type(), " ",
+              shape_str(kept.sizes()));
+  TORCH_CHECK(kept.size(1) <= 1 || kept.stride(1) == 1, op,
+              ": kept must have contiguous rows (stride 1 along dim 1), got strides ",
+              shape_str(kept.strides()));
+  TORCH_CHECK(kept.device() == f.device(), op, ": kept must be on the device of features (",
+              f.device(), "), got ", kept.device());
+  if (kind == static_cast<int64_t>(RerankScores::kEuclidean)) {
+    TORCH_CHECK(sq.dim() == 1 && sq.size(0) == N && sq.scalar_type() == f.scalar_type() &&
+                    sq.device() == f.device(),
+                op, ": sq must be ", f.scalar_type(), " [", N, "] on ", f.device(),
+                " (the squared norms of the features) for metric \"euclidean\", got ",
+                sq.scalar_type(), " ", shape_str(sq.sizes()), " on ", sq.device());
+  }
+}
+
 inline void check_k_reciprocal_inputs(const at::Tensor& nn, const at::Tensor& nn_dist, int64_t k1,
                                       int64_t row_start, int64_t row_end) {
   constexpr const char* op = "k_reciprocal_sets";
@@ -335,8 +382,32 @@ inline void check_jaccard_inputs(const at::Tensor& dist, const at::Tensor& q_ptr
   TORCH_CHECK(lambda >= 0.0 && lambda <= 1.0, op, ": lambda_value must be in [0, 1], got ", lambda);
 }
 
-// CSR / inverted-index contents, checked where they live on the host: offsets from 0 to nnz,
-// non-decreasing; indices in [0, bound).
+// What is wrong with row r of a CSR matrix of `rows` rows and nnz entries (0: nothing): its
+// offsets (1: not from 0 to nnz, or decreasing), an index outside [0, bound) (2), or indices
+// not strictly ascending within the row (3: the kernels rely on unique, sorted columns -- the
+// CUDA jaccard kernel is race-free only when a gallery row holds each column once). Written
+// once: the CPU check and the CUDA validation kernel both call it.
+enum CsrFault : int { kCsrOk = 0, kCsrOffsets = 1, kCsrRange = 2, kCsrOrder = 3 };
+
+C10_HOST_DEVICE inline int csr_row_fault(const int64_t* ptr, int64_t rows, int64_t r,
+                                         const int64_t* idx, int64_t nnz, int64_t bound) {
+  if (rows == 0) return (ptr[0] != 0 || nnz != 0) ? kCsrOffsets : kCsrOk;
+  if ((r == 0 && ptr[0] != 0) || (r == rows - 1 && ptr[rows] != nnz)) return kCsrOffsets;
+  const int64_t a = ptr[r], b = ptr[r + 1];
+  if (a < 0 || b < a || b > nnz) return kCsrOffsets;
+  for (int64_t e = a; e < b; ++e) {
+    if (idx[e] < 0 || idx[e] >= bound) return kCsrRange;
+    if (e > a && idx[e] <= idx[e - 1]) return kCsrOrder;
+  }
+  return kCsrOk;
+}
+
+// Whether a neighbour-table entry is a row index in [0, n).
+C10_HOST_DEVICE inline bool table_entry_ok(int64_t v, int64_t n) { return v >= 0 && v < n; }
+
+// CSR / inverted-index contents, checked on the host (the CUDA ops run csr_row_fault on the
+// device and, only when it finds a fault, copy the tensors here for the message): offsets from
+// 0 to nnz, non-decreasing; indices in [0, bound), strictly ascending within a row.
 inline void check_csr_contents(const char* op, const char* name, const int64_t* ptr, int64_t rows,
                                const int64_t* idx, int64_t nnz, int64_t bound) {
   TORCH_CHECK(ptr[0] == 0 && ptr[rows] == nnz, op, ": ", name, "_ptr must run from 0 to ", nnz,
@@ -345,9 +416,24 @@ inline void check_csr_contents(const char* op, const char* name, const int64_t* 
     TORCH_CHECK(ptr[r + 1] >= ptr[r], op, ": ", name, "_ptr must be non-decreasing, got ", ptr[r],
                 " then ", ptr[r + 1], " at row ", r);
   }
-  for (int64_t e = 0; e < nnz; ++e) {
-    TORCH_CHECK(idx[e] >= 0 && idx[e] < bound, op, ": ", name, " indices must be in [0, ", bound,
-                "), got ", idx[e], " at entry ", e);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (csr_row_fault(ptr, rows, r, idx, nnz, bound) == kCsrOk) continue;
+    for (int64_t e = ptr[r]; e < ptr[r + 1]; ++e) {
+      TORCH_CHECK(idx[e] >= 0 && idx[e] < bound, op, ": ", name, " indices must be in [0, ", bound,
+                  "), got ", idx[e], " at entry ", e);
+      TORCH_CHECK(e == ptr[r] || idx[e] > idx[e - 1], op, ": ", name,
+                  " indices must be strictly ascending within a row, got ", idx[e - 1], " then ",
+                  idx[e], " in row ", r);
+    }
+  }
+}
+
+// The neighbour table's entries must be row indices in [0, N) (checked on the host; the CUDA
+// ops test table_entry_ok on the device first).
+inline void check_table_contents(const char* op, const int64_t* p, int64_t rows, int64_t ld) {
+  for (int64_t e = 0; e < rows * ld; ++e) {
+    TORCH_CHECK(table_entry_ok(p[e], rows), op, ": nn entries must be row indices in [0, ", rows,
+                "), got ", p[e], " in row ", e / std::max<int64_t>(ld, 1));
   }
 }
 

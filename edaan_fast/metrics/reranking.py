@@ -19,10 +19,12 @@ Symbols of the paper and where they live here (``N = Q + G`` probes and gallery 
 
 Algorithm (the ops are in :mod:`edaan_fast.ops.reranking`, math in ``csrc/ops/reranking.h``):
 
-1. per tile of ``row_chunk`` rows: the tile's scores (one GEMM from features, or the tile of the
-   stacked distance blocks), then :func:`~edaan_fast.ops.reranking.knn_lists`: each row's
-   ``max(k1 + 1, k2)`` nearest neighbours, the row scale and, for query rows, ``M[q, Q:]``
-   (kept in the output, which eq. 12 mixes back in);
+1. each row's ``max(k1 + 1, k2)`` nearest neighbours, the row scale and, for query rows,
+   ``M[q, Q:]`` (kept in the output, which eq. 12 mixes back in): from features on the CPU one
+   fused op, :func:`~edaan_fast.ops.reranking.knn_features` (GEMM blocks that stay in cache,
+   selected as they are made); otherwise per tile of ``row_chunk`` rows the tile's scores (a
+   full-float32 GEMM from features, or the tile of the stacked distance blocks), then
+   :func:`~edaan_fast.ops.reranking.knn_lists`;
 2. :func:`~edaan_fast.ops.reranking.k_reciprocal_sets`: ``R*`` of every row, with the ``M``
    values the neighbour table knows; the few others are computed directly (a dot product per
    pair from features, a read from the blocks); the weights of eq. 7 in torch; ``V`` as CSR;
@@ -31,7 +33,8 @@ Algorithm (the ops are in :mod:`edaan_fast.ops.reranking`, math in ``csrc/ops/re
    queries :func:`~edaan_fast.ops.reranking.jaccard_distance`, mixed with ``M`` (eq. 12) in place.
 
 Memory beyond the inputs and the ``Q x G`` output: one score tile (``row_chunk x N``, default
-``2**22`` values), the neighbour table (``N * max(k1+1, k2)`` indices and values), ``V`` and its
+``2**22`` values; none from features on the CPU, whose fused op holds a 128 x 1024 block per
+thread), the neighbour table (``N * max(k1+1, k2)`` indices and values), ``V`` and its
 expansion as CSR (``(8 + itemsize)`` bytes per non-zero; ``R*`` has a few dozen members per row
 and ``V`` after expansion a few hundred), the inverted index of its gallery rows, and one
 ``jaccard`` tile. Nothing ``N x N`` is ever allocated, from features or from blocks.
@@ -48,7 +51,6 @@ float rounding (``tests/test_reranking.py``).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -79,12 +81,27 @@ class _Source:
 
     metric = "distance"
     tile_elements = 1 << 22  # default score tile: row_chunk = tile_elements // N
+    tile_buffer = True  # tile() writes into a caller's [row_chunk, N] buffer
 
     def __init__(self, num_q: int, num_g: int, dtype: torch.dtype, device: torch.device):
         self.num_q, self.num_g = num_q, num_g
         self.n = num_q + num_g
         self.dtype, self.device = dtype, device
         self.col_sq: torch.Tensor | None = None
+
+    def default_chunk(self) -> int:
+        """Rows per score tile: ``tile_elements // N`` on the CPU; on CUDA at least enough rows
+        to give every warp the k-NN kernel can keep resident a row of its own (16 blocks of 8
+        warps per SM), so a tile fills the GPU whatever N is, within an eighth of the free
+        memory."""
+        chunk = max(1, self.tile_elements // self.n)
+        if self.device.type != "cuda":
+            return chunk
+        props = torch.cuda.get_device_properties(self.device)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        itemsize = torch.finfo(self.dtype).bits // 8
+        fill = props.multi_processor_count * 16 * 8
+        return max(chunk, min(fill, free // 8 // (self.n * itemsize)))
 
     def tile(self, r0: int, r1: int, buf: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """The ``[r1 - r0, N]`` scores of rows ``r0:r1`` (never straddling the query block)."""
@@ -99,6 +116,32 @@ class _Source:
 
     def non_finite_error(self, row: int) -> ValueError:  # pragma: no cover
         raise NotImplementedError
+
+    def knn_rows(self, lo: int, hi: int, k: int, chunk: int, kept: torch.Tensor | None):
+        """``N(i, k)``, their ``M`` values and the row scales of rows ``lo:hi`` (within one
+        block: queries or gallery), tile by tile; ``kept`` ``[hi - lo, G]`` receives the query
+        rows' ``M[q, Q:]``. Raises on a row whose distances are not finite."""
+        from edaan_fast.ops import reranking as ops
+
+        parts = []
+        buf = (torch.empty(min(chunk, max(hi - lo, 1)), self.n, dtype=self.dtype, device=self.device)
+               if self.tile_buffer else None)
+        for r0 in range(lo, hi, chunk):
+            r1 = min(r0 + chunk, hi)
+            part = None if kept is None else kept[r0 - lo : r1 - lo]
+            parts.append(ops.knn_lists(
+                self.tile(r0, r1, buf), k, self.metric, self.row_sq(r0, r1), self.col_sq, part
+            ))
+            self._check_finite(r0, parts[-1][2])
+        if not parts:
+            empty = torch.empty(0, k, dtype=self.dtype, device=self.device)
+            return empty.long(), empty, empty[:, 0]
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+
+    def _check_finite(self, r0: int, scale: torch.Tensor) -> None:
+        bad = ~torch.isfinite(scale)
+        if bool(bad.any()):
+            raise self.non_finite_error(r0 + int(bad.nonzero()[0, 0]))
 
 
 class _BlockSource(_Source):
@@ -157,6 +200,7 @@ class _BlockSource(_Source):
 
 class _FeatureSource(_Source):
     tile_elements = 1 << 24  # the GEMM pays a per-call cost: taller tiles are faster
+    tile_buffer = False  # each tile is a fresh full-float32 product
 
     def __init__(self, qf, gf, metric, dtype):
         super().__init__(qf.shape[0], gf.shape[0], dtype, qf.device)
@@ -168,7 +212,23 @@ class _FeatureSource(_Source):
         self.col_sq = self.sq
 
     def tile(self, r0, r1, buf):
-        return torch.mm(self.f[r0:r1], self.f.t(), out=buf[: r1 - r0])
+        # float32 products in full float32, whatever TF32 / bfloat16 setting or autocast the
+        # caller has (a plain torch.mm would take TF32 on an A100/H100 under
+        # allow_tf32 / set_float32_matmul_precision("high"), and the neighbour lists would
+        # differ from the CPU's while the expansion-only members' d^2 stay in float32)
+        from edaan_fast.ops.rank_eval import distance_gemm
+
+        return distance_gemm(self.f[r0:r1], self.f)
+
+    def knn_rows(self, lo, hi, k, chunk, kept):
+        if self.device.type != "cpu":
+            return super().knn_rows(lo, hi, k, chunk, kept)
+        from edaan_fast.ops import reranking as ops
+
+        # the fused k-NN: GEMM blocks that stay in cache, selected as they are made
+        out = ops.knn_features(self.f, k, self.metric, self.sq, lo, hi, kept)
+        self._check_finite(lo, out[2])
+        return out
 
     def row_sq(self, r0, r1):
         return None if self.sq is None else self.sq[r0:r1]
@@ -208,7 +268,9 @@ def re_ranking(
             ``1 <= k2 <= Q + G`` (local query expansion; 1 turns it off) and
             ``lambda in [0, 1]`` (weight of the original distance).
         row_chunk: rows of the ``N x N`` problem handled at once (default ``2**22 // N``; from
-            features ``2**24 // N``: each tile is one GEMM, and taller tiles run faster).
+            features ``2**24 // N``: each tile is one GEMM, and taller tiles run faster; on
+            CUDA at least enough rows to occupy every SM; from features on the CPU the fused
+            k-NN works in cache-sized blocks and ignores it).
         pair_budget: most (item, neighbour) pairs whose distance is looked up at once.
         group: a ``torch.distributed`` process group (or ``torch.distributed.group.WORLD``):
             every process passes the same inputs, computes its share, and gets the whole result.
@@ -246,8 +308,11 @@ def re_ranking_features(
     """:func:`re_ranking` from ``[Q, D]`` query and ``[G, D]`` gallery features.
 
     The distance is the euclidean distance (``"euclidean"``, squared inside as in the paper's
-    code: ``max(|q|^2 + |g|^2 - 2 q.g, 0)``) or ``1 - cos`` (``"cosine"``). Each tile of rows is
-    one GEMM, so no ``N x N`` matrix is ever held; only the ``[Q, G]`` result.
+    code: ``max(|q|^2 + |g|^2 - 2 q.g, 0)``) or ``1 - cos`` (``"cosine"``). No ``N x N`` matrix
+    is ever held, only the ``[Q, G]`` result: on the CPU the products are made and consumed one
+    cache-sized block at a time (:func:`~edaan_fast.ops.reranking.knn_features`), on CUDA one
+    tile of rows at a time. The products of float32 features are full float32 whatever
+    reduced-precision GEMM setting (TF32, bfloat16) or autocast the caller has.
     """
     if metric not in _METRICS:
         raise ValueError(
@@ -336,34 +401,19 @@ def _re_rank(src: _Source, k1, k2, lambda_value, row_chunk, pair_budget, group) 
         return torch.zeros(num_q, num_g, dtype=dtype, device=dev)
     _check_parameters(k1, k2, lambda_value, n)
     lam = float(lambda_value)
-    chunk = max(1, row_chunk or src.tile_elements // n)
+    chunk = max(1, row_chunk or src.default_chunk())
     kmax = max(min(k1 + 1, n), k2)
     shares = _Shares(num_q, num_g, group)
     local_q = shares.q1 - shares.q0
 
     # 1. neighbour lists, row scales, and M[q, Q:] of this process's queries into `out`
     out = torch.empty(local_q, num_g, dtype=dtype, device=dev)
-    buf = torch.empty(min(chunk, n), n, dtype=dtype, device=dev)
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for lo, hi in shares.rows:
-        for r0 in range(lo, hi, chunk):
-            r1 = min(r0 + chunk, hi)
-            kept = out[r0 - shares.q0 : r1 - shares.q0] if r0 < num_q else None
-            nn, nd, sc = ops.knn_lists(
-                src.tile(r0, r1, buf), kmax, src.metric, src.row_sq(r0, r1), src.col_sq, kept
-            )
-            bad = ~torch.isfinite(sc)
-            if bool(bad.any()):
-                raise src.non_finite_error(r0 + int(bad.nonzero()[0, 0]))
-            parts.append((nn, nd, sc))
-    del buf
-    split = sum(p[0].shape[0] for p in parts[: _count_tiles(shares.q0, shares.q1, chunk)])
-    nn_l, nd_l, sc_l = (torch.cat([p[i] for p in parts]) for i in range(3))
-    del parts
-    nn = shares.gather(nn_l[:split], nn_l[split:])
-    nd = shares.gather(nd_l[:split], nd_l[split:])
-    scale = shares.gather(sc_l[:split], sc_l[split:])
-    del nn_l, nd_l, sc_l
+    q_nn, q_nd, q_sc = src.knn_rows(shares.q0, shares.q1, kmax, chunk, out)
+    g_nn, g_nd, g_sc = src.knn_rows(shares.g0, shares.g1, kmax, chunk, None)
+    nn = shares.gather(q_nn, g_nn)
+    nd = shares.gather(q_nd, g_nd)
+    scale = shares.gather(q_sc, g_sc)
+    del q_nn, q_nd, q_sc, g_nn, g_nd, g_sc
 
     # 2. V (eq. 7) on R* (eq. 6) of this process's rows, as CSR
     csr = [ops.k_reciprocal_sets(nn, nd, k1, lo, hi) for lo, hi in shares.rows]
@@ -406,10 +456,6 @@ def _re_rank(src: _Source, k1, k2, lambda_value, row_chunk, pair_budget, group) 
     if group is None:
         return out
     return shares.gather(out, out[:0])
-
-
-def _count_tiles(lo: int, hi: int, chunk: int) -> int:
-    return math.ceil((hi - lo) / chunk) if hi > lo else 0
 
 
 def _reference_re_ranking(

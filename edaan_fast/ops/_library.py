@@ -69,6 +69,8 @@ def load_library() -> bool:
             _state.source = "edaan_fast._C"
             importlib.import_module("edaan_fast._C")
         _state.info = json.loads(torch.ops.edaan_fast._build_info())
+        if "cuda_arch_list" not in _state.info and not path:  # built before the op recorded it
+            _state.info["cuda_arch_list"] = (_recorded_build_info() or {}).get("cuda_arch_list")
     except (ImportError, OSError, RuntimeError, AttributeError, ValueError) as exc:
         _state.error = exc
         _state.info = None if path else _recorded_build_info()
@@ -136,27 +138,35 @@ def _arch_serves(arch_list: str, capability: tuple[int, int]) -> bool:
     return False
 
 
+def _arch_problem(op: str, info: dict[str, Any] | None, capability: tuple[int, int],
+                  device_name: str) -> str | None:
+    """Why the library described by ``info`` (the ``_build_info`` op's JSON) cannot run ``op``
+    on a GPU of ``capability``, or None when it can (or the build did not record its arches)."""
+    if info is None:
+        return None
+    if not info.get("with_cuda"):
+        return (f"edaan_fast.{op}: got a CUDA tensor, but the library was built without CUDA "
+                f"kernels ({_describe(info)}). Rebuild with a CUDA toolkit: FORCE_CUDA=1 "
+                f"{REBUILD_COMMAND}")
+    arch = info.get("cuda_arch_list")
+    if arch and not _arch_serves(arch, capability):
+        return (f"edaan_fast.{op}: the library was built for CUDA architectures {arch!r}, which "
+                f"do not run on {device_name} (compute capability {capability[0]}."
+                f"{capability[1]}). Rebuild with TORCH_CUDA_ARCH_LIST=\"{capability[0]}."
+                f"{capability[1]}\" FORCE_CUDA=1 {REBUILD_COMMAND}")
+    return None
+
+
 def require_cuda_kernels(op: str, tensor: torch.Tensor) -> None:
     """A clear error for a CUDA tensor when the library was built without CUDA kernels, or
-    without kernels for that tensor's GPU (instead of CUDA's "no kernel image")."""
+    without kernels for that tensor's GPU (instead of CUDA's "no kernel image"): the
+    architectures come from the library's own ``_build_info`` op."""
     if not tensor.is_cuda or _state.info is None:
         return
-    if not _state.info.get("with_cuda"):
-        raise OpsNotAvailableError(
-            f"edaan_fast.{op}: got a CUDA tensor, but the library was built without CUDA kernels "
-            f"({_describe(_state.info)}). Rebuild with a CUDA toolkit: FORCE_CUDA=1 "
-            f"{REBUILD_COMMAND}"
-        )
-    arch = _state.info.get("cuda_arch_list")
-    capability = torch.cuda.get_device_capability(tensor.device)
-    if arch and not _arch_serves(arch, capability):
-        raise OpsNotAvailableError(
-            f"edaan_fast.{op}: the library was built for CUDA architectures {arch!r}, which do "
-            f"not run on {torch.cuda.get_device_name(tensor.device)} (compute capability "
-            f"{capability[0]}.{capability[1]}). Rebuild with "
-            f"TORCH_CUDA_ARCH_LIST=\"{capability[0]}.{capability[1]}\" FORCE_CUDA=1 "
-            f"{REBUILD_COMMAND}"
-        )
+    problem = _arch_problem(op, _state.info, torch.cuda.get_device_capability(tensor.device),
+                            torch.cuda.get_device_name(tensor.device))
+    if problem:
+        raise OpsNotAvailableError(problem)
 
 
 def reference_enabled() -> bool:

@@ -201,6 +201,16 @@ def knn_lists(scores, k, metric="distance", row_sq=None, col_sq=None, kept=None)
     return order, norm.gather(1, order), scale
 
 
+def knn_features(features, k, metric="euclidean", sq=None, row_start=0, row_end=None, kept=None):
+    """Twin of :func:`edaan_fast.ops.reranking.knn_features`: the rows' scores in float64,
+    rounded to the features' dtype, then :func:`knn_lists`."""
+    end = features.shape[0] if row_end is None else row_end
+    f64 = features.double()
+    scores = (f64[row_start:end] @ f64.t()).to(features.dtype)
+    row_sq = None if sq is None else sq[row_start:end]
+    return knn_lists(scores, k, metric, row_sq, sq, kept)
+
+
 def _reciprocal(nn: torch.Tensor, i: int, k: int) -> list[int]:
     fwd = nn[i, :k]
     return [int(j) for j in fwd if bool((nn[j, :k] == i).any())]

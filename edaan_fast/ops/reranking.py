@@ -8,6 +8,9 @@ row-normalised original distance:
 * :func:`knn_lists` -- one row tile of scores in, per row the ``k`` smallest ``M`` entries
   in the stable order on (value, index) (``N(i, k)``), never a sort of a row and never the
   ``N x N`` matrix: a caller streams tiles (a GEMM each, from features).
+* :func:`knn_features` -- :func:`knn_lists` fused with the GEMM that makes the scores, from
+  features (CPU): the scores are made and consumed one cache-sized block at a time, so neither
+  the ``N x N`` matrix nor a row tile of it is ever written.
 * :func:`k_reciprocal_sets` -- ``R*(i)`` of eq. 6 from the neighbour table.
 * :func:`query_expansion` -- eq. 11, the mean of ``V`` (eq. 7, CSR) over ``N(i, k2)``.
 * :func:`jaccard_rerank_` -- eq. 10 through the inverted index of the gallery rows of ``V``:
@@ -15,7 +18,12 @@ row-normalised original distance:
   eq. 12 written in place over the original distances.
 
 The results are exact: ties break on the lower index everywhere, and sums add in the order of
-the authors' code. float32 and float64; CPU and CUDA. No autograd (selection and sets).
+the authors' code. float32 and float64; CPU and CUDA (``knn_features``: CPU). No autograd
+(selection and sets).
+
+The CUDA kernels validate their CSR and neighbour-table inputs on the device (one small kernel
+and one flag read per input) before using them: a malformed input raises the same
+``RuntimeError`` as on the CPU instead of an illegal memory access.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import torch
 
 from . import _library
 
-__all__ = ["jaccard_rerank_", "k_reciprocal_sets", "knn_lists", "query_expansion"]
+__all__ = ["jaccard_rerank_", "k_reciprocal_sets", "knn_features", "knn_lists", "query_expansion"]
 
 METRICS = ("distance", "euclidean", "cosine")
 
@@ -67,6 +75,42 @@ def knn_lists(
         int(k),
         metric,
         kept,
+    )
+
+
+def knn_features(
+    features: torch.Tensor,
+    k: int,
+    metric: str = "euclidean",
+    sq: torch.Tensor | None = None,
+    row_start: int = 0,
+    row_end: int | None = None,
+    kept: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`knn_lists` of rows ``[row_start, row_end)`` of the scores ``features @
+    features.T``, fused with the GEMM (CPU).
+
+    Args:
+        features: ``[N, D]`` float32/float64; for ``metric="cosine"`` unit rows.
+        k: neighbours per row, ``1 <= k <= N``.
+        metric: ``"euclidean"`` (``sq`` ``[N]``: the squared norms of the rows) or ``"cosine"``.
+        kept: optional ``[B, K]`` output receiving the last ``K`` columns of ``M``.
+
+    Returns:
+        ``(nn, nn_dist, scale)`` as :func:`knn_lists` returns for the same rows' scores.
+        The products of float32 features are taken in full float32 whatever precision the
+        process allows for float32 GEMMs (and outside any autocast). Ties and the row scale are
+        exact: the selection runs on raw squared distances with a margin for the rounding of the
+        division by the (not yet known) scale, and a row that the margin cannot decide (its
+        ``k``-th value subnormal or zero, or a flood of near-ties) is redone exactly.
+    """
+    _library.require_ops("knn_features")
+    end = features.shape[0] if row_end is None else int(row_end)
+    if kept is None:
+        kept = features.new_empty(end - int(row_start), 0)
+    return torch.ops.edaan_fast.knn_features.default(
+        features, features.new_empty(0) if sq is None else sq, int(row_start), end, int(k),
+        metric, kept,
     )
 
 
@@ -157,6 +201,19 @@ def _register() -> None:
             scores.new_empty((B, k), dtype=torch.int64),
             scores.new_empty((B, k)),
             scores.new_empty((B,)),
+        )
+
+    @torch.library.register_fake("edaan_fast::knn_features")
+    def _(features, sq, row_start, row_end, k, metric, kept):
+        torch._check(
+            features.dim() == 2,
+            lambda: f"knn_features: features must be a 2-D [N, D] matrix, got {features.dim()}-D",
+        )
+        B = row_end - row_start
+        return (
+            features.new_empty((B, k), dtype=torch.int64),
+            features.new_empty((B, k)),
+            features.new_empty((B,)),
         )
 
     @torch.library.register_fake("edaan_fast::k_reciprocal_sets")
