@@ -3,7 +3,7 @@
     python -m benchmarks.profile_train_step --preset tiny --precision bf16
     python -m benchmarks.profile_train_step --preset paper --batch 8 --precision fp32,bf16
     python -m benchmarks.profile_train_step --device cuda --preset paper --precision bf16,fp16
-    python -m benchmarks.profile_train_step --compare base,no-fused-adam --rounds 20
+    python -m benchmarks.profile_train_step --compare fp32:eager,bf16:base,bf16:compile --rounds 20
 
 For each preset x precision it builds the step the trainer runs (``benchmarks/_step.py``: the
 engine's model, optimisers and execution options; a PK batch of ``--batch`` source and
@@ -29,9 +29,12 @@ engine's model, optimisers and execution options; a PK batch of ``--batch`` sour
 
 On CUDA the per-network and per-kind times are device (kernel) times, the wall time is the
 synchronised step. ``--compile`` compiles every sub-network first (the per-network split is
-then not available: compiled graphs run as one region). ``--compare A,B,...`` instead times the
-named execution variants (:data:`VARIANTS`) interleaved, step by step, and prints medians and
-ratios to the first. ``--json`` writes everything; ``--markdown`` the table.
+then not available: compiled graphs run as one region). ``--compare A,B,...`` instead times
+``[precision:]variant`` steps (:data:`VARIANTS`; ``eager`` is the step before the throughput
+work: Adam's per-parameter loop) interleaved, step by step, after two warm-up steps each, and
+prints medians and ratios to the first. ``--trainer-costs DIR`` times what the default run does
+besides its steps (evaluation, attention measurement, image grid, checkpoint, batch loading).
+``--json`` writes everything; ``--markdown`` the table.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ KINDS = ("convolution/matmul", "normalisation", "elementwise/reduction", "data m
 #: Execution variants for ``--compare`` (and the bench file): name -> options.
 VARIANTS = {
     "base": ExecutionOptions(),
-    "no-fused-adam": ExecutionOptions(fused_optimizer=False),
+    "eager": ExecutionOptions(fused_optimizer=False),
     "channels-last": ExecutionOptions(channels_last=True),
     "compile": ExecutionOptions(compile=True),
 }
@@ -262,13 +265,21 @@ def profile_one(preset: str, batch: int, device: str, precision: str, steps: int
             "fraction_of_peak": flops / seconds / peak}
 
 
+def parse_variant(name: str, precision: str) -> tuple[str, ExecutionOptions]:
+    """``[precision:]variant`` (``bf16:compile``, ``eager``) -> (precision, options)."""
+    prec, _, variant = name.rpartition(":")
+    prec = prec or precision
+    if prec not in PRECISIONS or variant not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}: [precision:]variant with a precision of "
+                         f"{', '.join(PRECISIONS)} and a variant of {', '.join(VARIANTS)}")
+    return prec, VARIANTS[variant]
+
+
 def compare(names: list[str], preset: str, batch: int, device: str, precision: str,
             rounds: int) -> dict[str, float]:
-    """Median seconds per step of each execution variant, interleaved step by step."""
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; choices: {', '.join(VARIANTS)}")
-    runs = {n: make_step(preset, batch, device, precision, VARIANTS[n]).run for n in names}
+    """Median seconds per step of each ``[precision:]variant``, interleaved step by step."""
+    specs = {n: parse_variant(n, precision) for n in names}
+    runs = {n: make_step(preset, batch, device, p, o).run for n, (p, o) in specs.items()}
     for run in runs.values():  # warm-up (compilation, allocator, oneDNN primitive caches)
         run()
         run()
@@ -281,6 +292,36 @@ def compare(names: list[str], preset: str, batch: int, device: str, precision: s
             _sync(device)
             times[n].append(time.perf_counter() - start)
     return {n: statistics.median(t) for n, t in times.items()}
+
+
+def trainer_costs(output_dir: Path, repeats: int = 3) -> dict[str, float]:
+    """Median seconds of what the default run (``train --amp``) does besides its steps: one
+    target evaluation, one attention measurement, one image grid, one checkpoint, and the
+    loading of one source + one target batch (``num_workers`` 0, the CPU default)."""
+    from edaan_fast.engine.hooks import write_image_grid
+    from edaan_fast.engine.run_config import RunConfig
+    from edaan_fast.engine.trainer import Trainer
+
+    trainer = Trainer(RunConfig(amp=True, output_dir=str(output_dir), progress=False),
+                      overwrite=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    def batches():
+        source, target = iter(trainer.source_loader), iter(trainer.target_loader)
+        next(source), next(target)
+
+    jobs = {"target evaluation": trainer.evaluate, "attention measurement":
+            trainer.measure_attention, "image grid": lambda: write_image_grid(trainer),
+            "checkpoint": trainer.save, "source + target batch": batches}
+    costs = {}
+    for name, job in jobs.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            job()
+            times.append(time.perf_counter() - start)
+        costs[name] = statistics.median(times)
+    return costs
 
 
 # ---------------------------------------------------------------------- output
@@ -327,9 +368,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile every sub-network")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--gemm-size", type=int, default=2048)
-    p.add_argument("--compare", help="execution variants to time interleaved, e.g. "
-                   f"base,compile (choices: {', '.join(VARIANTS)})")
+    p.add_argument("--compare", help="[precision:]variant list to time interleaved, e.g. "
+                   f"fp32:eager,bf16:base (variants: {', '.join(VARIANTS)})")
     p.add_argument("--rounds", type=int, default=20, help="--compare: interleaved rounds")
+    p.add_argument("--trainer-costs", type=Path, metavar="DIR",
+                   help="time the default run's evaluation, attention measurement, image "
+                        "grid, checkpoint and batch loading (a scratch run folder DIR)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     return p
@@ -350,7 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     header = f"{machine(args.device)}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
     print(header)
-    if args.compare:
+    if args.trainer_costs:
+        costs = trainer_costs(args.trainer_costs)
+        for name, sec in costs.items():
+            print(f"{name:<24} {sec * 1e3:9.1f} ms")
+        result = {"machine": header, "trainer_costs": costs}
+    elif args.compare:
         try:
             med = compare(args.compare.split(","), presets[0], args.batch, args.device,
                           precisions[0], args.rounds)
@@ -358,8 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"profile_train_step: error: {exc}", file=sys.stderr)
             return 2
         first = next(iter(med.values()))
-        for n, s in med.items():
-            print(f"{n:<16} {s * 1e3:9.1f} ms/step  {first / s:5.2f}x")
+        for n, sec in med.items():
+            print(f"{n:<16} {sec * 1e3:9.1f} ms/step  {first / sec:5.2f}x  "
+                  f"({args.batch * 2 / sec:.1f} images/s)")
         result = {"machine": header, "compare": med}
     else:
         options = ExecutionOptions(channels_last=args.channels_last, compile=args.compile)
