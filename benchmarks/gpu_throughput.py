@@ -34,6 +34,7 @@ import torch
 
 from benchmarks._step import PRECISIONS, make_step
 from benchmarks.profile_train_step import _sync, gemm_peak, machine, step_flops
+from edaan_fast._allocator import pin_malloc_thresholds
 from edaan_fast.engine.execution import ExecutionOptions, to_layout
 
 INPUTS = ("memory", "torch", "dali")
@@ -153,6 +154,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    pin_malloc_thresholds()  # as the trainer does: no page faults on every large allocation
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="paper")
     p.add_argument("--batch", type=int, default=16)

@@ -54,6 +54,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks._step import PRECISIONS, make_step
+from edaan_fast._allocator import pin_malloc_thresholds
 from edaan_fast.engine.execution import ExecutionOptions
 
 #: Sub-network attribute -> the group it is reported in.
@@ -380,6 +381,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    pin_malloc_thresholds()  # as the trainer does: no page faults on every large allocation
     args = _parser().parse_args(argv)
     presets, precisions = args.preset.split(","), args.precision.split(",")
     bad = [p for p in precisions if p not in PRECISIONS]
