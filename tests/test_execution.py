@@ -1,7 +1,9 @@
 """How the training step executes (edaan_fast.engine.execution): ``--compile`` for every
-variant, Adam's fused kernel, the channels-last option."""
+variant, Adam's fused kernel, the channels-last option, one host sync per step."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -9,7 +11,9 @@ import torch
 from edaan_fast.engine.execution import ExecutionOptions, prepare_model, to_layout
 from edaan_fast.engine.run_config import RunConfig
 from edaan_fast.engine.stages import Stage, build_optimizers
+from edaan_fast.engine.steps import EDAANTrainStep, NonFiniteLossError
 from edaan_fast.engine.trainer import Trainer, train
+from edaan_fast.losses import EDAANObjective
 from edaan_fast.models import build_model
 
 from .conftest import requires_ops
@@ -89,3 +93,79 @@ def test_channels_last_option_puts_weights_and_images_in_nhwc():
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     plain = torch.rand(2, 3, 64, 32)
     assert to_layout(plain, ExecutionOptions()) is plain
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+
+def _fused(params):
+    return torch.optim.Adam(params, lr=1e-3, betas=(0.5, 0.999), fused=True)
+
+
+def _count_reads(monkeypatch) -> list[str]:
+    """Records every tensor -> Python read (the host syncs of a step on a GPU)."""
+    reads: list[str] = []
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return reads
+
+
+@requires_ops
+def test_a_step_with_fused_optimisers_reads_the_device_once(monkeypatch):
+    """The non-finite check waits for the end of the step: one read of all terms and flags;
+    with Adam's per-parameter loop it reads after each forward (two phases + the end)."""
+    from tests.test_train_step import batch, make
+
+    counts = {}
+    for name, adam in (("fused", _fused), ("loop", torch.optim.Adam)):
+        model, objective = make()
+        step = EDAANTrainStep(model, objective)
+        opts = (adam(model.generator_parameters()), adam(model.discriminator_parameters()))
+        step(*batch(), *opts)  # optimiser state, lazy initialisation
+        reads = _count_reads(monkeypatch)
+        log = step(*batch(1), *opts)
+        monkeypatch.undo()
+        counts[name] = list(reads)
+        assert all(torch.isfinite(torch.tensor(v)) for v in log.values()), log
+    assert counts["fused"] == ["tolist"], counts
+    assert len(counts["loop"]) >= 3, counts
+
+
+class _InfLoss(torch.nn.Module):
+    def forward(self, emb, labels):
+        return emb.sum() * 0 + float("inf")
+
+
+@requires_ops
+def test_deferred_check_raises_and_updates_nothing():
+    """With fused optimisers a non-finite term is named at the end of the step, and neither
+    optimiser moved a weight or its state (they skipped on the device flag); the re-ID head's
+    BatchNorm statistics are put back."""
+    from tests.test_train_step import batch, make
+
+    model, objective = make()
+    step = EDAANTrainStep(model, objective)
+    opts = (_fused(model.generator_parameters()), _fused(model.discriminator_parameters()))
+    step(*batch(), *opts)  # a good step first: the optimisers hold state
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    states = [copy.deepcopy(o.state_dict()) for o in opts]
+    step.objective = EDAANObjective(_InfLoss())
+    step.num_steps = 7
+    with pytest.raises(NonFiniteLossError,
+                       match=r"non-finite generator loss at training step 7: metric = inf.*"
+                             r"Nothing was updated"):
+        step(*batch(1), *opts)
+    after = model.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    for opt, state in zip(opts, states):
+        now = opt.state_dict()["state"]
+        for i, entry in state["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(now[i][key], value), (i, key)
+        assert not hasattr(opt, "found_inf")
