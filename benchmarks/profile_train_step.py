@@ -25,11 +25,12 @@ engine's model, optimisers and execution options; a PK batch of ``--batch`` sour
   matmuls, forward and backward) and the **achieved FLOP/s** against the **peak** of the same
   machine in the same run: the best of a few ``torch.mm`` of ``--gemm-size`` squared matrices
   in the step's compute dtype (float32, or bfloat16/float16 under autocast), on the threads the
-  step uses. Per network, its FLOPs are listed too.
+  step uses. Per network group, its forward FLOPs are listed too.
 
 On CUDA the per-network and per-kind times are device (kernel) times, the wall time is the
-synchronised step. ``--compile`` compiles every sub-network first (the per-network split is
-then not available: compiled graphs run as one region). ``--compare A,B,...`` instead times
+synchronised step, and the host overhead is the time the GPU ran no kernel of the step.
+``--compile`` compiles every sub-network first (the per-network split is then not available:
+compiled graphs run as one region). ``--compare A,B,...`` instead times
 ``[precision:]variant`` steps (:data:`VARIANTS`; ``eager`` is the step before the throughput
 work: Adam's per-parameter loop) interleaved, step by step, after two warm-up steps each, and
 prints medians and ratios to the first. ``--trainer-costs DIR`` times what the default run does
@@ -158,8 +159,10 @@ def analyse(events, cuda: bool) -> dict:
         if kind is not None:
             kinds[kind] += self_
             in_ops += self_
-    wall = step.cpu_time_total if not cuda else max(step.device_time_total, in_ops)
-    kinds["host overhead"] = max(0.0, (step.cpu_time_total if not cuda else wall) - in_ops)
+    # the step's wall time (on CUDA the range ends after a synchronize): what no op filled is
+    # host overhead -- Python and autograd on the CPU, the GPU's idle time on CUDA
+    wall = step.cpu_time_total
+    kinds["host overhead"] = max(0.0, wall - in_ops)
     named = sum(f + b for g, (f, b) in nets.items() if g != "rest")
     nets["rest"] = [max(0.0, wall - named), 0.0]
     ms = 1e-3
@@ -249,7 +252,7 @@ def profile_one(preset: str, batch: int, device: str, precision: str, steps: int
     with profile(activities=activities) as prof:
         with record_function("train_step"):
             setup.run()
-        _sync(device)
+            _sync(device)
     for h in handles:
         h.remove()
     breakdown = analyse(prof.events(), cuda)
@@ -277,13 +280,18 @@ def parse_variant(name: str, precision: str) -> tuple[str, ExecutionOptions]:
 
 
 def compare(names: list[str], preset: str, batch: int, device: str, precision: str,
-            rounds: int) -> dict[str, float]:
-    """Median seconds per step of each ``[precision:]variant``, interleaved step by step."""
+            rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per step of each ``[precision:]variant``, interleaved step by step, and
+    the seconds of each one's two warm-up steps (compilation, allocator, oneDNN caches)."""
     specs = {n: parse_variant(n, precision) for n in names}
     runs = {n: make_step(preset, batch, device, p, o).run for n, (p, o) in specs.items()}
-    for run in runs.values():  # warm-up (compilation, allocator, oneDNN primitive caches)
+    warmup = {}
+    for n, run in runs.items():
+        start = time.perf_counter()
         run()
         run()
+        _sync(device)
+        warmup[n] = time.perf_counter() - start
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(rounds):
         for n, run in runs.items():
@@ -292,7 +300,7 @@ def compare(names: list[str], preset: str, batch: int, device: str, precision: s
             run()
             _sync(device)
             times[n].append(time.perf_counter() - start)
-    return {n: statistics.median(t) for n, t in times.items()}
+    return {n: statistics.median(t) for n, t in times.items()}, warmup
 
 
 def trainer_costs(output_dir: Path, repeats: int = 3) -> dict[str, float]:
@@ -403,16 +411,16 @@ def main(argv: list[str] | None = None) -> int:
         result = {"machine": header, "trainer_costs": costs}
     elif args.compare:
         try:
-            med = compare(args.compare.split(","), presets[0], args.batch, args.device,
-                          precisions[0], args.rounds)
+            med, warmup = compare(args.compare.split(","), presets[0], args.batch,
+                                  args.device, precisions[0], args.rounds)
         except ValueError as exc:
             print(f"profile_train_step: error: {exc}", file=sys.stderr)
             return 2
         first = next(iter(med.values()))
         for n, sec in med.items():
-            print(f"{n:<16} {sec * 1e3:9.1f} ms/step  {first / sec:5.2f}x  "
-                  f"({args.batch * 2 / sec:.1f} images/s)")
-        result = {"machine": header, "compare": med}
+            print(f"{n:<20} {sec * 1e3:9.1f} ms/step  {first / sec:5.2f}x  "
+                  f"({args.batch * 2 / sec:.1f} images/s; warm-up {warmup[n]:.1f} s)")
+        result = {"machine": header, "compare": med, "warmup_s": warmup}
     else:
         options = ExecutionOptions(channels_last=args.channels_last, compile=args.compile)
         rows = [profile_one(p, args.batch, args.device, q, args.steps, options, args.gemm_size)
