@@ -105,7 +105,9 @@ def measure_row(preset: str, batch: int, precision: str, compiled: bool, source:
 
 
 def grid(precisions, compiles, inputs) -> list[tuple[str, bool, str]]:
-    return [(p, c, i) for i in inputs for c in compiles for p in precisions]
+    """The rows in the order they run: every eager row before the compiled ones (which pay
+    their compilation first), inputs and precisions within."""
+    return [(p, c, i) for c in compiles for i in inputs for p in precisions]
 
 
 def run_grid(args) -> list[dict]:

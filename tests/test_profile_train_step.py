@@ -76,3 +76,27 @@ def test_bad_precision_is_one_line_and_status_2():
     assert done.returncode == 2
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("profile_train_step")]
     assert len(lines) == 1 and "fp8" in lines[0], done.stderr
+
+
+def test_gpu_grid_rehearses_on_the_cpu_and_refuses_a_missing_gpu():
+    """The GPU throughput grid's code paths on the CPU (one fixed batch and the trainer's
+    loader), its table, and one line with status 2 where no GPU is visible."""
+    from benchmarks.gpu_throughput import grid, markdown, measure_row
+
+    rows = [measure_row("tiny", 8, "fp32", False, source, "cpu", steps=1, warmup=1)
+            for source in ("memory", "torch")]
+    for row in rows:
+        assert row["images_per_s"] > 0 and row["tflop_per_step"] > 0, row
+        row.update(peak_tflops=1.0, fraction_of_peak=row["achieved_tflops"])
+    table = markdown([*rows, {"precision": "bf16", "compile": True, "input": "dali",
+                              "skipped": "budget spent"}])
+    assert table.count("\n") == 4 and "not run: budget spent" in table
+    order = grid(["fp32", "bf16"], [False, True], ["memory", "torch"])
+    assert [c for _, c, _ in order] == [False] * 4 + [True] * 4  # eager rows first
+    if not torch.cuda.is_available():
+        done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_throughput"], check=False,
+                              capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines()[-1] == (
+            "gpu_throughput: error: no CUDA device is visible"), done.stderr
