@@ -199,9 +199,12 @@ class EDAANTrainStep:
     def _deferred(self, *optimizers: torch.optim.Optimizer) -> bool:
         """Whether the non-finite check can wait for the end of the step (one host sync, no
         sync between the forward passes and the updates): every optimiser is fused, so it
-        skips its update on a device flag (``found_inf``, as under a grad scaler), and no
-        grad scaler owns that flag (float16 keeps the check before each backward)."""
-        return self.scaler_G is None and all(o.defaults.get("fused") for o in optimizers)
+        skips its update on a device flag (``found_inf``, as under a grad scaler), no grad
+        scaler owns that flag (float16 keeps the check before each backward), and no gradient
+        all-reduce would carry one process's non-finite gradients to processes whose own
+        losses are finite (DDP keeps it too)."""
+        return (self.scaler_G is None and self.gradient_sync is None
+                and all(o.defaults.get("fused") for o in optimizers))
 
     @staticmethod
     def _guard(terms: torch.Tensor, optimizer: torch.optim.Optimizer,
