@@ -26,10 +26,16 @@ bfloat16 on CPU and on CUDA devices that support it; float16 on older GPUs, with
 ``GradScaler`` per optimiser (so a discriminator overflow does not skip the generator's update).
 ``amp_dtype`` forces either. The losses themselves are reduced in float32.
 
-Non-finite rule: every logged loss term is checked after the forward pass and *before* any
-backward. A NaN/inf term raises :class:`NonFiniteLossError` naming the step, the phase (generator
-or discriminator), the term and its value, in every precision: a forward overflow is not
-something loss scaling can repair, and training on would corrupt the weights silently. Under
+Non-finite rule: a NaN/inf loss term raises :class:`NonFiniteLossError` naming the step, the
+phase (generator or discriminator), the term and its value, in every precision, and the step
+updates nothing: a forward overflow is not something loss scaling can repair, and training on
+would corrupt the weights silently. With fused optimisers in one process (the trainer's Adam,
+no float16 scaler) the check costs no host synchronisation until the end of the step: each
+optimiser is handed a device flag (``found_inf``, as a grad scaler does) and skips its update
+when a term of its phase (or of the generator phase) is not finite; all terms come to the host
+in one transfer at the end, where the error is raised and the running statistics are put back.
+Otherwise (float16, DDP, unfused optimisers) every term is read after each forward pass and
+*before* its backward. Under
 float16 with a ``GradScaler``, non-finite *gradients* are the scaler's normal business: the
 optimiser step is skipped, the scale lowered, and the result reports ``skipped_G`` /
 ``skipped_D`` = 1; that is not an error. In float32/bfloat16 the losses are the check (gradients
