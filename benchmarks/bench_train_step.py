@@ -16,7 +16,9 @@ of the run takes ``eager float32`` as the baseline):
   ``resolve_precision`` (bfloat16 on a CPU with native bfloat16 and on GPUs of compute
   capability 8.0+, float16 + GradScaler on older GPUs); skipped on a CPU without native
   bfloat16, where the trainer runs ``--amp`` in float32.
-* ``amp + compile``: ``train --amp --compile`` (the compilation is the untimed warm-up).
+* ``amp + compile``: ``train --amp --compile`` (the compilation is the untimed warm-up); on a
+  CPU only with ``EDAAN_FAST_BENCH_COMPILE=1``: inductor compiles for minutes there and the
+  compiled step measured slower (RESULTS.md, "Training step throughput").
 
 ``test_speedup_floor`` times ``eager float32`` and ``amp`` interleaved, step by step, on one
 thread (``benchmarks/_timing.py``) and checks a floor of 1.2x (measured: RESULTS.md, "Training
@@ -60,7 +62,8 @@ CASES = {
     "amp": (AMP, ExecutionOptions(), False),
     "amp + compile": (AMP, ExecutionOptions(compile=True), False),
 }
-FLOOR = 1.2  # amp against eager float32, tiny preset on the CPU
+FLOOR = 1.2  # amp against eager float32, tiny preset on the CPU (measured 1.45x)
+COMPILE_ON_CPU = os.environ.get("EDAAN_FAST_BENCH_COMPILE", "0") == "1"
 
 
 def _no_native_amp() -> bool:
@@ -69,6 +72,8 @@ def _no_native_amp() -> bool:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_train_step(benchmark, measure, case):
+    if case == "amp + compile" and DEVICE == "cpu" and not COMPILE_ON_CPU:
+        pytest.skip("inductor compiles for minutes on a CPU; EDAAN_FAST_BENCH_COMPILE=1")
     if case.startswith("amp") and _no_native_amp():
         pytest.skip("no native bfloat16 on this CPU: the trainer runs --amp in float32 here "
                     "(the 'float32' case)")
