@@ -249,10 +249,9 @@ def profile_one(preset: str, batch: int, device: str, precision: str, steps: int
     cuda = torch.device(device).type == "cuda"
     handles = [] if options.compile else _label_networks(setup.model)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        with record_function("train_step"):
-            setup.run()
-            _sync(device)
+    with profile(activities=activities) as prof, record_function("train_step"):
+        setup.run()
+        _sync(device)
     for h in handles:
         h.remove()
     breakdown = analyse(prof.events(), cuda)
