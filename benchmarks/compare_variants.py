@@ -2,12 +2,15 @@
 
 A plain script (not collected by pytest): each (variant, seed) runs as its own
 ``python -m edaan_fast.train`` process with the same budget, ``--jobs`` of them at a time (each
-limited to ``--threads`` CPU threads). A run whose ``report.json`` exists is not trained again,
-so an interrupted comparison continues where it stopped. Writes ``<output-dir>/variants.md``
+limited to ``--threads`` CPU threads; by default one single-threaded run per core: the
+networks' small convolutions use a second thread poorly, so runs side by side finish a set
+sooner than one run at a time on every core). A run whose ``report.json`` exists is not
+trained again, so an interrupted comparison continues where it stopped. Writes ``<output-dir>/variants.md``
 and ``variants.json``::
 
     python benchmarks/compare_variants.py --output-dir runs/variants            # Table V, 3 seeds
-    python benchmarks/compare_variants.py --variants edaan,edaan-triplet --seeds 0,1,2 --jobs 2
+    python benchmarks/compare_variants.py --variants edaan,edaan-triplet --seeds 0,1,2
+    python benchmarks/compare_variants.py --variants edaan,daan,edaan-triplet --amp   # fastest
 
 The report has three parts:
 
@@ -158,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs of every run (default: the preset's, 40 for tiny)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1)")
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)),
-                   help="CPU threads per run (default: all cores)")
+    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)),
+                   help="runs at a time (default: one per core)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads per run (default: 1)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="train with --amp (default: off, float32)")
     args = p.parse_args(argv)

@@ -55,7 +55,8 @@ QUICK_BENCH = ("benchmarks/bench_mask_blend.py benchmarks/bench_metric_losses.py
 
 
 #: The steps a CPU rehearsal leaves out.
-REHEARSAL_SKIPS = ("cuda tests", "gpu benchmarks", "train paper dali", "memcheck", "racecheck")
+REHEARSAL_SKIPS = ("cuda tests", "gpu benchmarks", "train paper dali", "train step throughput",
+                   "train step profile", "memcheck", "racecheck")
 
 
 @dataclass
@@ -125,6 +126,15 @@ register(41, lambda c: Step("evaluate cpu", c.evaluate("cpu", "eval_cpu.json"), 
 register(50, lambda c: Step("resume fp16", c.train("fp16", "--amp --amp-dtype float16 --resume "
                             f"{c.out / 'fp16' / 'checkpoint.pt'}").replace(" --overwrite", ""), 90))
 register(60, lambda c: Step("train paper dali", c.train("dali", "--amp --loader dali --epochs 2"), 90))
+# images/s of the paper preset's step (fp32/fp16/bf16, eager and compiled, from memory and
+# through the torch and DALI loaders; reads the paper data the step above rendered) and the
+# profile of one step by network and kind of op
+register(61, lambda c: Step("train step throughput", f"{c.py} -m benchmarks.gpu_throughput "
+                            f"--budget-s 240 --json {c.out / 'throughput.json'} --markdown "
+                            f"{c.out / 'throughput.md'}", 300))
+register(62, lambda c: Step("train step profile", f"{c.py} -m benchmarks.profile_train_step "
+                            "--device cuda --preset paper --precision fp32,bf16,fp16 --json "
+                            f"{c.out / 'profile.json'} --markdown {c.out / 'profile.md'}", 180))
 register(70, lambda c: Step("ddp two processes", f"{c.py} -m torch.distributed.run "
                             f"--nproc_per_node 2 -m edaan_fast.train --preset {c.preset} --epochs 1 "
                             f"--iters-per-epoch 5 --eval-every 0 --device {c.gpu}"

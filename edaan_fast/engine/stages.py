@@ -61,6 +61,7 @@ from .distributed import (
     gather,
     set_rng_state,
 )
+from .execution import ExecutionOptions, prepare_model
 from .run_config import RUN_PRESETS, RunConfig, RunConfigError, resume_config
 from .run_dir import TRANSLATED_DIR, TRANSLATOR_NAME
 from .steps import EDAANTrainStep, ReIDStep
@@ -165,10 +166,7 @@ def new_model(config: ModelConfig, run: RunConfig, device: torch.device, salt: i
         torch.manual_seed(run.seed * 1000 + salt)
         model = EDAAN(config)
     model.to(device)
-    if run.compile:
-        for module in model.children():
-            module.compile()
-    return model
+    return prepare_model(model, ExecutionOptions(compile=run.compile))
 
 
 def _generator_groups(model: EDAAN, run: RunConfig):
@@ -184,12 +182,14 @@ def _generator_groups(model: EDAAN, run: RunConfig):
     return [{"params": rest}, {"params": nets, "lr": run.lr * scale}]
 
 
-def build_optimizers(stage: Stage, model: EDAAN, run: RunConfig):
+def build_optimizers(stage: Stage, model: EDAAN, run: RunConfig, *, fused: bool = True):
     """``(optimizers, schedulers)`` of a stage, by name: ``G`` and ``D`` for a stage that
     translates, ``reid`` (``E_S`` + re-ID head) otherwise; Adam with the :class:`LinearDecay`
-    schedule over the stage's epochs."""
+    schedule over the stage's epochs, in one fused kernel per step unless ``fused`` is off
+    (:mod:`.execution`)."""
     def adam(params):
-        return torch.optim.Adam(params, lr=run.lr, betas=(run.beta1, run.beta2))
+        return torch.optim.Adam(params, lr=run.lr, betas=(run.beta1, run.beta2),
+                                fused=True if fused else None)
 
     if stage.translates:
         optimizers = {"G": adam(_generator_groups(model, run)),

@@ -26,10 +26,16 @@ bfloat16 on CPU and on CUDA devices that support it; float16 on older GPUs, with
 ``GradScaler`` per optimiser (so a discriminator overflow does not skip the generator's update).
 ``amp_dtype`` forces either. The losses themselves are reduced in float32.
 
-Non-finite rule: every logged loss term is checked after the forward pass and *before* any
-backward. A NaN/inf term raises :class:`NonFiniteLossError` naming the step, the phase (generator
-or discriminator), the term and its value, in every precision: a forward overflow is not
-something loss scaling can repair, and training on would corrupt the weights silently. Under
+Non-finite rule: a NaN/inf loss term raises :class:`NonFiniteLossError` naming the step, the
+phase (generator or discriminator), the term and its value, in every precision, and the step
+updates nothing: a forward overflow is not something loss scaling can repair, and training on
+would corrupt the weights silently. With fused optimisers in one process (the trainer's Adam,
+no float16 scaler) the check costs no host synchronisation until the end of the step: each
+optimiser is handed a device flag (``found_inf``, as a grad scaler does) and skips its update
+when a term of its phase (or of the generator phase) is not finite; all terms come to the host
+in one transfer at the end, where the error is raised and the running statistics are put back.
+Otherwise (float16, DDP, unfused optimisers) every term is read after each forward pass and
+*before* its backward. Under
 float16 with a ``GradScaler``, non-finite *gradients* are the scaler's normal business: the
 optimiser step is skipped, the scale lowered, and the result reports ``skipped_G`` /
 ``skipped_D`` = 1; that is not an error. In float32/bfloat16 the losses are the check (gradients
@@ -60,13 +66,6 @@ __all__ = ["EDAANTrainStep", "NonFiniteLossError", "Phase", "ReIDStep"]
 def _scale(scaler: torch.amp.GradScaler) -> torch.Tensor:
     """The scaler's current scale as a tensor on its device (``get_scale()`` would sync)."""
     return scaler._get_scale_async()
-
-
-def _flags(*flags: bool | torch.Tensor) -> list[float]:
-    """Booleans and device flags as floats, with one host transfer for the tensors."""
-    tensors = [f for f in flags if isinstance(f, torch.Tensor)]
-    values = iter(torch.stack(tensors).float().tolist() if tensors else [])
-    return [next(values) if isinstance(f, torch.Tensor) else float(f) for f in flags]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -185,6 +184,12 @@ class EDAANTrainStep:
         """One host sync for all terms; raises on the first non-finite one, after putting the
         ``saved`` running statistics back (the step then changed nothing of the model)."""
         floats = torch.stack([v.detach().float() for v in values]).tolist()
+        self._check_finite(which, names, floats, dtype, saved)
+        return dict(zip(names, floats))
+
+    def _check_finite(self, which: str, names: tuple[str, ...], floats: list[float],
+                      dtype: torch.dtype | None,
+                      saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for name, value in zip(names, floats):
             if not math.isfinite(value):
                 _restore(saved)
@@ -196,7 +201,27 @@ class EDAANTrainStep:
                     + ". Nothing was updated. Lower the learning rate, check the inputs, or run "
                     "without --amp to see whether the overflow is a precision problem."
                 )
-        return dict(zip(names, floats))
+
+    def _deferred(self, *optimizers: torch.optim.Optimizer) -> bool:
+        """Whether the non-finite check can wait for the end of the step (one host sync, no
+        sync between the forward passes and the updates): every optimiser is fused, so it
+        skips its update on a device flag (``found_inf``, as under a grad scaler), no grad
+        scaler owns that flag (float16 keeps the check before each backward), and no gradient
+        all-reduce would carry one process's non-finite gradients to processes whose own
+        losses are finite (DDP keeps it too)."""
+        return (self.scaler_G is None and self.gradient_sync is None
+                and all(o.defaults.get("fused") for o in optimizers))
+
+    @staticmethod
+    def _guard(terms: torch.Tensor, optimizer: torch.optim.Optimizer,
+               earlier: torch.Tensor | None = None) -> torch.Tensor:
+        """Arms ``optimizer`` to skip its next step on the device when a term (or an
+        ``earlier`` phase's) is not finite; returns the flag (1.0 = skip)."""
+        bad = (~torch.isfinite(terms).all()).float()
+        if earlier is not None:
+            bad = torch.maximum(bad, earlier)
+        optimizer.found_inf = bad
+        return bad
 
     def _optimise(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler | None) -> bool | torch.Tensor:
@@ -250,9 +275,17 @@ class EDAANTrainStep:
         Raises:
             NonFiniteLossError: a loss term is NaN/inf (before anything is updated).
         """
+        try:
+            return self._run(x_s, labels, x_t, optimizer_G, optimizer_D, phase)
+        finally:  # the skip flags of the deferred check never outlive the step
+            for opt in (optimizer_G, optimizer_D):
+                opt.__dict__.pop("found_inf", None)
+
+    def _run(self, x_s, labels, x_t, optimizer_G, optimizer_D, phase) -> dict[str, float]:
         model, objective = self.model, self.objective
         device_type = x_s.device.type
         dtype = self._setup(x_s.device)
+        deferred = self._deferred(optimizer_G, optimizer_D)
         model.train()
 
         # 1. generator step: E, G, (A if training attention), re-ID head.
@@ -267,8 +300,11 @@ class EDAANTrainStep:
                 set_requires_grad(model.attention_T, True)
             g = objective.generator_losses(model, out, x_s, x_t, labels,
                                            phase.masked_discriminator, refine)
-        log = self._to_floats("generator", GENERATOR_TERMS, list(g.terms().values()), dtype,
-                              saved)
+        terms_G = torch.stack([v.detach().float() for v in g.terms().values()])
+        if deferred:
+            bad_G = self._guard(terms_G, optimizer_G)
+        else:
+            self._to_floats("generator", GENERATOR_TERMS, list(terms_G), dtype, saved)
         skipped_G = self._optimise(g.total, optimizer_G, self.scaler_G)
 
         # 2. discriminator step on detached (pooled) translations.
@@ -288,12 +324,31 @@ class EDAANTrainStep:
                 fake_st=objective.discriminator_view(fake_st, mask_st, masked),
                 fake_ts=objective.discriminator_view(fake_ts, mask_ts, masked),
             )
-        log.update(self._to_floats("discriminator", DISCRIMINATOR_TERMS,
-                                   list(d.terms().values()), dtype, saved_D))
+        terms_D = torch.stack([v.detach().float() for v in d.terms().values()])
+        if deferred:  # a generator failure skips the discriminators' update too
+            self._guard(terms_D, optimizer_D, bad_G)
+        else:
+            self._to_floats("discriminator", DISCRIMINATOR_TERMS, list(terms_D), dtype, saved_D)
         skipped_D = self._optimise(d.total, optimizer_D, self.scaler_D)
-
+        log = self._read_log(terms_G, terms_D, (skipped_G, skipped_D), deferred, dtype, saved)
         self.num_steps += 1
-        log["skipped_G"], log["skipped_D"] = _flags(skipped_G, skipped_D)
+        return log
+
+    def _read_log(self, terms_G: torch.Tensor, terms_D: torch.Tensor, skipped: tuple,
+                  deferred: bool, dtype: torch.dtype | None, saved) -> dict[str, float]:
+        """The step's last host sync: every term and the skip flags in one transfer; with the
+        deferred check, the non-finite rule is applied here (the optimisers skipped on the
+        device, the running statistics are put back)."""
+        flags = [f.float().reshape(1) if isinstance(f, torch.Tensor)
+                 else terms_G.new_tensor([float(f)]) for f in skipped]
+        floats = torch.cat([terms_G, terms_D, *flags]).tolist()
+        n_g, n_d = len(GENERATOR_TERMS), len(DISCRIMINATOR_TERMS)
+        if deferred:
+            self._check_finite("generator", GENERATOR_TERMS, floats[:n_g], dtype, saved)
+            self._check_finite("discriminator", DISCRIMINATOR_TERMS, floats[n_g:n_g + n_d],
+                               dtype, saved)
+        log = dict(zip(GENERATOR_TERMS + DISCRIMINATOR_TERMS, floats))
+        log["skipped_G"], log["skipped_D"] = floats[n_g + n_d:]
         return log
 
     # ------------------------------------------------------------------ resume
@@ -356,8 +411,22 @@ class ReIDStep(EDAANTrainStep):
             metric = (objective.metric_loss(out.embedding.float(), labels).float()
                       if objective.metric_loss is not None else ident.new_zeros(()))
             total = objective.weights.id * ident + objective.weights.metric * metric
-        log = self._to_floats("re-ID", self.TERMS, [metric, ident, total], dtype, saved)
-        skipped = self._optimise(total, optimizer, self.scaler_G)
+        terms = torch.stack([metric, ident, total]).detach().float()
+        deferred = self._deferred(optimizer)
+        if deferred:  # as EDAANTrainStep: the check waits for the step's one host sync
+            self._guard(terms, optimizer)
+        else:
+            self._to_floats("re-ID", self.TERMS, list(terms), dtype, saved)
+        try:
+            skipped = self._optimise(total, optimizer, self.scaler_G)
+        finally:
+            optimizer.__dict__.pop("found_inf", None)
+        flag = (skipped.float().reshape(1) if isinstance(skipped, torch.Tensor)
+                else terms.new_tensor([float(skipped)]))
+        floats = torch.cat([terms, flag]).tolist()  # the step's one host sync (deferred)
+        if deferred:
+            self._check_finite("re-ID", self.TERMS, floats[:3], dtype, saved)
+        log = dict(zip(self.TERMS, floats[:3]))
+        log["skipped_G"] = floats[3]
         self.num_steps += 1
-        log["skipped_G"], = _flags(skipped)
         return log
