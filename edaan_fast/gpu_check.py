@@ -105,6 +105,8 @@ class Context:
 #: the CPU, one paper-preset step in each precision, the benchmarks, the evaluations, then the
 #: rest, and the sanitizers last.
 _REGISTRY: list[tuple[int, Callable[[Context], Step]]] = []
+#: Seconds for all steps unless ``--budget`` says otherwise: what a short loan of a GPU spends.
+DEFAULT_BUDGET_S = 480.0
 
 
 def register(priority: int, build: Callable[[Context], Step]) -> None:
@@ -230,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edaan_fast.gpu_check",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="gpu-check", help="folder for the summary and the runs")
-    p.add_argument("--budget", type=float, default=480.0, help="seconds for all steps")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for all steps")
     p.add_argument("--source", default=str(Path(__file__).resolve().parents[1]),
                    help="the source tree holding tests/ and benchmarks/")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
