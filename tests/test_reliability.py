@@ -32,6 +32,7 @@ from PIL import Image
 from edaan_fast.data import dali_available
 from edaan_fast.engine.checkpoint import load_checkpoint
 from edaan_fast.engine.run_lock import OutputLock, lock_path
+from tests.test_guarantees import _last_line as _one_line
 
 PREFIX = "edaan_fast.train: "
 ERROR = PREFIX + "error: "
@@ -147,15 +148,9 @@ def _run(argv, cwd, setup: str = "", module: str = "edaan_fast.train", timeout: 
 
 
 def _last_line(proc, status: int, prefix: str = ERROR) -> str:
-    """The one line the command wrote for the user at exit ``status``: the last line of
-    stderr, the only one with ``prefix`` (log lines come before it), no traceback."""
-    tail = proc.stderr[-3000:]
-    assert proc.returncode == status, tail
-    assert "Traceback" not in proc.stderr, tail
-    lines = proc.stderr.splitlines()
-    ours = [ln for ln in lines if ln.startswith(prefix)]
-    assert len(ours) == 1 and lines[-1] == ours[0], tail
-    return ours[0][len(prefix):]
+    """The command's one line at exit ``status`` (:func:`tests.test_guarantees._last_line`),
+    by default from ``train``."""
+    return _one_line(proc, status, prefix)
 
 
 def _micro(micro_config, out, *extra) -> list:
