@@ -494,8 +494,10 @@ def test_long_runs_keep_memory_and_descriptors_flat(micro_config, tmp_path, vari
         f"RSS {at5['rss_kb']} kB at epoch 5, {end['rss_kb']} kB at epoch {epochs} " \
         f"({100 * growth:+.1f}%), {100 * late:+.1f}% after epoch {quarter}: {rss[::10]}"
     fds = [r["fds"] for r in rows]
-    # a worker's pipes may close an epoch late; none may stay open
-    assert end["fds"] <= at5["fds"] and max(fds[4:]) <= at5["fds"] + 2, fds
+    # none may stay open: after the first quarter the count never exceeds what epochs 5 to the
+    # quarter reached (it alternates 5/6 in a re-ID run as a descriptor is closed on collection,
+    # and a worker's pipes may close an epoch late); one left open per epoch would pass it by far
+    assert max(fds[quarter:]) <= max(fds[4:quarter]) <= at5["fds"] + 2, fds
 
 
 def test_a_pid_given_to_a_newer_process_is_not_the_lock_holder():
