@@ -371,5 +371,5 @@ if __name__ == "__main__":
         print(f"  4096^3 float32 GEMM: {b:.0f} GFLOP/s before, {a:.0f} after -> FLOP floor "
               f"{r['floor_s']:.1f} s at their mean")
         print(f"  re-ranking: {r['seconds']:.1f} s = {r['ratio_to_floor']:.2f}x the floor "
-              f"(target <= 1.5x); peak RSS {r['peak_rss_gb']:.2f} GB (output "
-              f"{r['output_gb']:.2f} GB; target <= output + 2 GB)")
+              f"(target <= 1.5x); peak RSS {r['peak_rss_gb']:.2f} GiB (output "
+              f"{r['output_gb']:.2f} GiB; target <= output + 2 GB)")
