@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,8 @@ from pathlib import Path
 import torch
 
 from benchmarks._step import PRECISIONS, make_step
-from benchmarks.profile_train_step import _sync, gemm_peak, machine, step_flops
+from benchmarks._timing import _sync, interleaved
+from benchmarks.profile_train_step import gemm_peak, machine, step_flops
 from edaan_fast._allocator import pin_malloc_thresholds
 from edaan_fast.engine.execution import ExecutionOptions, to_layout
 
@@ -89,13 +89,7 @@ def measure_row(preset: str, batch: int, precision: str, compiled: bool, source:
         one()
     _sync(device)
     warmup_s = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        one()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    seconds = interleaved({"step": one}, steps, device=device, warmup=0)["step"]
     flops, _ = step_flops(setup)
     return {"preset": preset, "precision": precision, "compile": compiled, "input": source,
             "step_ms": seconds * 1e3, "images_per_s": setup.images_per_step / seconds,

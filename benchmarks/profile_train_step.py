@@ -55,6 +55,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks._step import PRECISIONS, make_step
+from benchmarks._timing import _sync, interleaved
 from edaan_fast._allocator import pin_malloc_thresholds
 from edaan_fast.engine.execution import ExecutionOptions
 
@@ -220,25 +221,11 @@ def gemm_peak(dtype: torch.dtype, device: str, size: int = 2048, repeats: int = 
     return 2 * size ** 3 / best
 
 
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 # ---------------------------------------------------------------------- measurements
 
 
 def median_step_seconds(run, device: str, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        run()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved({"step": run}, steps, device=device, warmup=warmup)["step"]
 
 
 def profile_one(preset: str, batch: int, device: str, precision: str, steps: int,
@@ -291,15 +278,7 @@ def compare(names: list[str], preset: str, batch: int, device: str, precision: s
         run()
         _sync(device)
         warmup[n] = time.perf_counter() - start
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(rounds):
-        for n, run in runs.items():
-            _sync(device)
-            start = time.perf_counter()
-            run()
-            _sync(device)
-            times[n].append(time.perf_counter() - start)
-    return {n: statistics.median(t) for n, t in times.items()}, warmup
+    return interleaved(runs, rounds, device=device, warmup=0), warmup
 
 
 def trainer_costs(output_dir: Path, repeats: int = 3) -> dict[str, float]:
