@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -468,6 +469,8 @@ def test_sigterm_and_sigusr1_checkpoint_then_the_same_command_resumes(micro_conf
 #: high-water marks: an EDAAN micro run measured 891 MiB at epoch 5, 1025 MiB from epoch 20 to
 #: 94, 841 MiB at the end), so a leak shows in the later bound.
 RSS_GROWTH = 0.05
+#: Descriptors a long run may hold above its early count at any later epoch (see the test).
+FD_SLACK = 3
 
 
 @pytest.mark.slow
@@ -494,10 +497,14 @@ def test_long_runs_keep_memory_and_descriptors_flat(micro_config, tmp_path, vari
         f"RSS {at5['rss_kb']} kB at epoch 5, {end['rss_kb']} kB at epoch {epochs} " \
         f"({100 * growth:+.1f}%), {100 * late:+.1f}% after epoch {quarter}: {rss[::10]}"
     fds = [r["fds"] for r in rows]
-    # none may stay open: after the first quarter the count never exceeds what epochs 5 to the
-    # quarter reached (it alternates 5/6 in a re-ID run as a descriptor is closed on collection,
-    # and a worker's pipes may close an epoch late); one left open per epoch would pass it by far
-    assert max(fds[quarter:]) <= max(fds[4:quarter]) <= at5["fds"] + 2, fds
+    # none may stay open: the count wanders by a descriptor or two (it alternates 5/6 in a re-ID
+    # run as one is closed on collection; a worker's pipes may close an epoch late; measured up
+    # to 24 against 23 before the quarter), so the bound is a trend, not the exact count: one
+    # left open per epoch adds 50-225 by the end, one per evaluation (every 5 epochs) 10-45;
+    # either fails both checks by far
+    second, last = fds[quarter:2 * quarter], fds[-quarter:]
+    assert statistics.median(last) <= statistics.median(second) + FD_SLACK, fds
+    assert max(fds[quarter:]) <= max(fds[4:quarter]) + FD_SLACK, fds
 
 
 def test_a_pid_given_to_a_newer_process_is_not_the_lock_holder():
