@@ -189,6 +189,11 @@ def _attention_options(p: argparse.ArgumentParser, d, c) -> None:
     g.add_argument("--area-budget", type=float, metavar="F", help=_default(
         "fraction of each image the maps may keep at no cost (0 = a plain L1 penalty)",
         d.area_budget))
+    g.add_argument("--mask-guidance", type=float, metavar="W", help=_default(
+        "weight of the attention maps' cross-entropy against person masks of un-augmented "
+        "training crops of both domains, while the maps learn (MGCAM / PTGAN-style guidance; "
+        "needs --source-person-masks and --target-person-masks of the training splits; not "
+        "in the paper; 0 = off)", d.mask_guidance))
     g.add_argument("--attention-anneal", type=float, metavar="F", help=_default(
         "decay the attention nets' learning rate linearly to 0 over the last fraction F of "
         "the epochs before the phase switch (0 = off)", d.attention_anneal))

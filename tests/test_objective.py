@@ -146,21 +146,26 @@ def model_and_batch():
                                                                 metric=0.7, id=1.5,
                                                                 attention_tv=0.4,
                                                                 attention_area=0.6,
-                                                                area_budget=0.2)])
+                                                                area_budget=0.2,
+                                                                mask_guidance=0.8)])
 def test_total_is_the_weighted_sum_of_the_logged_terms(model_and_batch, weights, masked):
+    """``masked``: the phase after the switch, with refinement and a mask-guidance pair."""
     model, x_s, x_t, labels = model_and_batch
     objective = EDAANObjective(BatchHardTriplet(), weights)
     with torch.no_grad():
         out = model(x_s, x_t)
+        pairs = ((out.t2s.attention, (x_t[:, :1] > 0).float()),) if masked else ()
         g = objective.generator_losses(model, out, x_s, x_t, labels, masked,
-                                       refine_target_attention=masked)
+                                       refine_target_attention=masked, guide_pairs=pairs)
     t = {k: v.item() for k, v in g.terms().items()}
-    assert all(v > 0 for k, v in t.items() if k != "metric" and (masked or k != "refine"))
-    assert masked or t["refine"] == 0.0
+    assert all(v > 0 for k, v in t.items()
+               if k != "metric" and (masked or k not in ("refine", "guide")))
+    assert masked or t["refine"] == t["guide"] == 0.0
     expected = (weights.gan * (t["gan_s2t"] + t["gan_t2s"]) + weights.cycle * t["cycle"]
                 + weights.attention * (t["attention"] + t["refine"])
                 + weights.attention_tv * t["smoothness"] + weights.attention_area * t["area"]
-                + weights.metric * t["metric"] + weights.id * t["id"])
+                + weights.metric * t["metric"] + weights.id * t["id"]
+                + weights.mask_guidance * t["guide"])
     assert t["total"] == pytest.approx(expected, rel=1e-6)
 
 

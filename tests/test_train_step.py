@@ -81,7 +81,7 @@ def test_gradients_reach_every_learner_and_no_frozen_module(phase):
     assert all(p.requires_grad for p in model.discriminator_T.parameters())
     assert log["skipped_G"] == 0.0 and log["skipped_D"] == 0.0
     assert set(log) == {"gan_s2t", "gan_t2s", "cycle", "attention", "smoothness", "area",
-                        "metric", "id", "refine", "total",
+                        "metric", "id", "refine", "guide", "total",
                         "d_S", "d_T", "d_total", "skipped_G", "skipped_D"}
 
 

@@ -65,6 +65,7 @@ ATTENTION_CONSISTENCY = CONSISTENCY_MODES
 PAPER_ATTENTION: dict[str, Any] = {
     "attention_lr_scale": 1.0, "attention_consistency": "symmetric", "lambda_tv": 0.0,
     "lambda_area": 0.0, "reid_attention_grad": True, "attention_refine": False,
+    "mask_guidance": 0.0,
 }
 
 #: The paper trains 200 epochs and switches phase after 30 (§IV-B).
@@ -203,6 +204,7 @@ class RunConfig:
     lambda_tv: float = 0.0
     lambda_area: float = 0.0
     area_budget: float = 0.0
+    mask_guidance: float = 0.0  # not in the paper: person masks of training crops (0 = off)
     binary_mask: float = 0.0
     attention_refine: bool | None = None  # None: on wherever there are two attention nets
     reid_attention_grad: bool = False
@@ -332,6 +334,8 @@ class RunConfig:
                                  "the frozen A_S); got model shared_attention: true")
         refine = attention and (not shared if self.attention_refine is None
                                 else bool(self.attention_refine))
+        if self.mask_guidance:
+            self._check_mask_guidance(attention)
         return self.replace(
             attention=attention,
             epochs=int(epochs), lambda_cyc=float(lambda_cyc), phase_epoch=int(phase),
@@ -359,7 +363,7 @@ class RunConfig:
     def _check_numbers(self, lambda_cyc: Any) -> None:
         """Weights, rates and probabilities in range; ``model`` a mapping."""
         for name in ("lr", "attention_lr_scale", "lambda_gan", "lambda_attn", "lambda_tv",
-                     "lambda_area",
+                     "lambda_area", "mask_guidance",
                      "lambda_metric", "lambda_id", "margin", "label_smoothing"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -382,6 +386,21 @@ class RunConfig:
         if not isinstance(self.model, dict):
             raise RunConfigError(f"model must be a mapping of ModelConfig overrides; got "
                                  f"{type(self.model).__name__}")
+
+    def _check_mask_guidance(self, attention: bool) -> None:
+        """``mask_guidance`` > 0 needs attention nets and both domains' person masks."""
+        if not attention:
+            raise RunConfigError(
+                f"mask_guidance {self.mask_guidance} guides the attention nets, and this run has "
+                f"none (variant {self.variant}{'' if self.attention else ', --no-attention'}); "
+                "use variant edaan or daan with attention, or mask_guidance 0")
+        missing = [f"--{w}-person-masks" for w in ("source", "target")
+                   if getattr(self, f"{w}_person_masks") is None]
+        if missing:
+            raise RunConfigError(
+                f"mask_guidance {self.mask_guidance} needs the person masks of both domains' "
+                f"training crops: pass {' and '.join(missing)} (folders written by python -m "
+                "edaan_fast.masks)")
 
     @property
     def flags(self) -> VariantFlags:

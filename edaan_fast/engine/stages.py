@@ -62,6 +62,7 @@ from .distributed import (
     set_rng_state,
 )
 from .execution import ExecutionOptions, prepare_model
+from .mask_guidance import MaskGuidance
 from .run_config import RUN_PRESETS, RunConfig, RunConfigError, resume_config
 from .run_dir import TRANSLATED_DIR, TRANSLATOR_NAME
 from .steps import EDAANTrainStep, ReIDStep
@@ -143,7 +144,8 @@ def build_objective(run: RunConfig, world_size: int = 1) -> EDAANObjective:
         metric_loss,
         LossWeights(gan=run.lambda_gan, cycle=run.lambda_cyc, attention=run.lambda_attn,
                     metric=run.lambda_metric, attention_tv=run.lambda_tv, id=run.lambda_id,
-                    attention_area=run.lambda_area, area_budget=run.area_budget),
+                    attention_area=run.lambda_area, area_budget=run.area_budget,
+                    mask_guidance=run.mask_guidance),
         label_smoothing=run.label_smoothing, attention_consistency=run.attention_consistency,
         binary_mask=run.binary_mask)
 
@@ -213,13 +215,14 @@ def _schedule(name: str, optimizer: torch.optim.Optimizer, stage: Stage, run: Ru
 
 
 def build_step(stage: Stage, model: EDAAN, objective: EDAANObjective, run: RunConfig,
-               precision: torch.dtype | None, dist: DistInfo):
-    """The stage's training step (both kinds take :meth:`~EDAANTrainStep.run_batch`)."""
+               precision: torch.dtype | None, dist: DistInfo, guide: MaskGuidance | None = None):
+    """The stage's training step (both kinds take :meth:`~EDAANTrainStep.run_batch`); a
+    translating stage takes the run's mask ``guide`` (``--mask-guidance``)."""
     sync = all_reduce_gradients if dist.enabled else None
     amp = dict(amp=precision is not None, amp_dtype=precision, gradient_sync=sync)
     if stage.translates:
         return EDAANTrainStep(model, objective, pool_size=run.pool_size,
-                              seed=run.seed + 7919 * dist.rank, **amp)
+                              seed=run.seed + 7919 * dist.rank, guide=guide, **amp)
     return ReIDStep(model, objective, **amp)
 
 
@@ -381,6 +384,7 @@ class RunParts:
     model_config: ModelConfig
     objective: EDAANObjective
     stages: list[Stage]
+    guide: MaskGuidance | None = None
 
 
 @dataclass
@@ -412,7 +416,7 @@ def build_stage(parts: RunParts, index: int, resume: ResumePoint | None = None) 
     stage = parts.stages[index]
     model = new_model(parts.model_config, run, parts.device, salt=index)
     optimizers, schedulers = build_optimizers(stage, model, run)
-    step = build_step(stage, model, parts.objective, run, parts.precision, dist)
+    step = build_step(stage, model, parts.objective, run, parts.precision, dist, parts.guide)
     records = stage_records(stage, run, parts.source.train, parts.output_dir, dist,
                             parts.device, parts.num_workers)
     pk = PKSampler(records, run.num_identities_per_batch, run.num_instances, seed=run.seed)

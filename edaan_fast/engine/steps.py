@@ -123,7 +123,7 @@ class Phase:
 
 
 GENERATOR_TERMS = ("gan_s2t", "gan_t2s", "cycle", "attention", "smoothness", "area", "metric",
-                   "id", "refine", "total")
+                   "id", "refine", "guide", "total")
 DISCRIMINATOR_TERMS = ("d_S", "d_T", "d_total")
 
 
@@ -142,13 +142,19 @@ class EDAANTrainStep:
             the optimiser (or scaler) step, e.g. the trainer's all-reduce of the gradients over
             DDP ranks; it must leave every rank with the same gradients, so that an fp16 scaler
             reaches the same skip decision everywhere.
+        guide: a :class:`~edaan_fast.engine.mask_guidance.MaskGuidance`: while the attention
+            nets learn (and for ``A_T`` while it refines), the generator step adds
+            ``objective.weights.mask_guidance`` times their cross-entropy against person masks
+            of the guide's training crops (``guide`` in the log; 0 without a guide).
     """
 
     def __init__(self, model: nn.Module, objective: EDAANObjective, *, amp: bool = False,
                  amp_dtype: torch.dtype | None = None, pool_size: int = 50, seed: int = 0,
                  init_scale: float = 2.0 ** 16,
-                 gradient_sync: Callable[[torch.optim.Optimizer], None] | None = None):
+                 gradient_sync: Callable[[torch.optim.Optimizer], None] | None = None,
+                 guide=None):
         self.model = model
+        self.guide = guide
         self.gradient_sync = gradient_sync
         self.objective = objective
         self.amp = amp
@@ -267,7 +273,7 @@ class EDAANTrainStep:
         """One generator step and one discriminator step; returns the logged terms as floats.
 
         Keys: ``gan_s2t, gan_t2s, cycle, attention, smoothness, area, metric, id, refine,
-        total``
+        guide, total``
         (generator, unweighted terms and the weighted total of eq. 9), ``d_S, d_T, d_total``
         (discriminators), and
         ``skipped_G``, ``skipped_D`` (1.0 when an fp16 GradScaler skipped that optimiser's step).
@@ -299,7 +305,8 @@ class EDAANTrainStep:
             if refine:  # A_T learns from this term alone: it was frozen for the forward
                 set_requires_grad(model.attention_T, True)
             g = objective.generator_losses(model, out, x_s, x_t, labels,
-                                           phase.masked_discriminator, refine)
+                                           phase.masked_discriminator, refine,
+                                           self._guide_pairs(phase, x_s.device))
         terms_G = torch.stack([v.detach().float() for v in g.terms().values()])
         if deferred:
             bad_G = self._guard(terms_G, optimizer_G)
@@ -333,6 +340,19 @@ class EDAANTrainStep:
         log = self._read_log(terms_G, terms_D, (skipped_G, skipped_D), deferred, dtype, saved)
         self.num_steps += 1
         return log
+
+    def _guide_pairs(self, phase: Phase, device: torch.device) -> tuple:
+        """``(map, mask)`` pairs of the mask guidance for this step: both nets while they
+        learn, ``A_T`` alone while it refines, none otherwise."""
+        model = self.model
+        if self.guide is None or not model.has_attention or not (
+                phase.train_attention or phase.refine_target_attention):
+            return ()
+        b = self.guide.batch(self.num_steps, device)
+        pairs = [(model.attention_T(b.target), b.target_masks)]
+        if phase.train_attention:
+            pairs.insert(0, (model.attention_S(b.source), b.source_masks))
+        return tuple(pairs)
 
     def _read_log(self, terms_G: torch.Tensor, terms_D: torch.Tensor, skipped: tuple,
                   deferred: bool, dtype: torch.dtype | None, saved) -> dict[str, float]:

@@ -57,6 +57,7 @@ from .hooks import (
     record_evaluation,
     write_image_grid,
 )
+from .mask_guidance import MaskGuidance
 from .precision import PRECISION_NAMES, resolve_precision
 from .run_config import RunConfig, source_dataset, target_dataset
 from .run_dir import CHECKPOINT_NAME, FINAL_NAME, check_output_dir, prepare_output_dir, write_config
@@ -140,9 +141,13 @@ class Trainer:
         self.model_config = run_model_config(self.run, self.source.num_train_pids)
         self.objective = build_objective(self.run, self.dist.world_size)
         self.stages = stages_of(self.run)
+        guide = (MaskGuidance(self.source.train, self.target.train, self.run.source_person_masks,
+                              self.run.target_person_masks, self.run.image_size,
+                              self.run.batch_size // 2, self.run.seed)
+                 if self.run.mask_guidance > 0 else None)
         self.parts = RunParts(self.run, self.dist, self.device, self.precision, self.num_workers,
                               self.source, self.target, self.output_dir, self.model_config,
-                              self.objective, self.stages)
+                              self.objective, self.stages, guide)
         self.total_epochs = sum(s.epochs for s in self.stages)
         self.epoch = self.iteration = self.global_step = 0  # epochs over all stages
         self.history: list[dict[str, Any]] = []

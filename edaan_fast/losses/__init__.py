@@ -3,6 +3,7 @@
 from .adversarial import discriminator_input, lsgan_discriminator_loss, lsgan_generator_loss
 from .attention import (
     attention_area_loss, attention_consistency_loss, attention_smoothness_loss,
+    mask_guidance_loss,
 )
 from .cycle import cycle_loss
 from .identity import CrossEntropyLabelSmooth, id_loss
@@ -27,4 +28,5 @@ __all__ = [
     "id_loss",
     "lsgan_discriminator_loss",
     "lsgan_generator_loss",
+    "mask_guidance_loss",
 ]

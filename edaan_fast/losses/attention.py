@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["CONSISTENCY_MODES", "attention_area_loss", "attention_consistency_loss",
-           "attention_smoothness_loss"]
+           "attention_smoothness_loss", "mask_guidance_loss"]
 
 
 #: How eq. (5)'s two sides learn: ``symmetric`` (as printed: both maps get gradients),
@@ -97,4 +97,26 @@ def attention_area_loss(*maps: torch.Tensor, budget: float = 0.0) -> torch.Tenso
     for a in maps:
         kept = a.float().flatten(1).mean(1)
         total = total + (kept - budget).clamp_min(0).mean()
+    return total
+
+
+def mask_guidance_loss(*pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Sum over ``(map, mask)`` pairs of the mean binary cross-entropy between an attention map
+    ``[N, 1, H, W]`` in ``[0, 1]`` and a person mask of the same shape (float32; the map is
+    clamped to ``[1e-4, 1 - 1e-4]`` so a saturated pixel costs at most ``ln 1e4``).
+
+    Not in the paper: the mask supervision of attention of MGCAM (Song et al., CVPR 2018) and
+    the segmenter-guided translation of PTGAN (Wei et al., CVPR 2018), with masks from an
+    off-the-shelf person segmenter on the *training* crops of both domains (no identity labels
+    of the target). ``train --mask-guidance`` (docs/attention.md, "Real images").
+    """
+    if not pairs:
+        raise ValueError("mask_guidance_loss: expected at least one (map, mask) pair")
+    total = None
+    for attention, mask in pairs:
+        if attention.shape != mask.shape:
+            raise ValueError(f"mask_guidance_loss: map {list(attention.shape)} and mask "
+                             f"{list(mask.shape)} differ in shape")
+        term = F.binary_cross_entropy(attention.float().clamp(1e-4, 1 - 1e-4), mask.float())
+        total = term if total is None else total + term
     return total

@@ -44,6 +44,7 @@ from .attention import (
     attention_area_loss,
     attention_consistency_loss,
     attention_smoothness_loss,
+    mask_guidance_loss,
     target_attention_refinement,
 )
 from .cycle import cycle_loss
@@ -58,8 +59,9 @@ class LossWeights:
     CycleGAN's ``λ_cyc = 10``; ``gan`` scales both adversarial terms (1 in the paper);
     ``metric`` is the paper's ``λ_quartet``, the weight of the metric loss (quartet or triplet;
     ``train --lambda-metric``, logged as ``metric``); ``attention_tv`` weighs the attention
-    maps' total variation and ``attention_area`` their kept area beyond ``area_budget`` (both 0
-    in the paper)."""
+    maps' total variation and ``attention_area`` their kept area beyond ``area_budget``;
+    ``mask_guidance`` the maps' cross-entropy against person masks of training crops (all three
+    0 in the paper)."""
 
     gan: float = 1.0
     cycle: float = 10.0
@@ -69,6 +71,7 @@ class LossWeights:
     id: float = 1.0
     attention_area: float = 0.0
     area_budget: float = 0.0
+    mask_guidance: float = 0.0
 
     def __post_init__(self):
         for f in fields(self):
@@ -90,6 +93,7 @@ class GeneratorLosses:
     metric: torch.Tensor
     id: torch.Tensor
     refine: torch.Tensor
+    guide: torch.Tensor
     total: torch.Tensor
 
     def terms(self) -> dict[str, torch.Tensor]:
@@ -142,7 +146,8 @@ class EDAANObjective(nn.Module):
 
     def generator_losses(self, model, out, x_s: torch.Tensor, x_t: torch.Tensor,
                          labels: torch.Tensor | None, masked_discriminator: bool,
-                         refine_target_attention: bool = False) -> GeneratorLosses:
+                         refine_target_attention: bool = False,
+                         guide_pairs: tuple = ()) -> GeneratorLosses:
         """All generator-side terms of eq. (9) for one forward ``out = model(x_s, x_t)``.
 
         Args:
@@ -155,6 +160,9 @@ class EDAANObjective(nn.Module):
             refine_target_attention: add ``λ_attn *``
                 :func:`~edaan_fast.losses.attention.target_attention_refinement` (``refine``;
                 the caller lets only ``A_T`` learn from it, after the phase switch).
+            guide_pairs: ``(attention map, person mask)`` pairs of the training crops for
+                ``weights.mask_guidance *``
+                :func:`~edaan_fast.losses.attention.mask_guidance_loss` (``guide``; none: 0).
         """
         zero = x_s.new_zeros((), dtype=torch.float32)
         fake_st = self.discriminator_view(out.s2t.image, out.s2t.attention, masked_discriminator)
@@ -189,8 +197,12 @@ class EDAANObjective(nn.Module):
             refine = target_attention_refinement(model.attention_T, out.s2t.image,
                                                  out.s2t.attention)
             total = total + self.weights.attention * refine
+        guide = zero
+        if guide_pairs:
+            guide = mask_guidance_loss(*guide_pairs)
+            total = total + self.weights.mask_guidance * guide
         return GeneratorLosses(gan_s2t, gan_t2s, cyc, attn, smooth, area, metric, ident, refine,
-                               total)
+                               guide, total)
 
     def discriminator_view(self, x: torch.Tensor, mask: torch.Tensor | None,
                            masked: bool) -> torch.Tensor:
