@@ -80,7 +80,7 @@ class _Source:
     """Where the scores of the ``N = Q + G`` rows come from (distance blocks or features)."""
 
     metric = "distance"
-    tile_elements = 1 << 22  # default score tile: row_chunk = tile_elements // N
+    tile_elements = 1 << 22  # CPU score tile: row_chunk = tile_elements // N
     tile_buffer = True  # tile() writes into a caller's [row_chunk, N] buffer
 
     def __init__(self, num_q: int, num_g: int, dtype: torch.dtype, device: torch.device):
@@ -90,18 +90,17 @@ class _Source:
         self.col_sq: torch.Tensor | None = None
 
     def default_chunk(self) -> int:
-        """Rows per score tile: ``tile_elements // N`` on the CPU; on CUDA at least enough rows
-        to give every warp the k-NN kernel can keep resident a row of its own (16 blocks of 8
-        warps per SM), so a tile fills the GPU whatever N is, within an eighth of the free
-        memory."""
-        chunk = max(1, self.tile_elements // self.n)
+        """Rows per score tile: ``tile_elements // N`` on the CPU; on CUDA sized from the device,
+        not from N: four waves of the blocks the k-NN kernel keeps resident (a row per block of
+        up to 8 warps; ``SMs x max threads per SM / 256`` blocks: 4,224 rows on an H100),
+        within an eighth of the free memory."""
         if self.device.type != "cuda":
-            return chunk
+            return max(1, self.tile_elements // self.n)
         props = torch.cuda.get_device_properties(self.device)
         free, _ = torch.cuda.mem_get_info(self.device)
         itemsize = torch.finfo(self.dtype).bits // 8
-        fill = props.multi_processor_count * 16 * 8
-        return max(chunk, min(fill, free // 8 // (self.n * itemsize)))
+        resident = props.multi_processor_count * max(1, props.max_threads_per_multi_processor // 256)
+        return max(1, min(4 * resident, free // 8 // (self.n * itemsize)))
 
     def tile(self, r0: int, r1: int, buf: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """The ``[r1 - r0, N]`` scores of rows ``r0:r1`` (never straddling the query block)."""
@@ -269,8 +268,9 @@ def re_ranking(
             ``lambda in [0, 1]`` (weight of the original distance).
         row_chunk: rows of the ``N x N`` problem handled at once (default ``2**22 // N``; from
             features ``2**24 // N``: each tile is one GEMM, and taller tiles run faster; on
-            CUDA at least enough rows to occupy every SM; from features on the CPU the fused
-            k-NN works in cache-sized blocks and ignores it).
+            CUDA four waves of the k-NN kernel's resident blocks, one row each, whatever N;
+            from features on the CPU the fused k-NN works in cache-sized blocks and ignores
+            it).
         pair_budget: most (item, neighbour) pairs whose distance is looked up at once.
         group: a ``torch.distributed`` process group (or ``torch.distributed.group.WORLD``):
             every process passes the same inputs, computes its share, and gets the whole result.
