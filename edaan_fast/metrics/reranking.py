@@ -33,11 +33,15 @@ Algorithm (the ops are in :mod:`edaan_fast.ops.reranking`, math in ``csrc/ops/re
    queries :func:`~edaan_fast.ops.reranking.jaccard_distance`, mixed with ``M`` (eq. 12) in place.
 
 Memory beyond the inputs and the ``Q x G`` output: one score tile (``row_chunk x N``, default
-``2**22`` values; none from features on the CPU, whose fused op holds a 128 x 1024 block per
-thread), the neighbour table (``N * max(k1+1, k2)`` indices and values), ``V`` and its
+``2**22`` values on the CPU, four waves of the k-NN kernel's resident blocks on CUDA; none from
+features on the CPU, whose fused op holds a 128 x 512 block per thread), the neighbour table (``N * max(k1+1, k2)`` indices and values), ``V`` and its
 expansion as CSR (``(8 + itemsize)`` bytes per non-zero; ``R*`` has a few dozen members per row
 and ``V`` after expansion a few hundred), the inverted index of its gallery rows, and one
 ``jaccard`` tile. Nothing ``N x N`` is ever allocated, from features or from blocks.
+
+Streamed (:func:`re_ranking_features_rows`): step 4 runs one block of queries at a time in
+place over the kept ``M[q, Q:]`` rows, and the ranking consumes each block before the next is
+made: the evaluation holds the one ``Q x G`` buffer and never a second.
 
 Distributed (``group=``): each process computes the neighbour lists, ``V`` rows, expansions and
 Jaccard rows of its share of the queries and of the gallery; the tables are all-gathered
