@@ -135,7 +135,7 @@ def test_streamed_evaluation_allocates_one_q_by_g_buffer(protocol):
 
 
 def test_blocks_are_single_use_and_checked():
-    qf, gf, *ids = _problem(6)
+    qf, gf, *_ = _problem(6)
     rows = re_ranking_features_rows(qf, gf, query_block=5)
     list(rows)
     with pytest.raises(RuntimeError, match="already produced once"):
