@@ -380,10 +380,12 @@ def test_cuda_knn_loops_over_rows_on_a_side_stream():
 def test_cuda_knn_several_warps_per_row(n):
     """Rows long enough for 1, 2, 4 and 8 warps per row (knn_row_warps: 64 columns a thread),
     more rows than the grid keeps resident (blocks loop over rows), ties, kept columns: the
-    CPU's lists, values, scales and kept columns to the bit."""
+    CPU's lists, values, scales and kept columns to the bit (on an H100 the grid is 4,224
+    blocks of one or two warps and 2,112 / 1,056 of four / eight)."""
     f = _exact_features(13, n, dim=4, dtype=torch.float64, dup=3).round()
-    rows = 40 if n > 20_000 else 2_500
-    scores = torch.cdist(f[:rows], f)
+    rows = 5_000 if n <= 6_000 else 2_500 if n <= 20_000 else 40  # > the grid (4,224 / 1,056)
+    probes = torch.cat([f[:40], _exact_features(15, rows - 40, dim=4, dtype=torch.float64).round()])
+    scores = torch.cdist(probes, f)
     kept = torch.full((rows, 100), -1.0, dtype=torch.float64)
     want = ops.knn_lists(scores, 21, "distance", kept=kept)
     got_kept = kept.cuda().fill_(-1.0)
