@@ -5,6 +5,7 @@ distance GEMM alone (2048-d), and vs fast-reid's numpy ``re_ranking``.
     EDAAN_FAST_BENCH_QUICK=1 python -m pytest benchmarks/bench_reranking.py -o python_files='bench_*.py'
     python benchmarks/bench_reranking.py --profile     # where the time goes (torch.profiler)
     python benchmarks/bench_reranking.py --msmt17      # MSMT17 size, next to its FLOP floor
+    python -m benchmarks.bench_reranking --msmt17 --device cuda --json msmt17.json  # on a GPU
 
 Each case runs its implementations *interleaved*, round by round (so a noisy machine slows
 them alike), and reports medians and their ratio; the ratios are checked against the targets
@@ -25,7 +26,10 @@ and printed in the summary table of ``benchmarks/conftest.py``.
 * ``--msmt17`` (a script, ~6 GB): 11,659 x 82,161 (N = 93,820), 128-d, from features (add
   ``--blocks`` for the distance blocks: ~31 GB of them at this size). Baseline: the FLOP floor,
   the 2 N^2 D multiply-adds of the products at the same run's 4096^3 float32 GEMM rate. Target:
-  at most 1.5x the floor, peak RSS at most the Q x G float32 output + 2 GB.
+  at most 1.5x the floor, peak RSS at most the Q x G float32 output + 2 GB. ``--device cuda``
+  runs it on the GPU (features there, the GEMM rate of ``distance_gemm``'s full float32,
+  synchronised timing, peak GPU memory); ``--shape Q,G,D`` another size; ``--json PATH`` writes
+  the figures (``python -m edaan_fast.gpu_check`` runs it so).
 
 Quick mode (``EDAAN_FAST_BENCH_QUICK=1``, CI) runs every case on small problems, once, checks
 the results against the float64 per-probe reference, and skips the targets. A missed target
@@ -41,9 +45,11 @@ least 12x fast-reid's ``re_ranking`` at 50 x 200 (17-35x measured; 26.3x at 500 
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -304,29 +310,48 @@ def _peak_rss_gb() -> float:
     return kb / 2**20
 
 
-def _gemm_rate(n: int = 4096, rounds: int = 3) -> float:
-    """The machine's float32 GEMM rate (FLOP/s): the median of ``rounds`` n^3 products."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gemm_rate(n: int = 4096, rounds: int = 3, device: str | torch.device = "cpu") -> float:
+    """The device's float32 GEMM rate (FLOP/s): the median of ``rounds`` n^3 products. On CUDA
+    through ``distance_gemm``, the full-float32 product the re-ranking's tiles use (no TF32)."""
+    from edaan_fast.ops.rank_eval import distance_gemm
+
+    device = torch.device(device)
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g) for _ in range(2))
-    a @ b  # warm-up
+    a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
+    mm = (lambda: distance_gemm(a, b)) if device.type == "cuda" else (lambda: a @ b)
+    mm()  # warm-up
     times = []
     for _ in range(rounds):
+        _sync(device)
         t0 = time.perf_counter()
-        a @ b
+        mm()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return 2.0 * n**3 / statistics.median(times)
 
 
-def msmt17(source: str = "features", shape=MSMT17) -> dict:
+def msmt17(source: str = "features", shape=MSMT17, device: str = "cpu") -> dict:
     """One MSMT17-sized exact re-ranking (float32, 128-d, k1 = 20, k2 = 6) next to its FLOP floor:
-    the 2 N^2 D multiply-adds of the N x N products at this run's 4096^3 float32 GEMM rate (the
-    mean of the rates measured just before and just after the re-ranking).
-    ``source="blocks"`` times :func:`re_ranking` on the three distance blocks instead (they
-    need Q G + Q^2 + G^2 float32 values: ~31 GB at full size)."""
+    the 2 N^2 D multiply-adds of the N x N products (2.25 TFLOP at full size) at this run's
+    4096^3 float32 GEMM rate on ``device`` (the mean of the rates measured just before and just
+    after the re-ranking). On CUDA the features are on the GPU, a small re-ranking warms the
+    kernels and cuBLAS up first, the time is taken between synchronisations, and the peak GPU
+    memory is reported. ``source="blocks"`` times :func:`re_ranking` on the three distance
+    blocks instead (they need Q G + Q^2 + G^2 float32 values: ~31 GB at full size)."""
     num_q, num_g, dim = shape
     n = num_q + num_g
-    before = _gemm_rate()
-    qf, gf = features("msmt17", shape=shape)
+    dev = torch.device(device)
+    before = _gemm_rate(device=dev)
+    qf, gf = (t.to(dev) for t in features("msmt17", shape=shape))
+    if dev.type == "cuda":
+        re_ranking_features(qf[:200], gf[:1000])  # warm-up: kernels, cuBLAS handles
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
     if source == "blocks":
         f = torch.cat([qf, gf])
         blocks = [torch.cdist(qf, gf), torch.cdist(qf, qf), torch.cdist(gf, gf)]
@@ -336,17 +361,27 @@ def msmt17(source: str = "features", shape=MSMT17) -> dict:
     else:
         t0 = time.perf_counter()
         out = re_ranking_features(qf, gf)
+    _sync(dev)
     seconds = time.perf_counter() - t0
     assert out.shape == (num_q, num_g) and bool(torch.isfinite(out[:100]).all())
     del out
-    after = _gemm_rate()  # before and after: a load that changes during the run shows
+    after = _gemm_rate(device=dev)  # before and after: a load that changes during the run shows
     rate = (before + after) / 2
     floor = 2.0 * n * n * dim / rate
-    return {"source": source, "Q": num_q, "G": num_g, "dim": dim, "threads":
-            torch.get_num_threads(), "gemm_gflops": rate / 1e9,
-            "gemm_gflops_before_after": (before / 1e9, after / 1e9), "floor_s": floor,
-            "seconds": seconds, "ratio_to_floor": seconds / floor, "peak_rss_gb": _peak_rss_gb(),
+    return {"source": source, "device": str(dev) if dev.type == "cpu" else
+            torch.cuda.get_device_name(dev), "Q": num_q, "G": num_g, "dim": dim,
+            "threads": torch.get_num_threads(), "gemm_gflops": rate / 1e9,
+            "gemm_gflops_before_after": (before / 1e9, after / 1e9), "floor_tflop":
+            2.0 * n * n * dim / 1e12, "floor_s": floor, "seconds": seconds,
+            "ratio_to_floor": seconds / floor, "target_ratio": 1.5,
+            "peak_rss_gb": _peak_rss_gb(),
+            "peak_gpu_gb": (torch.cuda.max_memory_allocated(dev) / 2**30
+                            if dev.type == "cuda" else None),
             "output_gb": num_q * num_g * 4 / 2**30}
+
+
+def _arg(name: str, default: str | None = None) -> str | None:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
 
 
 def _profile() -> None:
@@ -363,13 +398,21 @@ def _profile() -> None:
 if __name__ == "__main__":
     if "--profile" in sys.argv:
         _profile()
-    elif "--msmt17" in sys.argv:  # python benchmarks/bench_reranking.py --msmt17 [--blocks]
-        r = msmt17("blocks" if "--blocks" in sys.argv else "features")
-        print(f"MSMT17-sized re-ranking from {r['source']}: {r['Q']:,} x {r['G']:,}, "
-              f"{r['dim']}-d, {r['threads']} threads")
+    elif "--msmt17" in sys.argv:
+        # python benchmarks/bench_reranking.py --msmt17 [--blocks] [--device cuda]
+        #     [--shape Q,G,D] [--json PATH]
+        shape = tuple(int(x) for x in _arg("--shape", "")
+                      .split(",")) if _arg("--shape") else MSMT17
+        r = msmt17("blocks" if "--blocks" in sys.argv else "features", shape,
+                   _arg("--device", "cpu"))
+        print(f"MSMT17-sized re-ranking from {r['source']} on {r['device']}: {r['Q']:,} x "
+              f"{r['G']:,}, {r['dim']}-d, {r['threads']} threads")
         b, a = r["gemm_gflops_before_after"]
         print(f"  4096^3 float32 GEMM: {b:.0f} GFLOP/s before, {a:.0f} after -> FLOP floor "
-              f"{r['floor_s']:.1f} s at their mean")
-        print(f"  re-ranking: {r['seconds']:.1f} s = {r['ratio_to_floor']:.2f}x the floor "
+              f"{r['floor_tflop']:.3g} TFLOP / rate = {r['floor_s']:.3f} s at their mean")
+        gpu = "" if r["peak_gpu_gb"] is None else f"; peak GPU memory {r['peak_gpu_gb']:.2f} GiB"
+        print(f"  re-ranking: {r['seconds']:.3f} s = {r['ratio_to_floor']:.2f}x the floor "
               f"(target <= 1.5x); peak RSS {r['peak_rss_gb']:.2f} GiB (output "
-              f"{r['output_gb']:.2f} GiB; target <= output + 2 GB)")
+              f"{r['output_gb']:.2f} GiB; target <= output + 2 GB){gpu}")
+        if _arg("--json"):
+            Path(_arg("--json")).write_text(json.dumps(r, indent=2) + "\n")

@@ -138,6 +138,12 @@ TORCH_LIBRARY(edaan_fast, m) {
   m.def(
       "knn_lists(Tensor scores, Tensor row_sq, Tensor col_sq, int k, str metric, Tensor(a!) kept) "
       "-> (Tensor nn, Tensor nn_dist, Tensor scale)");
+  // _knn_lists_sliced (CPU, for tests): knn_lists without kept columns computed the way the CUDA
+  // kernel splits a row: threads_per_row column slices, each slice's k best, merged per warp of
+  // 32 slices and then across the warps (the header's slice_topk and merge_topk).
+  m.def(
+      "_knn_lists_sliced(Tensor scores, Tensor row_sq, Tensor col_sq, int k, str metric, "
+      "int threads_per_row) -> (Tensor nn, Tensor nn_dist, Tensor scale)");
   // knn_features: knn_lists fused with the GEMM that makes the scores, for rows
   // [row_start, row_end) of features [N, D] (metric "euclidean" with sq [N] the squared norms,
   // or "cosine" of unit rows) against all N rows: the scores are made and consumed a

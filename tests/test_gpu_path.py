@@ -146,8 +146,12 @@ def test_gpu_check_prints_its_plan_and_exits_0_without_a_gpu(tmp_path):
     names = [s.name for s in steps]
     for wanted in ("cuda tests", "gpu benchmarks", "train paper fp16", "train paper bf16",
                    "train paper dali", "resume fp16", "evaluate cuda", "evaluate cpu",
-                   "ddp two processes", "memcheck", "racecheck"):
+                   "ddp two processes", "memcheck", "racecheck", "msmt17 re-ranking"):
         assert wanted in names
+    # the MSMT17-sized re-ranking runs on the GPU after the correctness steps
+    rerank = steps[names.index("msmt17 re-ranking")]
+    assert names.index("msmt17 re-ranking") > names.index("evaluate cpu")
+    assert "--msmt17 --device cuda --json" in rerank.command and "--shape" not in rerank.command
     assert steps[0].env == {"EDAAN_FAST_REQUIRE_CUDA": "1"} and "-m cuda" in steps[0].command
     # the plan is longer than a short loan; what matters most comes first and fits the default
     # budget: correctness of every op on the GPU, then one paper-preset step in each precision
@@ -175,9 +179,37 @@ def test_gpu_check_cpu_rehearsal_runs_its_commands_and_cross_checks(tmp_path):
     assert proc.returncode == 0, (status, proc.stdout[-2000:])
     assert set(status) == {"train paper fp16", "train paper bf16", "resume fp16",
                            "evaluate cuda", "evaluate cpu", "ddp two processes",
-                           "evaluate cuda == cpu", "ddp metric term > 0"}
+                           "evaluate cuda == cpu", "ddp metric term > 0", "msmt17 re-ranking",
+                           "msmt17 re-ranking figures"}
     assert set(status.values()) == {"passed"}
     assert "resumed" in next(r["tail"] for r in summary["steps"] if r["name"] == "resume fp16")
+
+
+def test_gpu_check_judges_the_msmt17_reranking_against_its_floor(tmp_path):
+    """<= 1.5x the FLOP floor passes, slower is 'missed' (a speed target: the check as a whole
+    still passes), unreadable figures fail; a rehearsal only checks that they were written."""
+    from edaan_fast import gpu_check
+
+    def figures(ratio, **extra):
+        r = {"Q": 11_659, "G": 82_161, "device": "Test GPU", "seconds": 0.09 * ratio,
+             "gemm_gflops": 50_000.0, "floor_s": 0.045, "ratio_to_floor": 2 * ratio,
+             "target_ratio": 1.5, **extra}
+        (tmp_path / gpu_check.MSMT17_JSON).write_text(json.dumps(r))
+
+    assert gpu_check._rerank_check(tmp_path, False) is None  # the step did not run
+    figures(0.6)
+    ok = gpu_check._rerank_check(tmp_path, False)
+    assert ok["status"] == "passed" and "1.20x the floor" in ok["tail"], ok
+    assert "50.0 TFLOP/s" in ok["tail"]
+    figures(0.9)
+    slow = gpu_check._rerank_check(tmp_path, False)
+    assert slow["status"] == "missed" and "1.80x" in slow["tail"]
+    json_path, md_path = gpu_check._write(tmp_path, [slow], "Test GPU")
+    assert json.loads(json_path.read_text())["passed"]
+    assert "Targets missed: msmt17 re-ranking <= 1.5x floor" in md_path.read_text()
+    assert gpu_check._rerank_check(tmp_path, True)["status"] == "passed"  # rehearsal: written
+    figures(0.9, seconds=None)
+    assert gpu_check._rerank_check(tmp_path, True)["status"] == "failed"
 
 
 def test_gpu_check_runs_by_priority_and_stops_cleanly_at_the_budget(tmp_path, monkeypatch):

@@ -278,6 +278,84 @@ def test_arch_check_names_the_gpu_it_cannot_serve(info, capability, fragment):
             "edaan_fast.knn_lists:")
 
 
+# --- the CUDA kernel's split of a row, run on the CPU (_knn_lists_sliced) ----------------------
+# The CUDA knn_lists gives each row to threads_per_row threads: each keeps the k best of its
+# column slice (slice_topk), each warp merges its 32 lists and one thread merges the warps'
+# (merge_topk); _knn_lists_sliced runs those header functions on the CPU.
+
+
+def _sliced(scores, k, metric="distance", row_sq=None, col_sq=None, threads=256):
+    empty = scores.new_empty(0)
+    return torch.ops.edaan_fast._knn_lists_sliced(
+        scores, empty if row_sq is None else row_sq, empty if col_sq is None else col_sq, k,
+        metric, threads)
+
+
+@pytest.mark.parametrize("threads", [32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("metric", ["distance", "euclidean", "cosine"])
+def test_sliced_knn_equals_the_whole_row_scan(threads, dtype, metric):
+    """Slices of the row, merged per warp and across warps: the CPU's lists to the bit, ties
+    (integer features, duplicated rows: equal values broken by the lower column) included."""
+    f = _exact_features(11, 700, dim=4, dtype=dtype, dup=5).round()
+    sq = (f * f).sum(1)
+    if metric == "distance":
+        scores, rs, cs = torch.cdist(f[:40].double(), f.double()).to(dtype), None, None
+    elif metric == "euclidean":
+        scores, rs, cs = f[:40] @ f.t(), sq[:40], sq
+    else:
+        u = torch.nn.functional.normalize(f, dim=1)
+        scores, rs, cs = u[:40] @ u.t(), None, None
+    for k in (1, 9, 21):
+        _assert_same(_sliced(scores, k, metric, rs, cs, threads),
+                     ops.knn_lists(scores, k, metric, rs, cs))
+
+
+@pytest.mark.parametrize("threads", [32, 256])
+def test_sliced_knn_k_larger_than_a_slice(threads):
+    """N = 300 columns over 256 threads: a slice holds one or two columns, k = 50 or all 300
+    columns; every list is short and the merges must still give the k best."""
+    f = _exact_features(12, 300, dim=3, dtype=torch.float64).round()
+    scores = torch.cdist(f[:17], f)
+    for k in (2, 50, 300):
+        _assert_same(_sliced(scores, k, threads=threads), ops.knn_lists(scores, k))
+
+
+def test_sliced_knn_all_equal_row_and_nan_rows():
+    scores = torch.ones(5, 200, dtype=torch.float64)  # every value ties: the first k columns
+    scores[2, 7] = float("nan")
+    scores[3, 9] = float("inf")
+    nn, nd, sc = _sliced(scores, 12, threads=128)
+    want = ops.knn_lists(scores, 12)
+    assert torch.equal(nn[[0, 1, 4]], torch.arange(12).expand(3, 12))
+    assert torch.equal(nn, want[0]) and torch.equal(sc.isnan(), want[2].isnan())
+    assert bool(sc[2].isnan()) and bool(sc[3].isinf())  # reported by the caller, as on the CPU
+    assert torch.equal(nd.isnan(), want[1].isnan())
+    assert torch.equal(torch.nan_to_num(nd), torch.nan_to_num(want[1]))
+
+
+def test_sliced_knn_checks_its_thread_count():
+    with pytest.raises(RuntimeError, match="threads_per_row must be a multiple of 32"):
+        _sliced(torch.rand(2, 10, dtype=torch.float64), 3, threads=48)
+
+
+def test_cuda_tile_rows_come_from_the_device_not_from_n(monkeypatch):
+    """Four waves of the k-NN kernel's resident blocks (132 SMs x 8 blocks of 256 threads on an
+    H100), whatever N; an eighth of the free memory caps it."""
+    from edaan_fast.metrics.reranking import _Source
+
+    props = type("Props", (), {"multi_processor_count": 132,
+                               "max_threads_per_multi_processor": 2048})()
+    free = [80 << 30]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free[0], 80 << 30))
+    cuda = torch.device("cuda", 0)
+    for n in (2_000, 19_281, 93_820):
+        assert _Source(n // 8, n - n // 8, torch.float32, cuda).default_chunk() == 4 * 132 * 8
+    free[0] = 1 << 30
+    assert _Source(11_659, 82_161, torch.float32, cuda).default_chunk() == (1 << 27) // (93_820 * 4)
+
+
 # --- CUDA (skipped without a GPU) -------------------------------------------------------------
 
 
@@ -295,6 +373,40 @@ def test_cuda_knn_loops_over_rows_on_a_side_stream():
             got = ops.knn_lists(scores.abs().to(dev) * 0 + scores.to(dev), 9, "distance")
         stream.synchronize()
         _assert_same(tuple(t.cpu() for t in got), want)
+
+
+@requires_cuda
+@pytest.mark.parametrize("n", [1_500, 3_000, 6_000, 20_000, 93_820])
+def test_cuda_knn_several_warps_per_row(n):
+    """Rows long enough for 1, 2, 4 and 8 warps per row (knn_row_warps: 64 columns a thread),
+    more rows than the grid keeps resident (blocks loop over rows), ties, kept columns: the
+    CPU's lists, values, scales and kept columns to the bit (on an H100 the grid is 4,224
+    blocks of one or two warps and 2,112 / 1,056 of four / eight)."""
+    f = _exact_features(13, n, dim=4, dtype=torch.float64, dup=3).round()
+    rows = 5_000 if n <= 6_000 else 2_500 if n <= 20_000 else 40  # > the grid (4,224 / 1,056)
+    probes = torch.cat([f[:40], _exact_features(15, rows - 40, dim=4, dtype=torch.float64).round()])
+    scores = torch.cdist(probes, f)
+    kept = torch.full((rows, 100), -1.0, dtype=torch.float64)
+    want = ops.knn_lists(scores, 21, "distance", kept=kept)
+    got_kept = kept.cuda().fill_(-1.0)
+    got = ops.knn_lists(scores.cuda(), 21, "distance", kept=got_kept)
+    _assert_same(tuple(t.cpu() for t in got), want)
+    assert torch.equal(got_kept.cpu(), kept)
+    for k in (1, 64, 200):  # k beyond a thread's slice at the shorter rows
+        _assert_same(tuple(t.cpu() for t in ops.knn_lists(scores[:300].cuda(), k)),
+                     ops.knn_lists(scores[:300], k))
+
+
+@requires_cuda
+def test_cuda_knn_nan_row_among_long_rows():
+    f = _exact_features(14, 9_000, dim=4, dtype=torch.float64)
+    scores = torch.cdist(f[:600], f)
+    scores[5, 4_321] = float("nan")
+    nn, nd, sc = (t.cpu() for t in ops.knn_lists(scores.cuda(), 21))
+    w_nn, w_nd, w_sc = ops.knn_lists(scores, 21)
+    assert bool(sc[5].isnan()) and torch.equal(nn, w_nn)
+    ok = torch.arange(600) != 5
+    assert torch.equal(nd[ok], w_nd[ok]) and torch.equal(sc[ok], w_sc[ok])
 
 
 @requires_cuda

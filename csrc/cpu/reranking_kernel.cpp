@@ -176,6 +176,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_lists_cpu(
   return {nn, nn_dist, scale};
 }
 
+// --- _knn_lists_sliced: the CUDA kernel's decomposition of a row, run on the CPU ----------
+// The same outputs as knn_lists (without kept columns) through the CUDA kernel's steps: the
+// row's NaN-aware maximum, every thread's slice_topk over the columns t, t + T, ... (T =
+// threads_per_row), each warp's merge of its 32 lists and the merge of the warps' lists, all
+// with the header's functions (the CUDA warp merge is a shuffle argmin over the same heads under
+// the same order: the same list). A test op: the CPU tests check that this equals knn_lists.
+
+template <typename scalar_t>
+void knn_rows_sliced(const at::Tensor& scores, const scalar_t* row_sq, const scalar_t* col_sq,
+                     int64_t k, int64_t kind, int64_t threads, int64_t* nn, scalar_t* nn_dist,
+                     scalar_t* scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = scores.size(0), N = scores.size(1), ld = scores.stride(0);
+  const int64_t warps = threads / 32;
+  const scalar_t* base = scores.const_data_ptr<scalar_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> lane_v(threads * k), warp_v(warps * k);
+    std::vector<int64_t> lane_i(threads * k), warp_i(warps * k), lane_n(threads), warp_n(warps),
+        heads(std::max<int64_t>(warps, 32));
+    for (int64_t r = begin; r < end; ++r) {
+      const RawRow<scalar_t, acc_t> m_of{base + r * ld, col_sq,
+                                         kind == 1 ? static_cast<acc_t>(row_sq[r]) : acc_t(0),
+                                         kind};
+      acc_t mx = acc_t(0);
+      for (int64_t j = 0; j < N; ++j) mx = nan_max<acc_t>(mx, m_of(j));
+      const acc_t c = row_scale<acc_t>(mx);
+      scale[r] = static_cast<scalar_t>(c);
+      if (!std::isfinite(c)) {
+        for (int64_t t = 0; t < k; ++t) {
+          nn[r * k + t] = t;
+          nn_dist[r * k + t] = static_cast<scalar_t>(NAN);
+        }
+        continue;
+      }
+      for (int64_t t = 0; t < threads; ++t) {
+        lane_n[t] = slice_topk<acc_t>(m_of, t, N, threads, c, k, lane_v.data() + t * k,
+                                      lane_i.data() + t * k);
+      }
+      for (int64_t w = 0; w < warps; ++w) {
+        warp_n[w] = merge_topk<acc_t, acc_t>(lane_v.data() + w * 32 * k,
+                                             lane_i.data() + w * 32 * k, lane_n.data() + w * 32,
+                                             32, k, k, heads.data(), warp_v.data() + w * k,
+                                             warp_i.data() + w * k);
+      }
+      merge_topk<acc_t, scalar_t>(warp_v.data(), warp_i.data(), warp_n.data(), warps, k, k,
+                                  heads.data(), nn_dist + r * k, nn + r * k);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_lists_sliced_cpu(
+    const at::Tensor& scores, const at::Tensor& row_sq, const at::Tensor& col_sq, int64_t k,
+    c10::string_view metric, int64_t threads_per_row) {
+  const int64_t kind = rerank_scores_kind(metric);
+  const at::Tensor no_kept = at::empty({scores.dim() == 2 ? scores.size(0) : 0, 0}, scores.options());
+  check_knn_lists_inputs(scores, row_sq, col_sq, k, kind, no_kept);
+  TORCH_CHECK(threads_per_row >= 32 && threads_per_row % 32 == 0 &&
+                  threads_per_row <= 32 * kKnnMaxRowWarps,
+              "_knn_lists_sliced: threads_per_row must be a multiple of 32 in [32, ",
+              32 * kKnnMaxRowWarps, "], got ", threads_per_row);
+  const at::Tensor s = scores.stride(1) == 1 ? scores : scores.contiguous();
+  const int64_t B = s.size(0);
+  at::Tensor nn = at::empty({B, k}, s.options().dtype(at::kLong));
+  at::Tensor nn_dist = at::empty({B, k}, s.options());
+  at::Tensor scale = at::empty({B}, s.options());
+  if (B == 0) return {nn, nn_dist, scale};
+  const at::Tensor rsq = kind == 1 ? row_sq.contiguous() : row_sq;
+  const at::Tensor csq = kind == 1 ? col_sq.contiguous() : col_sq;
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "knn_lists_sliced_cpu", [&] {
+    knn_rows_sliced<scalar_t>(s, kind == 1 ? rsq.const_data_ptr<scalar_t>() : nullptr,
+                              kind == 1 ? csq.const_data_ptr<scalar_t>() : nullptr, k, kind,
+                              threads_per_row, nn.mutable_data_ptr<int64_t>(),
+                              nn_dist.mutable_data_ptr<scalar_t>(),
+                              scale.mutable_data_ptr<scalar_t>());
+  });
+  return {nn, nn_dist, scale};
+}
+
 // --- knn_features: the fused k-NN from features -------------------------------------------
 // Each thread owns a range of rows and walks the N columns in blocks of kFusedCols: one GEMM
 // of kFusedRows x kFusedCols scores (256 KB for float32: with the GEMM's packed panels, about
@@ -615,6 +693,7 @@ void jaccard_rerank_cpu(const at::Tensor& dist, const at::Tensor& q_ptr_in,
 
 TORCH_LIBRARY_IMPL(edaan_fast, CPU, m) {
   m.impl("knn_lists", &knn_lists_cpu);
+  m.impl("_knn_lists_sliced", &knn_lists_sliced_cpu);
   m.impl("knn_features", &knn_features_cpu);
   m.impl("k_reciprocal_sets", &k_reciprocal_sets_cpu);
   m.impl("query_expansion", &query_expansion_cpu);

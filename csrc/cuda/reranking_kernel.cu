@@ -1,10 +1,12 @@
 // CUDA kernels of the k-reciprocal re-ranking steps (math: csrc/ops/reranking.h).
 //
-//   knn_lists         one warp per row of the tile: a warp-wide NaN-aware max of the squared
-//                     distances (recomputed from the scores, never stored), then each lane keeps
-//                     a sorted list of its k best columns (lane, lane + 32, ...; in a scratch
-//                     tensor) with the same bound test and insertion as the CPU, and the warp
-//                     merges the 32 lists in k rounds of a shuffle argmin on (value, index).
+//   knn_lists         one block of several warps per row (knn_row_warps(N): up to 8), as many
+//                     blocks as the device keeps resident: a block-wide NaN-aware max of the
+//                     squared distances (recomputed from the scores, never stored), then each
+//                     thread keeps the k best of its column slice (slice_topk: the CPU's bound
+//                     test and insertion), each warp merges its 32 lists by k rounds of a
+//                     shuffle argmin on (value, index), and one thread merges the warps' lists
+//                     (merge_topk). Selection and merges: csrc/ops/reranking.h.
 //   k_reciprocal_sets one thread per row into a padded scratch row, a device prefix sum of the
 //                     sizes, then one thread per row packs its set as CSR.
 //   query_expansion   one thread per row: a counting pass, a device prefix sum, a filling pass.
@@ -102,61 +104,72 @@ void check_table_on_device(const char* op, const at::Tensor& nn) {
   TORCH_CHECK(false, op, ": nn is not a valid neighbour table");  // not reached
 }
 
-template <typename scalar_t, typename acc_t>
-__device__ inline acc_t score_to_m(const scalar_t* s, const scalar_t* col_sq, acc_t rs, int64_t j,
-                                   int64_t kind) {
-  return squared_distance<acc_t>(static_cast<acc_t>(s[j]), rs,
-                                 kind == 1 ? static_cast<acc_t>(col_sq[j]) : acc_t(0), kind);
-}
-
+// One block per row (a grid-stride loop over the tile's rows), knn_row_warps(N) warps per block:
+// the block's NaN-aware row maximum (warp shuffles, then one value per warp in shared memory),
+// the kept columns, then every thread's k best of its column slice (slice_topk; its list in a
+// per-block scratch row), each warp's merge of its 32 lists (k rounds of a shuffle argmin on
+// (value, index) over the lanes' heads, list_head's sentinel for a spent list), and thread 0's
+// merge of the warps' lists (merge_topk). Lists and merges are the header's, as the CPU op
+// _knn_lists_sliced runs them.
 template <typename scalar_t>
-__global__ void knn_kernel(const scalar_t* __restrict__ scores, int64_t ld, int64_t B, int64_t N,
-                           const scalar_t* __restrict__ row_sq, const scalar_t* __restrict__ col_sq,
-                           int64_t k, int64_t kind, int64_t keep_from,
-                           at::opmath_type<scalar_t>* __restrict__ lane_vals,
-                           int64_t* __restrict__ lane_idx, int64_t* __restrict__ nn,
-                           scalar_t* __restrict__ nn_dist, scalar_t* __restrict__ scale,
-                           scalar_t* __restrict__ kept, int64_t kept_ld) {
+__global__ void knn_block_kernel(const scalar_t* __restrict__ scores, int64_t ld, int64_t B,
+                                 int64_t N, const scalar_t* __restrict__ row_sq,
+                                 const scalar_t* __restrict__ col_sq, int64_t k, int64_t kind,
+                                 int64_t keep_from,
+                                 at::opmath_type<scalar_t>* __restrict__ lane_vals,
+                                 int64_t* __restrict__ lane_idx,
+                                 at::opmath_type<scalar_t>* __restrict__ warp_vals,
+                                 int64_t* __restrict__ warp_idx, int64_t* __restrict__ warp_count,
+                                 int64_t* __restrict__ nn, scalar_t* __restrict__ nn_dist,
+                                 scalar_t* __restrict__ scale, scalar_t* __restrict__ kept,
+                                 int64_t kept_ld) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
-  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x / kWarp) + threadIdx.x / kWarp;
-       r < B; r += warps) {
-    const scalar_t* s = scores + r * ld;
-    const acc_t rs = kind == 1 ? static_cast<acc_t>(row_sq[r]) : acc_t(0);
+  __shared__ acc_t reduce[kKnnMaxRowWarps + 1];  // one maximum per warp, then the row scale
+  const int64_t threads = blockDim.x, tid = threadIdx.x;
+  const int64_t warps = threads / kWarp, warp = tid / kWarp;
+  const int lane = static_cast<int>(tid % kWarp);
+  acc_t* lv = lane_vals + (blockIdx.x * threads + tid) * k;
+  int64_t* li = lane_idx + (blockIdx.x * threads + tid) * k;
+  acc_t* bv = warp_vals + blockIdx.x * warps * k;
+  int64_t* bi = warp_idx + blockIdx.x * warps * k;
+  int64_t* bc = warp_count + blockIdx.x * warps;
+  for (int64_t r = blockIdx.x; r < B; r += gridDim.x) {
+    const RawRow<scalar_t, acc_t> m_of{scores + r * ld, col_sq,
+                                       kind == 1 ? static_cast<acc_t>(row_sq[r]) : acc_t(0), kind};
     acc_t mx = acc_t(0);
-    for (int64_t j = lane; j < N; j += kWarp) mx = nan_max<acc_t>(mx, score_to_m(s, col_sq, rs, j, kind));
+    for (int64_t j = tid; j < N; j += threads) mx = nan_max<acc_t>(mx, m_of(j));
     for (int off = kWarp / 2; off > 0; off /= 2) {
       mx = nan_max<acc_t>(mx, __shfl_xor_sync(0xffffffffu, mx, off));
     }
-    const acc_t c = row_scale<acc_t>(mx);
-    if (lane == 0) scale[r] = static_cast<scalar_t>(c);
+    if (lane == 0) reduce[warp] = mx;
+    __syncthreads();
+    if (tid == 0) {
+      acc_t m = reduce[0];
+      for (int64_t w = 1; w < warps; ++w) m = nan_max<acc_t>(m, reduce[w]);
+      const acc_t c = row_scale<acc_t>(m);
+      reduce[kKnnMaxRowWarps] = c;
+      scale[r] = static_cast<scalar_t>(c);
+    }
+    __syncthreads();
+    const acc_t c = reduce[kKnnMaxRowWarps];
     if (!isfinite(c)) {  // reported by the caller; the lists are placeholders
-      for (int64_t t = lane; t < k; t += kWarp) {
+      for (int64_t t = tid; t < k; t += threads) {
         nn[r * k + t] = t;
         nn_dist[r * k + t] = static_cast<scalar_t>(NAN);
       }
+      __syncthreads();  // every thread has read the scale before the next row writes it
       continue;
     }
-    for (int64_t j = keep_from + lane; j < N; j += kWarp) {
-      kept[r * kept_ld + j - keep_from] = static_cast<scalar_t>(score_to_m(s, col_sq, rs, j, kind) / c);
+    for (int64_t j = keep_from + tid; j < N; j += threads) {
+      kept[r * kept_ld + j - keep_from] = static_cast<scalar_t>(m_of(j) / c);
     }
-    // this lane's k best of its columns
-    acc_t* lv = lane_vals + (r * kWarp + lane) * k;
-    int64_t* li = lane_idx + (r * kWarp + lane) * k;
-    int64_t count = 0;
-    acc_t bound = acc_t(INFINITY);
-    for (int64_t j = lane; j < N; j += kWarp) {
-      const acc_t m = score_to_m(s, col_sq, rs, j, kind);
-      if (m <= bound && topk_insert<acc_t>(lv, li, count, k, m / c, j) && count == k) {
-        bound = candidate_bound<acc_t>(lv[k - 1], c);
-      }
-    }
-    // merge the 32 lists: k rounds of a warp argmin over the lanes' heads
-    int64_t head = 0;
+    const int64_t count = slice_topk<acc_t>(m_of, tid, N, threads, c, k, lv, li);
+    // this warp's 32 lists -> one list of up to k in the block's scratch
+    int64_t head = 0, got = 0;
     for (int64_t t = 0; t < k; ++t) {
-      acc_t v = head < count ? lv[head] : acc_t(INFINITY);
-      int64_t i = head < count ? li[head] : INT64_MAX;
+      acc_t v;
+      int64_t i;
+      list_head<acc_t>(lv, li, count, head, v, i);
       int who = lane;
       for (int off = kWarp / 2; off > 0; off /= 2) {
         const acc_t ov = __shfl_xor_sync(0xffffffffu, v, off);
@@ -168,14 +181,27 @@ __global__ void knn_kernel(const scalar_t* __restrict__ scores, int64_t ld, int6
           who = ow;
         }
       }
+      if (i == INT64_MAX) break;  // the same on every lane: the warp's lists are spent
       if (lane == who) ++head;
       if (lane == 0) {
-        nn[r * k + t] = i;
-        nn_dist[r * k + t] = static_cast<scalar_t>(v);
+        bv[warp * k + t] = v;
+        bi[warp * k + t] = i;
       }
+      got = t + 1;
     }
+    if (lane == 0) bc[warp] = got;
+    __syncthreads();
+    if (tid == 0) {
+      int64_t heads[kKnnMaxRowWarps];
+      merge_topk<acc_t, scalar_t>(bv, bi, bc, warps, k, k, heads, nn_dist + r * k, nn + r * k);
+    }
+    __syncthreads();  // the warps' lists are read before the next row overwrites them
   }
 }
+
+// Scratch of the per-thread and per-warp lists is kept under this size by shrinking the grid
+// (only a very large k needs that: 21 neighbours at 1,056 blocks of 256 threads take 68 MB).
+constexpr int64_t kKnnScratchBytes = int64_t(1) << 28;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_lists_cuda(
     const at::Tensor& scores, const at::Tensor& row_sq, const at::Tensor& col_sq, int64_t k,
@@ -193,18 +219,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_lists_cuda(
   const at::Tensor rsq = kind == 1 ? row_sq.contiguous() : row_sq;
   const at::Tensor csq = kind == 1 ? col_sq.contiguous() : col_sq;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t blocks = blocks_for(B, kThreads / kWarp);
+  // the grid: as many blocks as the device keeps resident, not more than there are rows
+  const int64_t warps = knn_row_warps(N), threads = warps * kWarp;
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const int64_t per_sm = std::max<int64_t>(
+      1, std::min<int64_t>(props->maxThreadsPerMultiProcessor / threads,
+                           props->maxBlocksPerMultiProcessor));
+  int64_t grid = std::min<int64_t>(B, props->multiProcessorCount * per_sm);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "knn_lists_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor lane_vals = at::empty({B, kWarp, k}, s.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    at::Tensor lane_idx = at::empty({B, kWarp, k}, nn.options());
-    knn_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    const int64_t per_block = (threads + warps) * k * static_cast<int64_t>(sizeof(acc_t) + sizeof(int64_t));
+    grid = std::max<int64_t>(1, std::min<int64_t>(grid, kKnnScratchBytes / per_block));
+    const auto acc_opts = s.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor lane_vals = at::empty({grid, threads, k}, acc_opts);
+    at::Tensor lane_idx = at::empty({grid, threads, k}, nn.options());
+    at::Tensor warp_vals = at::empty({grid, warps, k}, acc_opts);
+    at::Tensor warp_idx = at::empty({grid, warps, k}, nn.options());
+    at::Tensor warp_count = at::empty({grid, warps}, nn.options());
+    knn_block_kernel<scalar_t><<<grid, threads, 0, stream>>>(
         s.const_data_ptr<scalar_t>(), s.stride(0), B, N,
         kind == 1 ? rsq.const_data_ptr<scalar_t>() : nullptr,
         kind == 1 ? csq.const_data_ptr<scalar_t>() : nullptr, k, kind, keep_from,
         lane_vals.mutable_data_ptr<acc_t>(), lane_idx.mutable_data_ptr<int64_t>(),
-        nn.mutable_data_ptr<int64_t>(), nn_dist.mutable_data_ptr<scalar_t>(),
-        scale.mutable_data_ptr<scalar_t>(), kept.mutable_data_ptr<scalar_t>(), kept.stride(0));
+        warp_vals.mutable_data_ptr<acc_t>(), warp_idx.mutable_data_ptr<int64_t>(),
+        warp_count.mutable_data_ptr<int64_t>(), nn.mutable_data_ptr<int64_t>(),
+        nn_dist.mutable_data_ptr<scalar_t>(), scale.mutable_data_ptr<scalar_t>(),
+        kept.mutable_data_ptr<scalar_t>(), kept.stride(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {nn, nn_dist, scale};

@@ -28,6 +28,7 @@
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "common.h"
@@ -103,6 +104,105 @@ C10_HOST_DEVICE inline bool topk_insert(acc_t* vals, int64_t* idx, int64_t& coun
   vals[p] = v;
   idx[p] = j;
   return true;
+}
+
+// --- k nearest neighbours of a row, split into column slices and merged -------------------
+// The CUDA knn_lists gives a row to a block of several warps: thread t of T scans the columns
+// t, t + T, t + 2T, ... (its slice) and keeps their k best (slice_topk); each warp merges its 32
+// threads' lists, and one thread merges the warps' lists (merge_topk). The union of the slices'
+// lists holds the row's k best, and (value, index) is a strict total order on a row's entries
+// (distinct indices; the values are finite: a row holding NaN or inf gets placeholders before
+// any selection), so every merge order gives the same list as the CPU's scan of the whole row.
+// The CPU op _knn_lists_sliced runs the same two functions over the same decomposition.
+
+// The raw squared distance of column j of one row of scores (the functor slice_topk reads).
+template <typename scalar_t, typename acc_t>
+struct RawRow {
+  const scalar_t* s;
+  const scalar_t* col_sq;  // read for kEuclidean only
+  acc_t row_sq;
+  int64_t kind;
+  C10_HOST_DEVICE acc_t operator()(int64_t j) const {
+    return squared_distance<acc_t>(
+        static_cast<acc_t>(s[j]), row_sq,
+        kind == static_cast<int64_t>(RerankScores::kEuclidean) ? static_cast<acc_t>(col_sq[j])
+                                                                : acc_t(0),
+        kind);
+  }
+};
+
+// Warps that share a row in the CUDA knn_lists: the power of two (at most kKnnMaxRowWarps) that
+// gives each thread at most kKnnColsPerThread columns, so a long row is scanned by up to 256
+// threads and a short one by one warp.
+constexpr int64_t kKnnMaxRowWarps = 8;
+constexpr int64_t kKnnColsPerThread = 64;
+C10_HOST_DEVICE inline int64_t knn_row_warps(int64_t N) {
+  int64_t w = 1;
+  while (w < kKnnMaxRowWarps && w * 32 * kKnnColsPerThread < N) w *= 2;
+  return w;
+}
+
+// The head of a sorted list of `count` entries at position `head`, or the sentinel
+// (+inf, INT64_MAX) that follows every real entry once the list is spent.
+template <typename acc_t>
+C10_HOST_DEVICE inline void list_head(const acc_t* vals, const int64_t* idx, int64_t count,
+                                      int64_t head, acc_t& v, int64_t& i) {
+  const bool live = head < count;
+  v = live ? vals[head] : acc_t(INFINITY);
+  i = live ? idx[head] : INT64_MAX;
+}
+
+// The k smallest (m_of(j) / scale, j) of one slice of a row, the columns j = begin, begin + step,
+// ... < end, sorted by (value, index) into vals/idx (room for k); returns how many, the smaller
+// of k and the slice's columns (a slice may hold fewer than k). m_of(j): the raw squared
+// distance of column j. The same raw bound test as the CPU kernel's scan (candidate_bound), so
+// a column is divided by the scale only when it may enter.
+template <typename acc_t, typename RawFn>
+C10_HOST_DEVICE inline int64_t slice_topk(const RawFn& m_of, int64_t begin, int64_t end,
+                                          int64_t step, acc_t scale, int64_t k, acc_t* vals,
+                                          int64_t* idx) {
+  int64_t count = 0;
+  acc_t bound = acc_t(INFINITY);
+  for (int64_t j = begin; j < end; j += step) {
+    const acc_t m = m_of(j);
+    if (m <= bound && topk_insert<acc_t>(vals, idx, count, k, m / scale, j) && count == k) {
+      bound = candidate_bound<acc_t>(vals[k - 1], scale);
+    }
+  }
+  return count;
+}
+
+// The k smallest entries of `lists` sorted lists (list l: vals + l * ld, idx + l * ld, counts[l]
+// entries) in (value, index) order, into out_v/out_i: k rounds, each taking the smallest head
+// (ties: the smaller index) and advancing that list. Returns how many were written (fewer than
+// k only when the lists hold fewer). heads: `lists` int64 of scratch.
+template <typename acc_t, typename out_t>
+C10_HOST_DEVICE inline int64_t merge_topk(const acc_t* vals, const int64_t* idx,
+                                          const int64_t* counts, int64_t lists, int64_t ld,
+                                          int64_t k, int64_t* heads, out_t* out_v,
+                                          int64_t* out_i) {
+  for (int64_t l = 0; l < lists; ++l) heads[l] = 0;
+  for (int64_t t = 0; t < k; ++t) {
+    acc_t v;
+    int64_t i;
+    list_head<acc_t>(vals, idx, counts[0], heads[0], v, i);
+    int64_t who = 0;
+    for (int64_t l = 1; l < lists; ++l) {
+      acc_t ov;
+      int64_t oi;
+      list_head<acc_t>(vals + l * ld, idx + l * ld, counts[l], heads[l], ov, oi);
+      if (key_less<acc_t>(ov, oi, v, i)) {
+        v = ov;
+        i = oi;
+        who = l;
+      }
+    }
+    if (i == INT64_MAX) return t;  // every list is spent
+    ++heads[who];
+    out_v[t] = static_cast<out_t>(v);
+    out_i[t] = i;
+  }
+  return k;
 }
 
 // |N(q, k1/2 + 1)| as the authors compute it: int(np.around(k1 / 2)) + 1, round half to even.

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the protocols (and the ops they rank with) load when a pair
 __all__ = [
     "FEATURES_FORMAT", "FEATURES_VERSION", "PROTOCOLS", "PRID_TASKS", "EvaluationError",
     "FeatureMismatchError", "Features", "ReRanking", "distance_matrix", "evaluate_features",
-    "evaluate_prid2011", "evaluate_tasks", "load_features", "save_features",
+    "evaluate_prid2011", "evaluate_tasks", "load_features", "reranked_rows", "save_features",
 ]
 
 FEATURES_FORMAT = "edaan_fast.features"
@@ -140,6 +140,19 @@ def distance_matrix(query: Features, gallery: Features, metric: str = "euclidean
                                lambda_value=rerank.lambda_value, metric=metric)
 
 
+def reranked_rows(query: Features, gallery: Features, metric: str, rerank: ReRanking):
+    """The re-ranked distances of :func:`distance_matrix` as a single-use
+    :class:`~edaan_fast.ops.evaluation.RowBlocks`: the protocols rank each block of query rows
+    as it is made (:func:`~edaan_fast.metrics.reranking.re_ranking_features_rows`), so the
+    evaluation holds one ``[Q, G]`` buffer (``M[q, Q:]``, re-ranked in place) and no copy."""
+    from edaan_fast.metrics.reranking import re_ranking_features_rows
+
+    _check_pair(query, gallery)
+    return re_ranking_features_rows(query.features, gallery.features, k1=rerank.k1,
+                                    k2=rerank.k2, lambda_value=rerank.lambda_value,
+                                    metric=metric)
+
+
 def evaluate_features(query: Features, gallery: Features, protocol: str = "market", *,
                       metric: str = "euclidean", rerank: ReRanking | None = None,
                       repeats: int = 10, seed: int = 0, max_rank: int = 50,
@@ -158,7 +171,9 @@ def evaluate_features(query: Features, gallery: Features, protocol: str = "marke
             arguments (re-ranked or not), ranked as is instead of being computed again.
 
     Without re-ranking the market protocol ranks from the features tile by tile (the ``Q x G``
-    matrix is never held); otherwise the (re-ranked) matrix is ranked.
+    matrix is never held); with it (and no ``distmat``) every protocol ranks the re-ranked
+    distances one block of query rows at a time as they are made (:func:`reranked_rows`): one
+    ``[Q, G]`` buffer in all, the same metrics as ranking the whole re-ranked matrix.
 
     Raises:
         FeatureMismatchError: feature dimensions or id lengths disagree, or a split is empty.
@@ -175,15 +190,16 @@ def evaluate_features(query: Features, gallery: Features, protocol: str = "marke
         raise FeatureMismatchError(f"distmat must be [{len(query)}, {len(gallery)}] for these "
                                    f"features, got {list(distmat.shape)}")
     ids = (query.pids, gallery.pids, query.camids, gallery.camids)
+    if distmat is not None:
+        x = distmat
+    elif rerank is not None:
+        x = reranked_rows(query, gallery, metric, rerank)
+    else:
+        x = (query.features, gallery.features) if protocol == "market" else \
+            distance_matrix(query, gallery, metric)
     if protocol == "market":
-        if distmat is not None:
-            x = distmat
-        else:
-            x = ((query.features, gallery.features) if rerank is None
-                 else distance_matrix(query, gallery, metric, rerank))
         return market_duke(x, *ids, metric=metric, max_rank=max_rank)
-    d = distmat if distmat is not None else distance_matrix(query, gallery, metric, rerank)
-    return cuhk03_single_gallery_shot(d, *ids, repeats=repeats, seed=seed, max_rank=max_rank)
+    return cuhk03_single_gallery_shot(x, *ids, repeats=repeats, seed=seed, max_rank=max_rank)
 
 
 def evaluate_prid2011(a2b: tuple[Features, Features], b2a: tuple[Features, Features], *,
@@ -201,7 +217,7 @@ def evaluate_prid2011(a2b: tuple[Features, Features], b2a: tuple[Features, Featu
     for q, g in (a2b, b2a):
         _check_pair(q, g)
         xs.append((q.features, g.features) if rerank is None
-                  else distance_matrix(q, g, metric, rerank))
+                  else reranked_rows(q, g, metric, rerank))
     return prid2011(xs[0], a2b[0].pids, a2b[1].pids, xs[1], b2a[0].pids, b2a[1].pids,
                     metric=metric, max_rank=max_rank)
 

@@ -12,9 +12,11 @@
   camera's unmatched persons as distractors, see :func:`edaan_fast.data.prid2011`), each
   direction reported as in Table III, plus their mean.
 
-Every protocol takes either a ``[Q, G]`` distance matrix (array, tensor or nested list) or a
-``(query_features, gallery_features)`` *tuple* as its first argument (``metric`` then picks
-squared euclidean or cosine distance), plus the ids, and returns a :class:`ProtocolResult`
+Every protocol takes either a ``[Q, G]`` distance matrix (array, tensor or nested list), a
+``(query_features, gallery_features)`` *tuple* (``metric`` then picks squared euclidean or
+cosine distance), or a :class:`~edaan_fast.ops.evaluation.RowBlocks` (the matrix one block of
+query rows at a time, each ranked as it comes: re-ranked distances are streamed so) as its first
+argument, plus the ids, and returns a :class:`ProtocolResult`
 (fractions in [0, 1]). :func:`format_table` prints results shaped like the paper's tables.
 
 Ranking ties: a stable order on (distance, gallery index) everywhere (torchreid uses an
@@ -32,7 +34,12 @@ import numpy as np
 import torch
 
 from edaan_fast.ops import pairwise_distance, rank_metrics, rank_metrics_from_features
-from edaan_fast.ops.evaluation import as_tensor
+from edaan_fast.ops.evaluation import (
+    RowBlockRanker,
+    RowBlocks,
+    as_tensor,
+    rank_metrics_from_row_blocks,
+)
 
 __all__ = [
     "ProtocolResult",
@@ -121,8 +128,9 @@ def market_duke(
     """Market-1501 / DukeMTMC-reID single-query protocol.
 
     Args:
-        x: ``[Q, G]`` distances, or a ``(qf [Q, D], gf [G, D])`` tuple (then the distances are
-            computed tile by tile and the ``Q x G`` matrix is never held).
+        x: ``[Q, G]`` distances, a ``(qf [Q, D], gf [G, D])`` tuple (then the distances are
+            computed tile by tile and the ``Q x G`` matrix is never held), or a
+            :class:`~edaan_fast.ops.evaluation.RowBlocks` (each block ranked as it comes).
         q_pids, q_camids: ``[Q]``; g_pids, g_camids: ``[G]`` integer ids.
         metric: ``"euclidean"`` (squared) or ``"cosine"``, for features.
         max_rank: CMC length (cut to the gallery size).
@@ -136,6 +144,8 @@ def market_duke(
         m = rank_metrics_from_features(
             x[0], x[1], q_pids, g_pids, q_camids, g_camids, metric=metric, max_rank=max_rank
         )
+    elif isinstance(x, RowBlocks):
+        m = rank_metrics_from_row_blocks(x, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
     else:
         m = rank_metrics(x, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
     return ProtocolResult.from_cmc(m.cmc, m.mAP, m.mINP, int(m.valid.sum()))
@@ -215,52 +225,95 @@ def cuhk03_single_gallery_shot(
     """
     if repeats < 1:
         raise ValueError(f"cuhk03_single_gallery_shot: repeats must be >= 1, got {repeats}")
+    if isinstance(x, RowBlocks):
+        return _cuhk03_row_blocks(x, q_pids, g_pids, q_camids, g_camids, repeats, seed,
+                                  max_rank, chunk_elems)
     d = _distmat(x, metric)
     if d.dim() != 2:
         raise ValueError(
             f"cuhk03_single_gallery_shot: distmat must be 2-D, got shape {tuple(d.shape)}"
         )
     full = rank_metrics(d, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
-    dev = d.device
-    num_q, num_g = d.shape
-    qp, gp = _ids(q_pids, dev), _ids(g_pids, dev)
-    qc, gc = _ids(q_camids, dev), _ids(g_camids, dev)
-    uniq, g_grp = torch.unique(gp, return_inverse=True)
-    num_ids = uniq.numel()
-    length = min(max_rank, num_ids)
-    valid = torch.as_tensor(full.valid, device=dev)
-    g_idx = torch.arange(num_g, device=dev)
-    hits = torch.zeros(length, dtype=torch.float64, device=dev)
-    rows = max(1, chunk_elems // max(num_g, 1))
-    for q0 in range(0, num_q, rows):
-        q1 = min(q0 + rows, num_q)
-        vq = valid[q0:q1]
-        if not bool(vq.any()):
-            continue
-        q_idx = torch.arange(q0, q1, device=dev)[vq]
-        dq = d[q_idx]
-        same = qp[q_idx, None] == gp[None, :]
-        keep = ~(same & (qc[q_idx, None] == gc[None, :]))
-        grp = g_grp.expand(q_idx.numel(), num_g)
-        for r in range(repeats):
-            key = torch.where(keep, _sample_keys(seed, r, q_idx, g_idx, num_g), -1)
-            best = torch.full((q_idx.numel(), num_ids), -1, dtype=torch.int64, device=dev)
-            best.scatter_reduce_(1, grp, key, reduce="amax")
-            chosen = keep & (key == best.gather(1, grp))
-            # exact key collisions: keep the lowest index of the identity
-            first = torch.full((q_idx.numel(), num_ids), num_g, dtype=torch.int64, device=dev)
-            first.scatter_reduce_(1, grp, torch.where(chosen, g_idx, num_g), reduce="amin")
-            chosen &= g_idx[None, :] == first.gather(1, grp)
-            pos = chosen & same  # exactly one per valid query
-            p_idx = pos.to(torch.int8).argmax(1)
-            p_d = dq.gather(1, p_idx[:, None])
-            before = (dq < p_d) | ((dq == p_d) & (g_idx[None, :] < p_idx[:, None]))
-            rank = (chosen & ~same & before).sum(1)
-            hits += torch.bincount(rank.clamp_max(length), minlength=length + 1)[:length].to(
-                torch.float64
-            )
-    cmc = (torch.cumsum(hits, 0) / (repeats * int(valid.sum()))).cpu().numpy().astype(np.float32)
-    return ProtocolResult.from_cmc(cmc, full.mAP, full.mINP, int(full.valid.sum()))
+    draws = _SingleShotDraws(q_pids, g_pids, q_camids, g_camids, d.shape[1], d.device, repeats,
+                             seed, max_rank, torch.as_tensor(full.valid, device=d.device))
+    draws.add(0, d, chunk_elems)
+    return ProtocolResult.from_cmc(draws.cmc(), full.mAP, full.mINP, int(full.valid.sum()))
+
+
+def _cuhk03_row_blocks(blocks: RowBlocks, q_pids, g_pids, q_camids, g_camids, repeats, seed,
+                       max_rank, chunk_elems) -> ProtocolResult:
+    """:func:`cuhk03_single_gallery_shot` of a matrix that comes one block of query rows at a
+    time: each block is ranked (AP, mINP) and drawn from (CMC) as it comes; every per-query
+    quantity is the one the whole matrix gives, so the result is identical."""
+    ranker = RowBlockRanker(q_pids, g_pids, q_camids, g_camids, blocks.shape, blocks.device,
+                            max_rank)
+    draws = _SingleShotDraws(q_pids, g_pids, q_camids, g_camids, blocks.shape[1], blocks.device,
+                             repeats, seed, max_rank,
+                             torch.from_numpy(ranker.valid).to(blocks.device))
+    for q0, block in blocks:
+        ranker.add(q0, block)
+        draws.add(q0, block, chunk_elems)
+    full = ranker.result()
+    return ProtocolResult.from_cmc(draws.cmc(), full.mAP, full.mINP, int(full.valid.sum()))
+
+
+class _SingleShotDraws:
+    """The single-gallery-shot CMC hits of :func:`cuhk03_single_gallery_shot`, accumulated over
+    blocks of query rows (integer counts: the sum does not depend on the blocks)."""
+
+    def __init__(self, q_pids, g_pids, q_camids, g_camids, num_g, dev, repeats, seed, max_rank,
+                 valid):
+        self.qp, self.gp = _ids(q_pids, dev), _ids(g_pids, dev)
+        self.qc, self.gc = _ids(q_camids, dev), _ids(g_camids, dev)
+        uniq, self.g_grp = torch.unique(self.gp, return_inverse=True)
+        self.num_ids = uniq.numel()
+        self.length = min(max_rank, self.num_ids)
+        self.valid = valid
+        self.num_g, self.dev, self.repeats, self.seed = num_g, dev, repeats, seed
+        self.g_idx = torch.arange(num_g, device=dev)
+        self.hits = torch.zeros(self.length, dtype=torch.float64, device=dev)
+
+    def add(self, q_first: int, d_rows: torch.Tensor, chunk_elems: int) -> None:
+        """The hits of queries ``q_first .. q_first + len(d_rows) - 1`` (``d_rows``: their
+        ``[rows, G]`` distances), in chunks of ``chunk_elems`` entries."""
+        dev, num_g, num_ids, length = self.dev, self.num_g, self.num_ids, self.length
+        g_idx, g_grp = self.g_idx, self.g_grp
+        rows = max(1, chunk_elems // max(num_g, 1))
+        num_rows = d_rows.shape[0]
+        for r0 in range(0, num_rows, rows):
+            r1 = min(r0 + rows, num_rows)
+            q0, q1 = q_first + r0, q_first + r1
+            vq = self.valid[q0:q1]
+            if not bool(vq.any()):
+                continue
+            local = torch.arange(r0, r1, device=dev)[vq]
+            q_idx = local + q_first
+            dq = d_rows[local]
+            same = self.qp[q_idx, None] == self.gp[None, :]
+            keep = ~(same & (self.qc[q_idx, None] == self.gc[None, :]))
+            grp = g_grp.expand(q_idx.numel(), num_g)
+            for r in range(self.repeats):
+                key = torch.where(keep, _sample_keys(self.seed, r, q_idx, g_idx, num_g), -1)
+                best = torch.full((q_idx.numel(), num_ids), -1, dtype=torch.int64, device=dev)
+                best.scatter_reduce_(1, grp, key, reduce="amax")
+                chosen = keep & (key == best.gather(1, grp))
+                # exact key collisions: keep the lowest index of the identity
+                first = torch.full((q_idx.numel(), num_ids), num_g, dtype=torch.int64,
+                                   device=dev)
+                first.scatter_reduce_(1, grp, torch.where(chosen, g_idx, num_g), reduce="amin")
+                chosen &= g_idx[None, :] == first.gather(1, grp)
+                pos = chosen & same  # exactly one per valid query
+                p_idx = pos.to(torch.int8).argmax(1)
+                p_d = dq.gather(1, p_idx[:, None])
+                before = (dq < p_d) | ((dq == p_d) & (g_idx[None, :] < p_idx[:, None]))
+                rank = (chosen & ~same & before).sum(1)
+                self.hits += torch.bincount(rank.clamp_max(length), minlength=length + 1)[
+                    :length
+                ].to(torch.float64)
+
+    def cmc(self) -> np.ndarray:
+        total = self.repeats * int(self.valid.sum())
+        return (torch.cumsum(self.hits, 0) / total).cpu().numpy().astype(np.float32)
 
 
 # --- PRID2011 ---------------------------------------------------------------------------------

@@ -33,11 +33,15 @@ Algorithm (the ops are in :mod:`edaan_fast.ops.reranking`, math in ``csrc/ops/re
    queries :func:`~edaan_fast.ops.reranking.jaccard_distance`, mixed with ``M`` (eq. 12) in place.
 
 Memory beyond the inputs and the ``Q x G`` output: one score tile (``row_chunk x N``, default
-``2**22`` values; none from features on the CPU, whose fused op holds a 128 x 1024 block per
-thread), the neighbour table (``N * max(k1+1, k2)`` indices and values), ``V`` and its
+``2**22`` values on the CPU, four waves of the k-NN kernel's resident blocks on CUDA; none from
+features on the CPU, whose fused op holds a 128 x 512 block per thread), the neighbour table (``N * max(k1+1, k2)`` indices and values), ``V`` and its
 expansion as CSR (``(8 + itemsize)`` bytes per non-zero; ``R*`` has a few dozen members per row
 and ``V`` after expansion a few hundred), the inverted index of its gallery rows, and one
 ``jaccard`` tile. Nothing ``N x N`` is ever allocated, from features or from blocks.
+
+Streamed (:func:`re_ranking_features_rows`): step 4 runs one block of queries at a time in
+place over the kept ``M[q, Q:]`` rows, and the ranking consumes each block before the next is
+made: the evaluation holds the one ``Q x G`` buffer and never a second.
 
 Distributed (``group=``): each process computes the neighbour lists, ``V`` rows, expansions and
 Jaccard rows of its share of the queries and of the gallery; the tables are all-gathered
@@ -59,7 +63,7 @@ import torch.nn.functional as F
 
 from edaan_fast.ops.evaluation import as_tensor
 
-__all__ = ["re_ranking", "re_ranking_features"]
+__all__ = ["re_ranking", "re_ranking_features", "re_ranking_features_rows"]
 
 _METRICS = ("euclidean", "cosine")
 
@@ -80,7 +84,7 @@ class _Source:
     """Where the scores of the ``N = Q + G`` rows come from (distance blocks or features)."""
 
     metric = "distance"
-    tile_elements = 1 << 22  # default score tile: row_chunk = tile_elements // N
+    tile_elements = 1 << 22  # CPU score tile: row_chunk = tile_elements // N
     tile_buffer = True  # tile() writes into a caller's [row_chunk, N] buffer
 
     def __init__(self, num_q: int, num_g: int, dtype: torch.dtype, device: torch.device):
@@ -90,18 +94,17 @@ class _Source:
         self.col_sq: torch.Tensor | None = None
 
     def default_chunk(self) -> int:
-        """Rows per score tile: ``tile_elements // N`` on the CPU; on CUDA at least enough rows
-        to give every warp the k-NN kernel can keep resident a row of its own (16 blocks of 8
-        warps per SM), so a tile fills the GPU whatever N is, within an eighth of the free
-        memory."""
-        chunk = max(1, self.tile_elements // self.n)
+        """Rows per score tile: ``tile_elements // N`` on the CPU; on CUDA sized from the device,
+        not from N: four waves of the blocks the k-NN kernel keeps resident (a row per block of
+        up to 8 warps; ``SMs x max threads per SM / 256`` blocks: 4,224 rows on an H100),
+        within an eighth of the free memory."""
         if self.device.type != "cuda":
-            return chunk
+            return max(1, self.tile_elements // self.n)
         props = torch.cuda.get_device_properties(self.device)
         free, _ = torch.cuda.mem_get_info(self.device)
         itemsize = torch.finfo(self.dtype).bits // 8
-        fill = props.multi_processor_count * 16 * 8
-        return max(chunk, min(fill, free // 8 // (self.n * itemsize)))
+        resident = props.multi_processor_count * max(1, props.max_threads_per_multi_processor // 256)
+        return max(1, min(4 * resident, free // 8 // (self.n * itemsize)))
 
     def tile(self, r0: int, r1: int, buf: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """The ``[r1 - r0, N]`` scores of rows ``r0:r1`` (never straddling the query block)."""
@@ -269,8 +272,9 @@ def re_ranking(
             ``lambda in [0, 1]`` (weight of the original distance).
         row_chunk: rows of the ``N x N`` problem handled at once (default ``2**22 // N``; from
             features ``2**24 // N``: each tile is one GEMM, and taller tiles run faster; on
-            CUDA at least enough rows to occupy every SM; from features on the CPU the fused
-            k-NN works in cache-sized blocks and ignores it).
+            CUDA four waves of the k-NN kernel's resident blocks, one row each, whatever N;
+            from features on the CPU the fused k-NN works in cache-sized blocks and ignores
+            it).
         pair_budget: most (item, neighbour) pairs whose distance is looked up at once.
         group: a ``torch.distributed`` process group (or ``torch.distributed.group.WORLD``):
             every process passes the same inputs, computes its share, and gets the whole result.
@@ -314,22 +318,23 @@ def re_ranking_features(
     tile of rows at a time. The products of float32 features are full float32 whatever
     reduced-precision GEMM setting (TF32, bfloat16) or autocast the caller has.
     """
+    src = _features_source(qf, gf, metric, "re_ranking_features")
+    return _re_rank(src, k1, k2, lambda_value, row_chunk, pair_budget, group)
+
+
+def _features_source(qf, gf, metric: str, name: str) -> _FeatureSource:
+    """The checked features of :func:`re_ranking_features` (and its row-block form)."""
     if metric not in _METRICS:
-        raise ValueError(
-            f"re_ranking_features: unknown metric {metric!r}; choices: {list(_METRICS)}"
-        )
+        raise ValueError(f"{name}: unknown metric {metric!r}; choices: {list(_METRICS)}")
     qf = _as_tensor(qf, "qf")
     gf = _as_tensor(gf, "gf", qf.device)
     if qf.shape[1] != gf.shape[1]:
-        raise ValueError(
-            f"re_ranking_features: qf and gf dims differ: {tuple(qf.shape)} vs {tuple(gf.shape)}"
-        )
-    for name, t in (("qf", qf), ("gf", gf)):
+        raise ValueError(f"{name}: qf and gf dims differ: {tuple(qf.shape)} vs {tuple(gf.shape)}")
+    for label, t in (("qf", qf), ("gf", gf)):
         if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"re_ranking_features: {name} must be finite, got NaN or inf")
+            raise ValueError(f"{name}: {label} must be finite, got NaN or inf")
     dtype = torch.float64 if torch.float64 in (qf.dtype, gf.dtype) else torch.float32
-    src = _FeatureSource(qf, gf, metric, dtype)
-    return _re_rank(src, k1, k2, lambda_value, row_chunk, pair_budget, group)
+    return _FeatureSource(qf, gf, metric, dtype)
 
 
 # --- the pipeline ------------------------------------------------------------------------------
@@ -391,14 +396,33 @@ def _gather_csr(shares: _Shares, ptr, col, val, num_local_q: int):
     return full, col, val
 
 
-def _re_rank(src: _Source, k1, k2, lambda_value, row_chunk, pair_budget, group) -> torch.Tensor:
+class _Prepared:
+    """Steps 1-3 done: ``out`` holds ``M[q, Q:]`` of this process's queries, the query rows of
+    ``V`` (expanded) and the inverted-index input (all gallery rows of ``V``) are ready; step 4
+    (:meth:`rerank_rows`) mixes eq. 12 into rows of ``out`` in place."""
+
+    def __init__(self, out, q_csr, g_csr, n, lam):
+        self.out, self.q_csr, self.g_csr, self.n, self.lam = out, q_csr, g_csr, n, lam
+
+    def rerank_rows(self, a: int, b: int) -> torch.Tensor:
+        """Eq. 10 and 12 for local queries ``a:b``, in place; returns ``out[a:b]``."""
+        from edaan_fast.ops import reranking as ops
+
+        rows = self.out[a:b]
+        q_ptr, q_col, q_val = _csr_rows(*self.q_csr, a, b)
+        ops.jaccard_rerank_(rows, q_ptr, q_col, q_val, *self.g_csr, self.n, self.lam)
+        return rows
+
+
+def _prepare(src: _Source, k1, k2, lambda_value, row_chunk, pair_budget, group):
+    """Steps 1-3 of the pipeline; ``None`` for an empty query or gallery set."""
     from edaan_fast.ops import reranking as ops
 
     num_q, num_g, n = src.num_q, src.num_g, src.n
     dev, dtype = src.device, src.dtype
     if num_g == 0 or num_q == 0:
         _check_parameters(k1, k2 if k2 < 1 else 1, lambda_value, 1)
-        return torch.zeros(num_q, num_g, dtype=dtype, device=dev)
+        return None
     _check_parameters(k1, k2, lambda_value, n)
     lam = float(lambda_value)
     chunk = max(1, row_chunk or src.default_chunk())
@@ -445,17 +469,101 @@ def _re_rank(src: _Source, k1, k2, lambda_value, row_chunk, pair_budget, group) 
     del v_ptr, v_col, v_val
     (q_ptr, q_col, q_val), (gl_ptr, gl_col, gl_val) = qe
 
-    # 4. Jaccard (eq. 10) of this process's queries against all gallery rows, and eq. 12 in
-    #    place over M[q, Q:]
+    # the gallery rows of V from every process: the input of step 4's inverted index
     g_counts = shares.gather(gl_ptr[:0], gl_ptr.diff())
     g_ptr = torch.zeros(num_g + 1, dtype=torch.int64, device=dev)
     torch.cumsum(g_counts, 0, out=g_ptr[1:])
     g_col = shares.gather(gl_col[:0], gl_col)
     g_val = shares.gather(gl_val[:0], gl_val)
-    ops.jaccard_rerank_(out, q_ptr, q_col, q_val, g_ptr, g_col, g_val, n, lam)
+    return _Prepared(out, (q_ptr, q_col, q_val), (g_ptr, g_col, g_val), n, lam)
+
+
+def _re_rank(src: _Source, k1, k2, lambda_value, row_chunk, pair_budget, group) -> torch.Tensor:
+    prep = _prepare(src, k1, k2, lambda_value, row_chunk, pair_budget, group)
+    if prep is None:
+        return torch.zeros(src.num_q, src.num_g, dtype=src.dtype, device=src.device)
+    # 4. Jaccard (eq. 10) of this process's queries against all gallery rows, and eq. 12 in
+    #    place over M[q, Q:]
+    out = prep.rerank_rows(0, prep.out.shape[0])
     if group is None:
         return out
-    return shares.gather(out, out[:0])
+    return _Shares(src.num_q, src.num_g, group).gather(out, out[:0])
+
+
+def _default_query_block(num_g: int, device: torch.device) -> int:
+    """Query rows per block of :func:`re_ranking_features_rows`: ``2**24`` values on the CPU;
+    on CUDA at least one row for every block the Jaccard kernel keeps resident (16 per SM)."""
+    rows = max(1, (1 << 24) // max(num_g, 1))
+    if device.type == "cuda":
+        rows = max(rows, torch.cuda.get_device_properties(device).multi_processor_count * 16)
+    return rows
+
+
+def re_ranking_features_rows(
+    qf: Any,
+    gf: Any,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    metric: str = "euclidean",
+    row_chunk: int | None = None,
+    pair_budget: int = 1 << 21,
+    query_block: int | None = None,
+):
+    """:func:`re_ranking_features`, handed over one block of query rows at a time.
+
+    The inputs and parameters are checked on the call; the work runs as the returned
+    :class:`~edaan_fast.ops.evaluation.RowBlocks` is iterated: steps 1-3 (neighbour lists,
+    ``V``, its expansion) before the first block, then step 4 (eq. 10 and 12) per block of
+    ``query_block`` queries, each block mixed in place into the rows of ``M[q, Q:]`` that step 1
+    kept. Feed it to
+    :func:`~edaan_fast.ops.evaluation.rank_metrics_from_row_blocks` or a protocol of
+    :mod:`edaan_fast.metrics.protocols`: each block is ranked as soon as it is made.
+
+    Every block equals the same rows of :func:`re_ranking_features` with the same arguments, to
+    the bit (the Jaccard op computes each query row on its own, in the same order).
+
+    Memory: the one ``[Q, G]`` buffer of ``M[q, Q:]`` (float32 for float32 features; the
+    re-ranked rows are written over it, never copied) plus the ``O((Q + G) k)`` tables and
+    ``V`` that :func:`re_ranking` lists; a consumer adds what ranking one block needs.
+
+    Args:
+        query_block: queries per block (default: ``2**24 // G`` on the CPU; on CUDA at least
+            16 rows per SM, to fill the device).
+        Others: as :func:`re_ranking_features` (no process group: blocks are produced by one
+            process).
+
+    Returns:
+        A single-use :class:`~edaan_fast.ops.evaluation.RowBlocks` (iterating it a second time
+        raises ``RuntimeError``: the first pass has overwritten ``M``).
+    """
+    from edaan_fast.ops.evaluation import RowBlocks
+
+    src = _features_source(qf, gf, metric, "re_ranking_features_rows")
+    if src.num_q == 0 or src.num_g == 0:  # as _prepare checks them: no k2 bound without rows
+        _check_parameters(k1, k2 if k2 < 1 else 1, lambda_value, 1)
+    else:
+        _check_parameters(k1, k2, lambda_value, src.n)
+    num_q, num_g = src.num_q, src.num_g
+    if query_block is not None and query_block < 1:
+        raise ValueError(f"re_ranking_features_rows: query_block must be >= 1, got {query_block}")
+    block = query_block or _default_query_block(num_g, src.device)
+    used = []
+
+    def blocks():
+        if used:
+            raise RuntimeError("re_ranking_features_rows: the blocks were already produced once "
+                               "(each is written over M in place); call it again for another pass")
+        used.append(True)
+        prep = _prepare(src, k1, k2, lambda_value, row_chunk, pair_budget, None)
+        if prep is None:
+            zeros = torch.zeros(num_q, num_g, dtype=src.dtype, device=src.device)
+            yield from ((q0, zeros[q0 : q0 + block]) for q0 in range(0, num_q, block))
+            return
+        for q0 in range(0, num_q, block):
+            yield q0, prep.rerank_rows(q0, min(q0 + block, num_q))
+
+    return RowBlocks((num_q, num_g), src.device, blocks)
 
 
 def _reference_re_ranking(

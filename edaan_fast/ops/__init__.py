@@ -31,16 +31,20 @@ __all__ = [
 
 from .evaluation import (  # noqa: E402
     RankMetrics,
+    RowBlocks,
     evaluate_rank,
     pairwise_distance,
     rank_metrics,
     rank_metrics_from_features,
+    rank_metrics_from_row_blocks,
 )
 
 __all__ += [
     "RankMetrics",
+    "RowBlocks",
     "evaluate_rank",
     "pairwise_distance",
     "rank_metrics",
     "rank_metrics_from_features",
+    "rank_metrics_from_row_blocks",
 ]

@@ -8,6 +8,8 @@ Entry points:
   mask; optionally over a gallery sharded across ``torch.distributed`` processes.
 * :func:`rank_metrics_from_features` -- from query/gallery features, computing the distances
   tile by tile and never holding the whole ``Q x G`` matrix.
+* :func:`rank_metrics_from_row_blocks` -- from a :class:`RowBlocks`, a ``Q x G`` matrix handed
+  over one block of query rows at a time (re-ranked distances as they are produced).
 
 Protocol (Market-1501 / DukeMTMC-reID, torchreid's ``eval_market1501``): for each query the
 gallery items with the query's pid *and* camera are dropped (junk); a query with no remaining
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -40,10 +43,12 @@ from .rank_eval import distance_gemm, rank_count_preceding, rank_sort_positives
 
 __all__ = [
     "RankMetrics",
+    "RowBlocks",
     "evaluate_rank",
     "pairwise_distance",
     "rank_metrics",
     "rank_metrics_from_features",
+    "rank_metrics_from_row_blocks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -385,6 +390,122 @@ def evaluate_rank(
         )
     m = rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
     return m.cmc, m.mAP
+
+
+# --- from blocks of query rows -----------------------------------------------------------------
+
+
+@dataclass
+class RowBlocks:
+    """A ``[Q, G]`` distance matrix handed over one block of query rows at a time.
+
+    ``blocks()`` yields ``(q0, block)`` pairs: ``block`` holds the distances of queries
+    ``q0 .. q0 + len(block) - 1`` to every gallery item (``[rows, G]``, rows contiguous), the
+    blocks in query order and covering ``0 .. Q`` once. A block is read before the next is
+    asked for, so a producer may reuse or overwrite its memory afterwards.
+    :func:`rank_metrics_from_row_blocks` and the protocols of :mod:`edaan_fast.metrics.protocols`
+    rank it; :func:`edaan_fast.metrics.reranking.re_ranking_features_rows` produces one.
+
+    Attributes:
+        shape: ``(Q, G)``.
+        device: where the blocks live.
+        blocks: a callable returning the iterator of ``(q0, block)`` (called once).
+    """
+
+    shape: tuple[int, int]
+    device: torch.device
+    blocks: Callable[[], Iterator[tuple[int, torch.Tensor]]]
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        num_q, num_g = self.shape
+        expected = 0
+        for q0, block in self.blocks():
+            if q0 != expected or block.dim() != 2 or block.shape[1] != num_g or \
+                    q0 + block.shape[0] > num_q:
+                raise ValueError(f"RowBlocks: expected the block of queries from {expected} "
+                                 f"with {num_g} columns, got queries from {q0}, shape "
+                                 f"{tuple(block.shape)}")
+            expected = q0 + block.shape[0]
+            yield q0, block
+        if expected != num_q:
+            raise ValueError(f"RowBlocks: the blocks ended at query {expected} of {num_q}")
+
+    @classmethod
+    def of(cls, distmat: torch.Tensor) -> RowBlocks:
+        """The whole matrix as one block."""
+        return cls(tuple(distmat.shape), distmat.device, lambda: iter([(0, distmat)]))
+
+
+class RowBlockRanker:
+    """Phases (a) and (b) of :func:`rank_metrics` one block of query rows at a time.
+
+    The positives of every query come from the ids alone (before any distance); each
+    :meth:`add` gathers its block's positive distances, sorts them per query and counts the
+    negatives that precede each one -- the same ops on the same rows as :func:`rank_metrics`,
+    so :meth:`result` equals it exactly. Holds ``O(Q + G + positives)``.
+    """
+
+    def __init__(self, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
+                 shape: tuple[int, int], device: torch.device, max_rank: int = 50):
+        if max_rank < 1:
+            raise ValueError(f"rank_metrics: max_rank must be >= 1, got {max_rank}")
+        num_q, num_g = shape
+        self.ids = _ids(q_pids, g_pids, q_camids, g_camids, num_q, num_g, device, None, None,
+                        "distmat", "distmat column")
+        self.qi, self.gl = _positives(self.ids)
+        offsets = np.zeros(num_q + 1, dtype=np.int64)
+        np.cumsum(np.bincount(self.qi, minlength=num_q), out=offsets[1:])
+        self.offsets = offsets
+        self.offsets_dev = torch.from_numpy(offsets).to(device)
+        self.gl_dev = torch.from_numpy(self.gl).to(device)
+        self.counts = torch.zeros(self.qi.shape[0], dtype=torch.int64, device=device)
+        self.max_rank = max_rank
+        self.num_q, self.num_g = num_q, num_g
+
+    @property
+    def valid(self) -> np.ndarray:
+        """bool ``[Q]``: the query has a positive (known before any distance is read)."""
+        return np.diff(self.offsets) > 0
+
+    def add(self, q0: int, block: torch.Tensor) -> None:
+        """Counts for queries ``q0 .. q0 + len(block) - 1`` from their ``[rows, G]`` distances."""
+        d = _as_distmat(block)
+        q1 = q0 + d.shape[0]
+        p0, p1 = int(self.offsets[q0]), int(self.offsets[q1])
+        if p1 == p0:
+            return
+        pd = _gather(d, self.qi[p0:p1] - q0, self.gl[p0:p1])
+        off = self.offsets_dev[q0 : q1 + 1] - p0
+        pd, gi = rank_sort_positives(off, pd.to(d.device), self.gl_dev[p0:p1])
+        self.counts[p0:p1] = rank_count_preceding(d, self.ids.q_pids_dev[q0:q1],
+                                                  self.ids.g_pids_dev, off, pd, gi, 0)
+
+    def result(self) -> RankMetrics:
+        """Phase (c): CMC, mAP, mINP of every query added."""
+        pos = _Positives(self.qi, self.offsets, self.offsets_dev, self.counts, self.counts)
+        return _finalize(self.counts, pos, self.num_g, self.max_rank)
+
+
+def rank_metrics_from_row_blocks(
+    blocks: RowBlocks,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    max_rank: int = 50,
+) -> RankMetrics:
+    """:func:`rank_metrics` of a matrix that comes one block of query rows at a time.
+
+    Each block is ranked as it arrives (its queries' positives gathered, sorted, and the
+    preceding negatives counted), and only the per-positive counts are kept: the result equals
+    :func:`rank_metrics` of the whole matrix exactly, and nothing of size ``Q x G`` is held
+    here (peak: the largest block plus ``O(Q + G + positives)``).
+    """
+    ranker = RowBlockRanker(q_pids, g_pids, q_camids, g_camids, blocks.shape, blocks.device,
+                            max_rank)
+    for q0, block in blocks:
+        ranker.add(q0, block)
+    return ranker.result()
 
 
 # --- from features ----------------------------------------------------------------------------
