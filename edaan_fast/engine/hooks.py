@@ -153,6 +153,8 @@ def postfix(log: dict[str, float], rate: float | None) -> str:
     short = {"total": "loss", "cycle": "cyc", "attention": "attn", "metric": "met",
              "id": "id", "d_total": "D"}
     parts = [f"{name}={log[k]:.3g}" for k, name in short.items() if k in log]
+    if log.get("guide"):  # --mask-guidance, while the maps learn
+        parts.insert(-1 if "d_total" in log else len(parts), f"guide={log['guide']:.3g}")
     if rate is not None:
         parts.append(f"{rate:.0f}img/s")
     return " ".join(parts)
