@@ -124,9 +124,12 @@ EDAAN_FAST_CPU_CLONES void forward_rows(const T* __restrict__ x, const T* __rest
         T* yo = y + ((n * CO + o) * H + h) * W + w0;
         const T b0 = bias ? bias[o] : T(0);
         for (int64_t b = 0; b < nb; ++b) {
-          T s = b0;
-          for (int64_t l = 0; l < L; ++l) s += acc[b][o][l];
-          yo[b] = s;
+          // a tree over the lanes (halves added), not a chain of L dependent adds
+          T lanes[L];
+          __builtin_memcpy(lanes, &acc[b][o], sizeof(lanes));
+          for (int64_t half = L / 2; half > 0; half /= 2)
+            for (int64_t l = 0; l < half; ++l) lanes[l] += lanes[l + half];
+          yo[b] = b0 + lanes[0];
         }
       }
     }
@@ -153,8 +156,9 @@ EDAAN_FAST_CPU_CLONES void grad_weight_rows(const T* __restrict__ x, const T* __
         // Columns w whose source w + j - p lies inside the row need no table.
         const int64_t lo = std::max<int64_t>(0, p - j), hi = std::min<int64_t>(W, W + p - j);
         for (int64_t cb = 0; cb < CP; cb += L) {
-          V a0[CO], a1[CO];
-          for (int o = 0; o < CO; ++o) a0[o] = a1[o] = V{};
+          // four accumulators per output channel: four independent FMA chains even at C_out = 1
+          V a0[CO], a1[CO], a2[CO], a3[CO];
+          for (int o = 0; o < CO; ++o) a0[o] = a1[o] = a2[o] = a3[o] = V{};
           auto edge = [&](int64_t w) {
             const V xv = LOADV(xr + int64_t(g.cols[w * k + j]) * CP + cb);
             for (int o = 0; o < CO; ++o) a0[o] += go[o][w] * xv;
@@ -162,21 +166,24 @@ EDAAN_FAST_CPU_CLONES void grad_weight_rows(const T* __restrict__ x, const T* __
           for (int64_t w = 0; w < lo; ++w) edge(w);
           const T* xs = xr + (j - p) * CP + cb;
           int64_t w = lo;
-          for (; w + 1 < hi; w += 2) {
+          for (; w + 3 < hi; w += 4) {
             const V x0 = LOADV(xs + w * CP), x1 = LOADV(xs + (w + 1) * CP);
+            const V x2 = LOADV(xs + (w + 2) * CP), x3 = LOADV(xs + (w + 3) * CP);
             for (int o = 0; o < CO; ++o) {
               a0[o] += go[o][w] * x0;
               a1[o] += go[o][w + 1] * x1;
+              a2[o] += go[o][w + 2] * x2;
+              a3[o] += go[o][w + 3] * x3;
             }
           }
-          if (w < hi) {
+          for (; w < hi; ++w) {
             const V x0 = LOADV(xs + w * CP);
-            for (int o = 0; o < CO; ++o) a0[o] += go[o][w] * x0;
+            for (int o = 0; o < CO; ++o) a1[o] += go[o][w] * x0;
           }
           for (int64_t e = std::max(hi, lo); e < W; ++e) edge(e);
           for (int o = 0; o < CO; ++o) {
             T* dst = gw + o * wstride + (i * k + j) * CP + cb;
-            STOREV(dst, LOADV(dst) + a0[o] + a1[o]);
+            STOREV(dst, LOADV(dst) + ((a0[o] + a1[o]) + (a2[o] + a3[o])));
           }
         }
       }
