@@ -42,7 +42,7 @@ def _inputs(shape, dtype, device, gen, layout="contiguous", bias=True):
     weight = torch.randn(co, c, k, k, generator=gen, dtype=torch.float64) / (c * k * k) ** 0.5
     b = torch.randn(co, generator=gen, dtype=torch.float64) if bias else None
     grad = torch.randn(n, co, h, w, generator=gen, dtype=torch.float64)
-    conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)
     return conv(x), conv(weight), conv(b), conv(grad)
 
 
@@ -299,3 +299,27 @@ def test_models_output_layer_fused_matches_plain(net, monkeypatch, gen):
     for k in grads_plain:
         torch.testing.assert_close(grads_fused[k], grads_plain[k], atol=1e-4, rtol=1e-4,
                                    msg=f"grad of {k}")
+
+
+def test_models_output_layer_compiles_fullgraph(monkeypatch, gen):
+    """``train --compile``: dynamo traces the fused output layer (the op stays opaque, through
+    its fake kernel) without a graph break."""
+    from edaan_fast.models import blocks
+    from edaan_fast.models.attention import AttentionNet
+
+    calls = _count_op_calls(monkeypatch)
+    torch.manual_seed(0)
+    model = AttentionNet(widths=(8, 16))
+    x = torch.randn(2, 3, 16, 12, generator=gen)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    assert len(calls) == 1
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    monkeypatch.setattr(blocks, "FUSED_OUTPUT_CONV", False)
+    ref = model(x)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, atol=1e-4, rtol=1e-4, msg=k)

@@ -43,12 +43,10 @@ def _fusable(pad: nn.Module, conv: nn.Module, x: torch.Tensor) -> bool:
         return False
     k = conv.kernel_size[0]
     p = (k - 1) // 2
-    if not (conv.kernel_size == (k, k) and k % 2 == 1
+    return (conv.kernel_size == (k, k) and k % 2 == 1
             and conv.out_channels <= MAX_OUT_CHANNELS and conv.groups == 1
             and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding == (0, 0)
-            and tuple(pad.padding) == (p, p, p, p) and p < x.shape[-2] and p < x.shape[-1]):
-        return False
-    return True
+            and tuple(pad.padding) == (p, p, p, p) and p < x.shape[-2] and p < x.shape[-1])
 
 
 def forward_sequential(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from . import _library, reference
 from ._layout import suggest_memory_format
 
-__all__ = ["reflect_pad_conv2d", "MAX_OUT_CHANNELS"]
+__all__ = ["MAX_OUT_CHANNELS", "reflect_pad_conv2d"]
 
 #: The most output channels the op takes (``C_out`` accumulators per pixel stay in registers).
 MAX_OUT_CHANNELS = 4
