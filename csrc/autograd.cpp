@@ -7,6 +7,7 @@
 // backward ops are ordinary custom ops with fake kernels, so torch.compile traces through this
 // code as it does through any other autograd kernel.
 
+#include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -81,6 +82,41 @@ at::Tensor mask_background_autograd(const at::Tensor& x, const at::Tensor& mask)
   return MaskBackgroundFunction::apply(x, mask);
 }
 
+// --- reflect_pad_conv2d ------------------------------------------------------------------
+
+using ReflectConvSig =
+    at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&);
+using ReflectConvBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+class ReflectPadConv2dFunction : public torch::autograd::Function<ReflectPadConv2dFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias) {
+    static const auto op = find_op<ReflectConvSig>("edaan_fast::reflect_pad_conv2d");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return op.call(x, weight, bias);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        find_op<ReflectConvBackwardSig>("edaan_fast::_reflect_pad_conv2d_backward");
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    auto [g_x, g_w, g_b] = op.call(grads[0], saved[0], saved[1]);
+    return {ctx->needs_input_grad(0) ? g_x : at::Tensor(),
+            ctx->needs_input_grad(1) ? g_w : at::Tensor(),
+            ctx->saved_data["has_bias"].toBool() ? g_b : at::Tensor()};
+  }
+};
+
+at::Tensor reflect_pad_conv2d_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                       const c10::optional<at::Tensor>& bias) {
+  return ReflectPadConv2dFunction::apply(x, weight, bias);
+}
+
 // --- _metric_loss_forward (triplet_loss / quartet_loss) ------------------------------------
 
 using MetricForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
@@ -145,14 +181,30 @@ at::Tensor metric_loss_backward_autocast(const at::Tensor& grad, const at::Tenso
   return op.call(grad, emb, idx, pair_dist, coef, metric);
 }
 
+// reflect_pad_conv2d follows conv2d's autocast rule (a lower-precision op): under autocast,
+// float32 x, weight and bias are cast to the autocast dtype (bfloat16 on the CPU), the kernel
+// accumulates in float32 and returns the autocast dtype; float64 stays float64.
+template <c10::DeviceType kDevice>
+at::Tensor reflect_pad_conv2d_autocast(const at::Tensor& x, const at::Tensor& weight,
+                                       const c10::optional<at::Tensor>& bias) {
+  static const auto op = find_op<ReflectConvSig>("edaan_fast::reflect_pad_conv2d");
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto dtype = at::autocast::get_autocast_dtype(kDevice);
+  return op.call(at::autocast::cached_cast(dtype, x, kDevice),
+                 at::autocast::cached_cast(dtype, weight, kDevice),
+                 at::autocast::cached_cast(dtype, bias, kDevice));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(edaan_fast, AutocastCPU, m) {
+  m.impl("reflect_pad_conv2d", &reflect_pad_conv2d_autocast<c10::DeviceType::CPU>);
   m.impl("_metric_loss_forward", &metric_loss_forward_autocast);
   m.impl("_metric_loss_backward", &metric_loss_backward_autocast);
 }
 
 TORCH_LIBRARY_IMPL(edaan_fast, AutocastCUDA, m) {
+  m.impl("reflect_pad_conv2d", &reflect_pad_conv2d_autocast<c10::DeviceType::CUDA>);
   m.impl("_metric_loss_forward", &metric_loss_forward_autocast);
   m.impl("_metric_loss_backward", &metric_loss_backward_autocast);
 }
@@ -161,6 +213,7 @@ TORCH_LIBRARY_IMPL(edaan_fast, Autograd, m) {
   m.impl("mask_blend", &mask_blend_autograd);
   m.impl("mask_background", &mask_background_autograd);
   m.impl("_metric_loss_forward", &metric_loss_forward_autograd);
+  m.impl("reflect_pad_conv2d", &reflect_pad_conv2d_autograd);
 }
 
 }  // namespace edaan_fast

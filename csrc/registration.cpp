@@ -88,6 +88,15 @@ TORCH_LIBRARY(edaan_fast, m) {
   m.def("mask_background(Tensor x, Tensor mask) -> Tensor");
   m.def("_mask_background_backward(Tensor grad, Tensor x, Tensor mask) -> (Tensor, Tensor)");
 
+  // The 7x7 output layers of the generator and the attention net: conv2d over the
+  // reflection-padded input (pad (k - 1) / 2, k odd, stride 1) to 1..4 output channels, without
+  // a padded copy (csrc/ops/reflect_pad_conv2d.h). The backward returns (grad_x, grad_weight,
+  // grad_bias).
+  m.def("reflect_pad_conv2d(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def(
+      "_reflect_pad_conv2d_backward(Tensor grad, Tensor x, Tensor weight) "
+      "-> (Tensor, Tensor, Tensor)");
+
   // EDAAN eq. (6)/(7): batch-hard mining and the triplet / quartet losses.
   // batch_hard_mining: per anchor the hardest positive p, hardest negative n and second
   // negative m (closest to n from a third identity), their distances (dist's dtype; 0 where the

@@ -15,7 +15,8 @@ residual block        ``attn_widths[1]`` channels (CycleGAN ResNet block)
 upsample x2 + 3x3     nearest-neighbour upsampling (no checkerboard of transposed convs),
                       ``attn_widths[1]`` channels, instance norm, ReLU      -> H/2 x W/2
 upsample x2 + 3x3     ``attn_widths[0]`` channels, instance norm, ReLU      -> H x W
-7x7 conv              1 channel, with bias (no norm), then sigmoid
+7x7 conv              1 channel, with bias (no norm), then sigmoid (reflection pad + conv
+                      run as the fused ``reflect_pad_conv2d`` on the CPU)
 ====================  ===================================================================
 
 Two options widen what a score sees (docs/attention.md §8; both off by default, Mejjati's net
@@ -34,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import ResidualBlock, conv_norm_relu
+from .blocks import ResidualBlock, conv_norm_relu, forward_sequential
 
 __all__ = ["AttentionNet", "coordinate_channels"]
 
@@ -80,7 +81,7 @@ class AttentionNet(nn.Module):
         """The pre-sigmoid score map ``[N, 1, H, W]``."""
         if self.coords:
             x = torch.cat([x, coordinate_channels(x)], dim=1)
-        return self.head(self.up(self.down(x)))
+        return forward_sequential(self.head, self.up(self.down(x)))  # fused on the CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))

@@ -12,7 +12,8 @@ bottleneck so that the re-ID module can share ``E_S`` as its backbone (§III-B):
   convs doubling the width (64 -> 128 -> 256), then the first ``encoder_blocks`` residual
   blocks. Output: ``[N, feature_dim, H/4, W/4]``.
 - ``G_d``: the remaining residual blocks, transposed 3x3 convs (stride 2, output padding 1)
-  halving the width back to 64, reflection pad + 7x7 conv to the image channels, ``tanh``.
+  halving the width back to 64, reflection pad + 7x7 conv to the image channels, ``tanh``
+  (the pad + conv run as the fused ``reflect_pad_conv2d`` on the CPU, same parameters).
 
 Every conv is followed by instance norm (no affine, no running stats) and ReLU, except the
 last. Nothing assumes square inputs: the 256x128 person crops of the paper go through with
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import ResidualBlock, conv_norm_relu, instance_norm
+from .blocks import ResidualBlock, conv_norm_relu, forward_sequential, instance_norm
 
 __all__ = ["Encoder", "Generator"]
 
@@ -79,5 +80,5 @@ class Generator(nn.Module):
         self.register_buffer("out_shift", (0.5 - mean) / std, persistent=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        t = self.body(h)
+        t = forward_sequential(self.body, h)  # the 7x7 output conv fused on the CPU
         return t * self.out_scale.to(t.dtype) + self.out_shift.to(t.dtype)

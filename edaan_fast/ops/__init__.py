@@ -15,6 +15,7 @@ from ._library import (
 )
 from .mask_blend import mask_background, mask_blend
 from .metric_losses import batch_hard_mining, quartet_loss, triplet_loss
+from .reflect_pad_conv2d import reflect_pad_conv2d
 
 __all__ = [
     "OpsNotAvailableError",
@@ -24,6 +25,7 @@ __all__ = [
     "mask_background",
     "mask_blend",
     "quartet_loss",
+    "reflect_pad_conv2d",
     "set_reference_ops",
     "triplet_loss",
     "use_reference_ops",

@@ -4,7 +4,9 @@ standard ONNX operators, so an exported model runs on any ONNX runtime without o
 ``mask_blend(fg, bg, mask)`` (EDAAN eq. 1/2) becomes ``Add(Mul(mask, fg), Mul(Sub(1, mask),
 bg))`` -- the formula of :func:`edaan_fast.ops.reference.mask_blend`, with the ``[N, 1, H, W]``
 mask broadcast over channels by ONNX's own broadcasting. ``mask_background`` (training only)
-becomes ``Mul(Sub(1, mask), x)``. Needs ``onnxscript`` (``pip install "edaan_fast[export]"``),
+becomes ``Mul(Sub(1, mask), x)``. ``reflect_pad_conv2d(x, weight, bias)`` (the 7x7 output
+layers) becomes ``Conv(Pad(x, mode="reflect"), weight, bias)``, the padding ``(k - 1) / 2`` read
+from the weight's shape. Needs ``onnxscript`` (``pip install "edaan_fast[export]"``),
 imported only when :func:`onnx_translation_table` is called.
 """
 
@@ -32,7 +34,18 @@ def onnx_translation_table() -> dict[Callable, Callable]:
     def mask_background(x, mask):
         return op.Mul(op.Sub(op.CastLike(1.0, mask), mask), x)
 
+    def reflect_pad_conv2d(x, weight, bias=None):
+        k = op.Shape(weight, start=3, end=4)
+        p = op.Div(op.Sub(k, op.Constant(value_ints=[1])), op.Constant(value_ints=[2]))
+        zeros = op.Constant(value_ints=[0, 0])
+        pads = op.Concat(zeros, p, p, zeros, p, p, axis=0)  # begins of N, C, H, W, then ends
+        padded = op.Pad(x, pads, mode="reflect")
+        return op.Conv(padded, weight) if bias is None else op.Conv(padded, weight, bias)
+
     if not _library.load_library():
         return {}
-    return {torch.ops.edaan_fast.mask_blend.default: mask_blend,
-            torch.ops.edaan_fast.mask_background.default: mask_background}
+    table = {torch.ops.edaan_fast.mask_blend.default: mask_blend,
+             torch.ops.edaan_fast.mask_background.default: mask_background}
+    if hasattr(torch.ops.edaan_fast, "reflect_pad_conv2d"):
+        table[torch.ops.edaan_fast.reflect_pad_conv2d.default] = reflect_pad_conv2d
+    return table

@@ -279,3 +279,15 @@ def jaccard_rerank_(dist, q_ptr, q_col, q_val, g_ptr, g_col, g_val, num_columns,
     jaccard = 1 - s / (2 - s)
     dist.copy_(jaccard * (1 - lambda_value) + dist * lambda_value)
     return dist
+
+
+# --- reflect_pad_conv2d (the generator's and the attention net's 7x7 output layers) -----------
+
+
+def reflect_pad_conv2d(x: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv2d(pad(x, (k - 1) / 2, mode="reflect"), weight, bias)``: a k x k convolution (k
+    odd, stride 1) over the reflection-padded input, keeping H x W."""
+    p = (weight.shape[-1] - 1) // 2
+    return torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, (p, p, p, p), mode="reflect"), weight, bias)
