@@ -32,7 +32,8 @@ synchronised step, and the host overhead is the time the GPU ran no kernel of th
 ``--compile`` compiles every sub-network first (the per-network split is then not available:
 compiled graphs run as one region). ``--compare A,B,...`` instead times
 ``[precision:]variant`` steps (:data:`VARIANTS`; ``eager`` is the step before the throughput
-work: Adam's per-parameter loop) interleaved, step by step, after two warm-up steps each, and
+work: Adam's per-parameter loop and the plain ``ReflectionPad2d`` + ``Conv2d`` output layers,
+``plain-layers`` the trainer's step with those layers alone) interleaved, step by step, after two warm-up steps each, and
 prints medians and ratios to the first. ``--trainer-costs DIR`` times what the default run does
 besides its steps (evaluation, attention measurement, image grid, checkpoint, batch loading).
 ``--json`` writes everything; ``--markdown`` the table.
@@ -58,6 +59,7 @@ from benchmarks._step import PRECISIONS, make_step
 from benchmarks._timing import _sync, interleaved
 from edaan_fast._allocator import pin_malloc_thresholds
 from edaan_fast.engine.execution import ExecutionOptions
+from edaan_fast.models import blocks
 
 #: Sub-network attribute -> the group it is reported in.
 NETWORKS = {"attention_S": "A", "attention_T": "A", "encoder_S": "E", "encoder_T": "E",
@@ -73,7 +75,11 @@ VARIANTS = {
     "eager": ExecutionOptions(fused_optimizer=False),
     "channels-last": ExecutionOptions(channels_last=True),
     "compile": ExecutionOptions(compile=True),
+    "plain-layers": ExecutionOptions(),
 }
+#: Variants that run the output layers as plain modules instead of the fused
+#: ``reflect_pad_conv2d`` (:data:`edaan_fast.models.blocks.FUSED_OUTPUT_CONV`, set per step).
+PLAIN_LAYERS = frozenset({"eager", "plain-layers"})
 
 _CONV = ("conv", "mkldnn_convolution", "addmm", "mm", "bmm", "matmul", "linear", "baddbmm")
 _NORM = ("batch_norm", "instance_norm", "layer_norm", "group_norm", "var_mean", "_norm")
@@ -265,12 +271,26 @@ def parse_variant(name: str, precision: str) -> tuple[str, ExecutionOptions]:
     return prec, VARIANTS[variant]
 
 
+def _layers(run, fused: bool):
+    """``run`` with the fused output layers on or off for its calls (a module switch, so that
+    interleaved variants each run their own)."""
+    def call():
+        saved, blocks.FUSED_OUTPUT_CONV = blocks.FUSED_OUTPUT_CONV, fused
+        try:
+            return run()
+        finally:
+            blocks.FUSED_OUTPUT_CONV = saved
+    return call
+
+
 def compare(names: list[str], preset: str, batch: int, device: str, precision: str,
             rounds: int) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds per step of each ``[precision:]variant``, interleaved step by step, and
     the seconds of each one's two warm-up steps (compilation, allocator, oneDNN caches)."""
     specs = {n: parse_variant(n, precision) for n in names}
-    runs = {n: make_step(preset, batch, device, p, o).run for n, (p, o) in specs.items()}
+    runs = {n: _layers(make_step(preset, batch, device, p, o).run,
+                       n.rpartition(":")[2] not in PLAIN_LAYERS)
+            for n, (p, o) in specs.items()}
     warmup = {}
     for n, run in runs.items():
         start = time.perf_counter()
