@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "cpu_clones.h"
 #include "../ops/mask_blend.h"
 
 namespace edaan_fast {
@@ -20,15 +21,8 @@ namespace {
 
 using namespace mask_blend_math;
 
-// Row loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time, so the
-// float16/bfloat16 conversions vectorise too.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define EDAAN_FAST_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define EDAAN_FAST_CPU_CLONES
-#endif
-
+// Row loops: EDAAN_FAST_CPU_CLONES (cpu_clones.h), so the float16/bfloat16 conversions
+// vectorise too.
 constexpr int64_t kBlock = 2048;            // pixels per block
 constexpr int64_t kElementGrain = 1 << 15;  // elements per parallel task
 

@@ -34,19 +34,13 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_clones.h"
 #include "../ops/reflect_pad_conv2d.h"
 
 namespace edaan_fast {
 namespace {
 
 using reflect_conv_math::reflect_index;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define EDAAN_FAST_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define EDAAN_FAST_CPU_CLONES
-#endif
 
 // One 64-byte vector of T (V: a value; U: the same through an unaligned, aliasing pointer).
 template <typename T>
