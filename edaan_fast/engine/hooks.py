@@ -151,10 +151,10 @@ class TensorBoard(HookBase):
 
 def postfix(log: dict[str, float], rate: float | None) -> str:
     short = {"total": "loss", "cycle": "cyc", "attention": "attn", "metric": "met",
-             "id": "id", "d_total": "D"}
-    parts = [f"{name}={log[k]:.3g}" for k, name in short.items() if k in log]
-    if log.get("guide"):  # --mask-guidance, while the maps learn
-        parts.insert(-1 if "d_total" in log else len(parts), f"guide={log['guide']:.3g}")
+             "id": "id", "guide": "guide", "d_total": "D"}
+    optional = {"guide"}  # shown while non-zero (--mask-guidance, while the maps learn)
+    parts = [f"{name}={log[k]:.3g}" for k, name in short.items()
+             if k in log and (k not in optional or log[k])]
     if rate is not None:
         parts.append(f"{rate:.0f}img/s")
     return " ".join(parts)
