@@ -57,7 +57,7 @@ def _check_options(p: argparse.ArgumentParser) -> None:
     chk = p.add_argument_group("checks")
     chk.add_argument("--expect-variant", choices=VARIANTS,
                      help="refuse a checkpoint of another variant")
-    chk.add_argument("--expect-preset", choices=("tiny", "paper"),
+    chk.add_argument("--expect-preset", choices=("tiny", "small", "paper"),
                      help="refuse a checkpoint of another preset")
     chk.add_argument("--expect-attention", action=argparse.BooleanOptionalAction, default=None,
                      help="refuse a checkpoint with (--expect-no-attention) / without attention")

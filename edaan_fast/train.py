@@ -116,8 +116,9 @@ def _model_options(p: argparse.ArgumentParser, d, c) -> None:
     """The model options (``d``: the defaults; ``c``: the run configuration module)."""
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=tuple(c.RUN_PRESETS), help=_default(
-        "network widths and input size: tiny = 64x32, CPU-sized; paper = 256x128, CycleGAN's "
-        "ResNet-9 / PatchGAN widths", d.preset))
+        "network widths, input size and schedule: tiny = 64x32, CPU-sized; small = tiny's "
+        "networks with a schedule for real data sets on a CPU (docs/training.md); paper = "
+        "256x128, CycleGAN's ResNet-9 / PatchGAN widths", d.preset))
     g.add_argument("--variant", choices=tuple(c.VARIANTS), help=_default(
         "what to train (see 'variants' below)", d.variant))
     g.add_argument("--attention", action=argparse.BooleanOptionalAction,
@@ -127,7 +128,8 @@ def _model_options(p: argparse.ArgumentParser, d, c) -> None:
                    help=_default("metric loss of the re-ID module: eq. (7) or eq. (6)",
                                  d.metric_loss))
     g.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                   help=_default("input size", "the preset's: tiny 64 32, paper 256 128"))
+                   help=_default("input size",
+                                 "the preset's: tiny and small 64 32, paper 256 128"))
 
 
 def _schedule_options(p: argparse.ArgumentParser, d, c) -> None:
@@ -137,7 +139,9 @@ def _schedule_options(p: argparse.ArgumentParser, d, c) -> None:
         "training epochs (per stage for daan/cyclegan)",
         ", ".join(f"{k} {v.epochs}" for k, v in c.RUN_PRESETS.items())))
     g.add_argument("--iters-per-epoch", type=int, metavar="N", help=_default(
-        "iterations per epoch", "one pass of the PK sampler over the source set"))
+        "iterations per epoch", "one pass of the PK sampler over the source set" + "".join(
+            f"; {k}: at most {v.iters_per_epoch}" for k, v in c.RUN_PRESETS.items()
+            if v.iters_per_epoch)))
     g.add_argument("--batch-size", type=int, metavar="N", help=_default(
         "global batch: P identities x K images (split over DDP processes)", d.batch_size))
     g.add_argument("--num-instances", type=int, metavar="K",
@@ -147,7 +151,8 @@ def _schedule_options(p: argparse.ArgumentParser, d, c) -> None:
     g.add_argument("--beta2", type=float, help=_default("Adam beta2", d.beta2))
     g.add_argument("--phase-epoch", type=int, metavar="N", help=_default(
         "epoch at which the attention nets freeze and the discriminators switch to "
-        "backgrounds", "paper: max(1, round(30/200 * epochs)); tiny: round(0.3 * epochs)"))
+        "backgrounds",
+        "paper: max(1, round(30/200 * epochs)); tiny and small: round(0.3 * epochs)"))
 
 
 def _objective_options(p: argparse.ArgumentParser, d, c) -> None:

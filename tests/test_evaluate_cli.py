@@ -415,3 +415,11 @@ def test_checkpoint_with_a_bad_model_config(tmp_path):
     assert _process_error(["--checkpoint", str(run_text)]) == (
         f"checkpoint {run_text}: entry 'run' must be a dict (the run configuration); got str "
         "'edaan'")
+
+
+def test_expect_preset_offers_every_training_preset():
+    """``evaluate`` keeps its own list (it does not import the trainer); it must name them all."""
+    from edaan_fast.engine.run_config import RUN_PRESETS
+    from edaan_fast.evaluate import build_parser
+    action = next(a for a in build_parser()._actions if "--expect-preset" in a.option_strings)
+    assert tuple(action.choices) == tuple(RUN_PRESETS)

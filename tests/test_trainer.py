@@ -191,6 +191,23 @@ def test_variants_are_flag_sets_of_one_config():
     tiny, paper = RunConfig().resolve(), RunConfig(preset="paper").resolve()
     assert (tiny.epochs, tiny.lambda_cyc, tiny.image_size) == (40, 1.0, [64, 32])
     assert (paper.epochs, paper.lambda_cyc, paper.image_size) == (200, 10.0, [256, 128])
+    small = RunConfig(preset="small").resolve()
+    assert (small.epochs, small.lambda_cyc, small.image_size, small.phase_epoch) == (
+        40, 10.0, [64, 32], 12)
+
+
+@pytest.mark.parametrize("preset, iters, batches, expected", [
+    ("small", None, 98, 60), ("small", None, 15, 15), ("small", 80, 98, 80),
+    ("tiny", None, 98, 98), ("paper", None, 740, 740)])
+def test_epoch_length_takes_the_presets_cap_unless_set(preset, iters, batches, expected):
+    """``small`` caps an epoch at 60 iterations (one PK pass when that is shorter); an explicit
+    ``iters_per_epoch`` wins, and may not exceed one pass."""
+    from edaan_fast.engine.stages import Stage, epoch_length
+    run = RunConfig(preset=preset, iters_per_epoch=iters).resolve()
+    assert epoch_length(run, Stage("joint", 40), batches, 16 * batches) == expected
+    with pytest.raises(RunConfigError, match="iters_per_epoch=99 exceeds the 98 PK batches"):
+        epoch_length(RunConfig(preset=preset, iters_per_epoch=99).resolve(), Stage("joint", 40),
+                     98, 1568)
 
 
 # ----------------------------------------------------------------------------- config errors

@@ -116,6 +116,8 @@ class RunPreset:
         epochs: default epochs (per stage for the two-stage variants).
         lambda_cyc: default ``λ_cyc``.
         phase_fraction: the phase switch as a fraction of the epochs.
+        iters_per_epoch: default cap on the iterations of an epoch (one pass of the PK
+            sampler when that is shorter); ``None``: one pass.
     """
 
     name: str
@@ -124,16 +126,22 @@ class RunPreset:
     epochs: int
     lambda_cyc: float
     phase_fraction: float
+    iters_per_epoch: int | None = None
 
 
 #: The presets of a run. Epochs: the paper's 200; 40 for ``tiny``, about 5 minutes on a 2-core
 #: CPU (15 PK batches per epoch on the embedded set). ``λ_cyc``: CycleGAN's 10 for ``paper``;
 #: 1 for ``tiny``, where the cycle term (about 1-2 in the first epochs) then weighs as much as
 #: each adversarial term rather than ten times more. Phase switch: the paper's 30 of 200; 0.3
-#: for ``tiny`` (see :func:`phase_epochs`).
+#: for ``tiny`` (see :func:`phase_epochs`). ``small`` is the CPU recipe for real data sets:
+#: ``tiny``'s networks and input size, epochs of at most 60 iterations (2,400 in all, about 20
+#: minutes of EDAAN on one core) and the paper's ``λ_cyc`` of 10, which on real crops gave
+#: 0.4-2.4 mAP points more than 1 (docs/attention.md, docs/training.md).
 RUN_PRESETS: dict[str, RunPreset] = {
     "tiny": RunPreset("tiny", model="tiny", synthetic="tiny", epochs=40, lambda_cyc=1.0,
                       phase_fraction=0.3),
+    "small": RunPreset("small", model="tiny", synthetic="tiny", epochs=40, lambda_cyc=10.0,
+                       phase_fraction=0.3, iters_per_epoch=60),
     "paper": RunPreset("paper", model="paper", synthetic="paper", epochs=PAPER_EPOCHS,
                        lambda_cyc=10.0, phase_fraction=PAPER_PHASE_EPOCHS / PAPER_EPOCHS),
 }

@@ -327,9 +327,11 @@ def save_translator(model: EDAAN, config: ModelConfig, epoch: int, run: RunConfi
 
 
 def epoch_length(run: RunConfig, stage: Stage, batches: int, images: int) -> int:
-    """Iterations per epoch: one pass of the PK sampler, or ``iters_per_epoch`` (no more)."""
+    """Iterations per epoch: one pass of the PK sampler, or ``iters_per_epoch`` (no more); by
+    default the preset's cap where it has one and the pass is longer."""
     if run.iters_per_epoch is None:
-        return batches
+        cap = RUN_PRESETS[run.preset].iters_per_epoch
+        return batches if cap is None else min(cap, batches)
     if run.iters_per_epoch > batches:
         raise RunConfigError(
             f"iters_per_epoch={run.iters_per_epoch} exceeds the {batches} PK batches of one "
