@@ -24,8 +24,18 @@ The report has three parts:
    seed, and the mean and standard deviation of the gap.
 
 Variant names: ``edaan``, ``daan``, ``cyclegan``, ``direct``, with the suffixes ``-noattn``
-(``--no-attention``) and ``-triplet`` (``--metric-loss triplet``), e.g. ``edaan-noattn``.
-Arguments after ``--`` go to every run (e.g. ``-- --preset paper``).
+(``--no-attention``), ``-triplet`` (``--metric-loss triplet``) and ``-guided``
+(``--mask-guidance 10``: the attention nets also learn the person masks of the training crops,
+not in the paper), e.g. ``edaan-noattn``. Arguments after ``--`` go to every run (e.g. ``--
+--preset paper``). On real data sets, with the mask folders every run reads::
+
+    python benchmarks/compare_variants.py --amp \
+        --variants edaan-guided,edaan-noattn,daan-guided,cyclegan,direct -- --preset small \
+        --source market1501 --source-root ../shared/data/cuhk03-mini --target market1501 \
+        --target-root ../shared/data/market1501-mini \
+        --source-person-masks masks/cuhk03-mini --target-person-masks masks/market1501-mini
+
+The orderings compare a variant with its ``-guided`` form where only that one ran.
 """
 
 from __future__ import annotations
@@ -43,7 +53,8 @@ from pathlib import Path
 from edaan_fast.engine.run_config import VARIANTS
 from edaan_fast.evaluation.report import METRIC_KEYS, method_name
 
-SUFFIXES = {"noattn": ["--no-attention"], "triplet": ["--metric-loss", "triplet"]}
+SUFFIXES = {"noattn": ["--no-attention"], "triplet": ["--metric-loss", "triplet"],
+            "guided": ["--mask-guidance", "10"]}
 TABLE_V = "edaan,edaan-noattn,daan,daan-noattn,cyclegan,direct"
 #: (better, worse, how): the paper's claims, checked where both variants ran.
 ORDERINGS = (("edaan", "edaan-noattn", ">"), ("edaan-noattn", "direct", ">"),
@@ -97,6 +108,12 @@ def _pm(values: list[float | None], scale: float = 100.0, digits: int = 1) -> st
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _ran(name: str, reports: dict) -> str | None:
+    """The variant that stands for ``name`` in an ordering: itself, or its ``-guided`` form
+    when only that one ran."""
+    return next((n for n in (name, f"{name}-guided") if n in reports), None)
+
+
 def summarise(reports: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[str, dict]:
     """The Markdown report and its JSON twin from ``reports[variant][seed]``."""
     names = list(reports)
@@ -132,7 +149,8 @@ def summarise(reports: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[st
               "| ordering | gap per seed (mAP points) | holds on every seed | mean gap ± std |",
               "|:---|:---|:---:|---:|"]
     for better, worse, how in ORDERINGS:
-        if better not in reports or worse not in reports:
+        better, worse = _ran(better, reports), _ran(worse, reports)
+        if better is None or worse is None:
             continue
         gaps = [100 * (reports[better][s]["metrics"]["mAP"] - reports[worse][s]["metrics"]["mAP"])
                 for s in seeds]

@@ -43,9 +43,10 @@ def method_name(run: Mapping[str, Any], no_attention: bool | None = None,
                 metric_loss: bool = True) -> str:
     """The row name the paper's tables use for a run: ``EDAAN with Quartet``, ``EDAAN w/o
     attention``, ``DAAN with attention``, ``CycleGAN``, ``Direct Transfer`` (``model`` for a
-    run that records no variant). ``no_attention`` (the model's) stands in for a run that does
-    not record ``attention``; ``metric_loss=False`` gives the short form of the figures
-    (``EDAAN``, ``EDAAN w/o attention``)."""
+    run that records no variant), with `` (mask-guided)`` after a run with ``mask_guidance``.
+    ``no_attention`` (the model's) stands in for a run that does not record ``attention``;
+    ``metric_loss=False`` gives the short form of the figures (``EDAAN``, ``EDAAN w/o
+    attention``)."""
     variant = run.get("variant")
     if variant is None:
         return "model"
@@ -54,10 +55,11 @@ def method_name(run: Mapping[str, Any], no_attention: bool | None = None,
         return f"{VARIANT_NAMES[variant]} w/o attention"
     if not metric_loss:
         return VARIANT_NAMES.get(variant, str(variant))
+    guided = " (mask-guided)" if run.get("mask_guidance") else ""
     if variant == "edaan":
-        return f"EDAAN with {str(run.get('metric_loss', 'quartet')).capitalize()}"
+        return f"EDAAN with {str(run.get('metric_loss', 'quartet')).capitalize()}{guided}"
     if variant == "daan":
-        return "DAAN with attention"
+        return f"DAAN with attention{guided}"
     return VARIANT_NAMES.get(variant, str(variant))
 
 
