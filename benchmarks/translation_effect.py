@@ -32,6 +32,7 @@ from edaan_fast.data.person_masks import read_person_masks
 from edaan_fast.deploy.translation import TranslationError, load_translator
 from edaan_fast.engine.checkpoint import CheckpointError, model_from_checkpoint
 from edaan_fast.engine.run_config import RunConfigError, source_dataset, target_dataset
+from edaan_fast.evaluation.evaluator import model_features
 
 
 def domain_probe(a: torch.Tensor, b: torch.Tensor, seed: int = 0, l2: float = 1e-3) -> float:
@@ -79,9 +80,8 @@ def _images(records, size) -> torch.Tensor:
     return torch.cat([b.images for b in loader])
 
 
-@torch.no_grad()
 def _features(model, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model.extract_features(x[i:i + 64]) for i in range(0, len(x), 64)])
+    return torch.cat([model_features(model, x[i:i + 64]) for i in range(0, len(x), 64)])
 
 
 def measure(run: Path, reid_runs: list[Path], count: int = 400, masks: str | None = None,
